@@ -1,0 +1,151 @@
+"""The one entry point every model and task goes through: checks its inputs, picks a backend."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .chunked import stickbreaking_attention_chunked
+from .reference import stickbreaking_attention_reference
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def stickbreaking_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    attend_current: bool = False,
+    remainder: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    return_stats: bool = False,
+    backend: str = "auto",
+):
+    """Causal stick-breaking attention (Tan et al., 2025) with queries at the end of the keys.
+
+    Args:
+        q: [B, Hq, Tq, D] queries: the last Tq of the Tk positions (Tq = Tk for a full pass,
+            Tq = 1 for decoding against a cache).
+        k, v: [B, Hkv, Tk, D]; Hq must be a multiple of Hkv (grouped-query attention).
+        scale: logit scale, z = scale * q . k; default 1 / sqrt(D). Pass the checkpoint's
+            (e.g. attention_multiplier = 1 / D for muP models).
+        attend_current: a query also sees its own position's key.
+        remainder: [Hq, D]; adds rem * remainder[h] to the output (the paper's remainder bias).
+        key_mask: [B, Tk] bool, False for padding keys: they take no weight and leave the stick
+            unchanged.
+        return_stats: also return the per-query distance sum_i A_ij * (j - i), in tokens (not
+            normalised by the attended mass 1 - rem).
+        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked PyTorch,
+            O(chunk^2) memory, differentiable), "reference" (the O(Tq * Tk) definition, float64
+            capable), or "auto" (triton on CUDA, torch elsewhere).
+
+    Returns:
+        (o, rem) or, with return_stats, (o, rem, distance): o [B, Hq, Tq, D] in q's dtype;
+        rem = 1 - sum_i A_ij and distance as [B, Hq, Tq] float32.
+    """
+    _check_inputs(q, k, v, remainder, key_mask, backend)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    backend = _resolve_backend(backend, q)
+    if key_mask is not None and key_mask.dtype != torch.bool:
+        key_mask = key_mask != 0
+    options = dict(
+        scale=float(scale),
+        attend_current=bool(attend_current),
+        remainder=remainder,
+        key_mask=key_mask,
+        return_stats=return_stats,
+    )
+
+    if q.shape[2] == 0:
+        o, rem, distance = _empty_outputs(q, return_stats)
+    elif backend == "reference":
+        o, rem, distance = stickbreaking_attention_reference(q, k, v, **options)
+    elif backend == "torch":
+        o, rem, distance = stickbreaking_attention_chunked(q, k, v, **options)
+    else:
+        if torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (q, k, v, remainder)
+        ):
+            raise NotImplementedError(
+                "backend='triton' has no backward pass yet; use backend='torch' to train"
+            )
+        from .triton_backend import stickbreaking_attention_triton
+
+        o, rem, distance = stickbreaking_attention_triton(q, k, v, **options)
+    return (o, rem, distance) if return_stats else (o, rem)
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, got tensors on {q.device}; use "
+                "backend='torch' on the CPU (or set TRITON_INTERPRET=1 to run the kernels "
+                "in Triton's CPU interpreter)"
+            )
+        try:
+            import triton  # noqa: F401
+        except ImportError as error:
+            raise ValueError("backend='triton' needs the triton package (Linux only)") from error
+    return backend
+
+
+def _check_inputs(q, k, v, remainder, key_mask, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got {shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    (B, Hq, Tq, D), (Bk, Hkv, Tk, Dk) = q.shape, k.shape
+    if B != Bk:
+        raise ValueError(f"q and k must have the same batch size, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if D != Dk:
+        raise ValueError(f"q and k must have the same head_dim, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv}) for grouped-query "
+            f"attention; got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if Tq > Tk:
+        raise ValueError(
+            f"q cannot be longer than k: the queries are the last Tq of the Tk positions; got "
+            f"Tq={Tq} (q {tuple(q.shape)}) and Tk={Tk} (k {tuple(k.shape)})"
+        )
+    dtypes = KERNEL_DTYPES + ((torch.float64,) if backend in ("torch", "reference") else ())
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in dtypes:
+            raise ValueError(f"{name} has dtype {x.dtype}; backend {backend!r} takes {dtypes}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if backend in ("auto", "triton") and (q.is_cuda or backend == "triton"):
+        if D % 16 != 0 or not 16 <= D <= 256:
+            raise ValueError(
+                f"the triton backend takes head_dim a multiple of 16 from 16 to 256, got {D} "
+                f"(q {tuple(q.shape)}); use backend='torch' for other sizes"
+            )
+    if remainder is not None and tuple(remainder.shape) != (Hq, D):
+        raise ValueError(f"remainder must have shape [Hq, D] = ({Hq}, {D}), got {tuple(remainder.shape)}")
+    if key_mask is not None and tuple(key_mask.shape) != (B, Tk):
+        raise ValueError(f"key_mask must have shape [batch, Tk] = ({B}, {Tk}), got {tuple(key_mask.shape)}")
+    for name, x in (("k", k), ("v", v), ("remainder", remainder), ("key_mask", key_mask)):
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; put them on one device")
+
+
+def _empty_outputs(q: torch.Tensor, return_stats: bool):
+    B, Hq, _, D = q.shape
+    rem = q.new_empty(B, Hq, 0, dtype=torch.float32)
+    return q.new_empty(B, Hq, 0, D), rem, (rem.clone() if return_stats else None)

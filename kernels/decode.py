@@ -1,0 +1,122 @@
+"""Triton split-key kernels for few queries against many keys: decode and short chunked prefill.
+
+With Tq * group small, one program per query block would leave most of the GPU idle while it walks
+a long cache. Instead the keys are cut into splits processed in parallel; each split runs the
+stick-breaking recurrence as if its nearest key were the first one, giving a partial output o_s
+(weights relative to a fresh stick), the stick it used (``used_s``, in bits) and a partial
+distance. The splits combine nearest-first, like a scan:
+
+    o = sum_s 2^(-sum_{s' > s} used_s') * o_s,       rem = 2^(-sum_s used_s)
+
+All query heads of one key head are processed by the same program, so K and V are read once.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .forward import _key_block
+
+
+@triton.jit
+def stickbreaking_split_kernel(
+    Q, K, V, KEY_MASK, O_PART, USED_PART, DIST_PART,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_mb, stride_mt,
+    num_kv_heads, Tq, Tk, D, group, qk_scale, split_len, num_splits,
+    ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, RETURN_STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Grid (num_splits, B * Hkv). Row m of a program is query t = m % Tq of head group m // Tq.
+
+    Writes O_PART [B*Hq*Tq, num_splits, D] fp32, USED_PART and DIST_PART [B*Hq*Tq, num_splits].
+    """
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    h_kv = pid_bh % num_kv_heads
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < group * Tq
+    t = offs_m % Tq
+    h = h_kv * group + offs_m // Tq
+    query_pos = Tk - Tq + t
+
+    q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :]
+    q_mask = row_valid[:, None]
+    if not EVEN_D:
+        q_mask = q_mask & (offs_d < D)[None, :]
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    K += b * stride_kb + h_kv * stride_kh
+    V += b * stride_vb + h_kv * stride_vh
+    key_mask_ptr = KEY_MASK + b * stride_mb
+
+    strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
+    o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    used = tl.zeros([BLOCK_M], dtype=tl.float32)
+    distance = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    split_start = pid_s * split_len
+    num_blocks = tl.cdiv(tl.minimum(split_len, Tk - split_start), BLOCK_N)
+    for step in tl.range(0, num_blocks, num_stages=NUM_STAGES):
+        o, used, distance = _key_block(
+            q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+            split_start + (num_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
+            offs_n, offs_d, D, strict_upper_ones,
+            True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
+        )
+
+    row = (b * num_kv_heads * group + h) * Tq + t  # row of [B, Hq, Tq]
+    part = row * num_splits + pid_s
+    o_ptrs = O_PART + part[:, None] * D + offs_d[None, :]
+    tl.store(o_ptrs, o, mask=q_mask)
+    tl.store(USED_PART + part, used, mask=row_valid)
+    if RETURN_STATS:
+        tl.store(DIST_PART + part, distance, mask=row_valid)
+
+
+@triton.jit
+def stickbreaking_combine_kernel(
+    O_PART, USED_PART, DIST_PART, REMAINDER, O, REM, DIST,
+    stride_ob, stride_oh, stride_ot,
+    num_heads, Tq, D, num_splits,
+    HAS_REMAINDER: tl.constexpr, RETURN_STATS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (B * Hq * Tq,): combines one query row's splits, nearest (last) split first."""
+    row = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    split_valid = offs_s < num_splits
+    d_valid = offs_d < D
+
+    used = tl.load(USED_PART + row * num_splits + offs_s, mask=split_valid, other=0.0)
+    used_by_nearer = tl.cumsum(used, 0, reverse=True) - used
+    weight = tl.where(split_valid, tl.math.exp2(-used_by_nearer), 0.0)
+    parts = tl.load(
+        O_PART + (row * num_splits + offs_s)[:, None] * D + offs_d[None, :],
+        mask=split_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    o = tl.sum(weight[:, None] * parts, 0)
+    rem = tl.math.exp2(-tl.sum(used, 0))
+
+    b = row // (num_heads * Tq)
+    h = (row // Tq) % num_heads
+    t = row % Tq
+    if HAS_REMAINDER:
+        r = tl.load(REMAINDER + h * D + offs_d, mask=d_valid, other=0.0).to(tl.float32)
+        o += rem * r
+    o_ptrs = O + b * stride_ob + h * stride_oh + t * stride_ot + offs_d
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=d_valid)
+    tl.store(REM + row, rem)
+    if RETURN_STATS:
+        dist = tl.load(DIST_PART + row * num_splits + offs_s, mask=split_valid, other=0.0)
+        tl.store(DIST + row, tl.sum(weight * dist, 0))

@@ -1,0 +1,180 @@
+"""Triton forward kernel: one program per (block of BLOCK_M query rows, batch x query head).
+
+Each program walks its keys in blocks of BLOCK_N from the diagonal back towards key 0 (the stick
+breaks nearest-first), carrying ``used``: the stick spent by the keys already passed, in bits
+(everything runs in log2 units: x = z * log2(e), softplus2(x) = log2(1 + 2^x)). For a key block:
+
+    used_nearer[m, n] = sum_{n' > n in block} softplus2(x[m, n'])     (a matmul with a strict
+                                                                        triangle of ones)
+    A[m, n]  = 2^(x - softplus2(x) - used_nearer - used[m])
+    o       += A @ V;    used += rowsum(softplus2(x))
+
+The blocks that straddle the diagonal are masked; the rest are not and run in a software-pipelined
+loop, checked between chunks for early halting (every row's stick below 2^-20).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def softplus2(x):
+    """log2(1 + 2^x); above 24 the correction is below float32 resolution."""
+    return tl.where(x > 24.0, x, tl.math.log2(1.0 + tl.math.exp2(x)))
+
+
+@triton.jit
+def _key_block(
+    q, o, used, distance,
+    K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+    block_start, query_pos, Tk, qk_scale,
+    offs_n, offs_d, D, strict_upper_ones,
+    DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    RETURN_STATS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Adds one block of keys [block_start, block_start + BLOCK_N) to o, used and distance."""
+    key_pos = block_start + offs_n
+    k_ptrs = K + key_pos[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + key_pos[:, None] * stride_vt + offs_d[None, :]
+    if DIAGONAL:
+        in_range = (key_pos < Tk)[:, None]
+        if not EVEN_D:
+            in_range = in_range & (offs_d < D)[None, :]
+        kb = tl.load(k_ptrs, mask=in_range, other=0.0)
+        vb = tl.load(v_ptrs, mask=in_range, other=0.0)
+    elif EVEN_D:
+        kb = tl.load(k_ptrs)
+        vb = tl.load(v_ptrs)
+    else:
+        kb = tl.load(k_ptrs, mask=(offs_d < D)[None, :], other=0.0)
+        vb = tl.load(v_ptrs, mask=(offs_d < D)[None, :], other=0.0)
+
+    x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
+    sp = softplus2(x)
+    if DIAGONAL:
+        if ATTEND_CURRENT:
+            visible = key_pos[None, :] <= query_pos[:, None]
+        else:
+            visible = key_pos[None, :] < query_pos[:, None]
+        visible = visible & (key_pos < Tk)[None, :]
+    if HAS_KEY_MASK:
+        keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=key_pos < Tk, other=0) != 0
+        if DIAGONAL:
+            visible = visible & keep[None, :]
+        else:
+            visible = keep[None, :]
+    if DIAGONAL or HAS_KEY_MASK:
+        sp = tl.where(visible, sp, 0.0)
+
+    if DOT_PRECISION == "ieee":
+        used_nearer = tl.dot(sp, strict_upper_ones.to(tl.float32), input_precision="ieee")
+    else:
+        # float16 operands, float32 sums: relative error ~2^-11 of each softplus, far below the
+        # 16-bit inputs' own; the clamp keeps saturated logits finite (their A is 0 anyway).
+        sp16 = tl.minimum(sp, 60000.0).to(tl.float16)
+        used_nearer = tl.dot(sp16, strict_upper_ones)
+    weights = tl.math.exp2(x - sp - used_nearer - used[:, None])
+    if DIAGONAL or HAS_KEY_MASK:
+        weights = tl.where(visible, weights, 0.0)
+
+    o += tl.dot(weights.to(vb.dtype), vb, input_precision=DOT_PRECISION)
+    used += tl.sum(sp, 1)
+    if RETURN_STATS:
+        gap = (query_pos[:, None] - key_pos[None, :]).to(tl.float32)
+        distance += tl.sum(weights * gap, 1)
+    return o, used, distance
+
+
+@triton.jit
+def stickbreaking_forward_kernel(
+    Q, K, V, KEY_MASK, REMAINDER, O, REM, DIST,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    stride_mb, stride_mt,
+    num_heads, Tq, Tk, D, group, qk_scale, halt_bits,
+    ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_REMAINDER: tl.constexpr,
+    RETURN_STATS: tl.constexpr, EARLY_HALTING: tl.constexpr, MAX_CHUNK_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Grid (cdiv(Tq, BLOCK_M), B * Hq). Strides are in elements; head_dim is contiguous."""
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    h_kv = h // group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < Tq
+    query_pos = Tk - Tq + offs_m
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q_mask = row_valid[:, None]
+    if not EVEN_D:
+        q_mask = q_mask & (offs_d < D)[None, :]
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    K += b * stride_kb + h_kv * stride_kh
+    V += b * stride_vb + h_kv * stride_vh
+    key_mask_ptr = KEY_MASK + b * stride_mb
+
+    # strict_upper_ones[n', n] = 1 where n' > n: sp @ it sums each row over the nearer keys.
+    strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
+    o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    used = tl.zeros([BLOCK_M], dtype=tl.float32)
+    distance = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # Keys [0, shared_end) are visible to every row of this block; keys [shared_end, diag_end)
+    # only to some of them (the diagonal).
+    first_row_pos = Tk - Tq + pid_m * BLOCK_M
+    last_row_pos = Tk - Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
+    shared_end = first_row_pos + ATTEND_CURRENT
+    diag_end = last_row_pos + ATTEND_CURRENT
+    shared_blocks = shared_end // BLOCK_N  # blocks [0, shared_blocks) lie entirely below shared_end
+    diag_blocks = tl.cdiv(diag_end, BLOCK_N) - shared_blocks
+
+    for step in range(0, diag_blocks):
+        o, used, distance = _key_block(
+            q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+            (shared_blocks + diag_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
+            offs_n, offs_d, D, strict_upper_ones,
+            True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
+        )
+
+    # Shared blocks, nearest first, in chunks of 1, 2, 4, ... MAX_CHUNK_BLOCKS blocks: the inner
+    # loop is software-pipelined; between chunks, stop once no row has 2^-halt_bits of its
+    # stick left.
+    remaining = shared_blocks  # blocks [0, remaining) are still to do
+    chunk = shared_blocks * 0 + (1 if EARLY_HALTING else MAX_CHUNK_BLOCKS)
+    while remaining > 0:
+        chunk_start = tl.maximum(remaining - chunk, 0)
+        for step in tl.range(0, remaining - chunk_start, num_stages=NUM_STAGES):
+            o, used, distance = _key_block(
+                q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+                (remaining - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale, offs_n, offs_d, D,
+                strict_upper_ones,
+                False, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
+            )
+        remaining = chunk_start
+        if EARLY_HALTING:
+            chunk = tl.minimum(chunk * 2, MAX_CHUNK_BLOCKS)
+            least_used = tl.min(tl.where(row_valid, used, float("inf")), 0)
+            remaining = tl.where(least_used >= halt_bits, 0, remaining)
+
+    rem = tl.math.exp2(-used)
+    if HAS_REMAINDER:
+        r_mask = offs_d < D
+        r = tl.load(REMAINDER + h * D + offs_d, mask=r_mask, other=0.0).to(tl.float32)
+        o += rem[:, None] * r[None, :]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=q_mask)
+    row_ptrs = pid_bh * Tq + offs_m
+    tl.store(REM + row_ptrs, rem, mask=row_valid)
+    if RETURN_STATS:
+        tl.store(DIST + row_ptrs, distance, mask=row_valid)

@@ -1,0 +1,146 @@
+"""Launches the Triton kernels: block sizes per head_dim and dtype, and the split-key choice."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .decode import stickbreaking_combine_kernel, stickbreaking_split_kernel
+from .forward import stickbreaking_forward_kernel
+from .layout import HALT_BITS
+
+# Queries x group heads up to this many rows go to the split-key kernel (decode, short chunks).
+SPLIT_KEY_MAX_ROWS = 64
+# The combine kernel holds every split of a row in registers.
+MAX_SPLITS = 128
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    max_chunk_blocks: int = 16
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def forward_config(head_dim: int, dtype: torch.dtype) -> BlockConfig:
+    """Block sizes of the forward kernel on a Hopper-class GPU (small blocks when interpreted)."""
+    if _interpreting():
+        return BlockConfig(16, 16, 1, 1, max_chunk_blocks=4)
+    if dtype == torch.float32:
+        return BlockConfig(64, 32, 4, 2)
+    if head_dim <= 64:
+        return BlockConfig(128, 64, 4, 3)
+    if head_dim <= 128:
+        return BlockConfig(128, 64, 8, 3)
+    return BlockConfig(64, 64, 4, 2)
+
+
+def split_config(head_dim: int, dtype: torch.dtype) -> BlockConfig:
+    """Key block size, warps and pipelining depth of the split-key kernel."""
+    if _interpreting():
+        return BlockConfig(16, 16, 1, 1)
+    if dtype == torch.float32 or head_dim > 128:
+        return BlockConfig(16, 32, 4, 2)
+    return BlockConfig(16, 64, 4, 3)
+
+
+def _num_splits(num_keys: int, block_n: int, programs_per_split: int, device: torch.device) -> int:
+    """Enough splits for ~4 programs per multiprocessor, each at least one key block long."""
+    if _interpreting():
+        target = 4
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        target = math.ceil(4 * sms / programs_per_split)
+    return max(1, min(target, MAX_SPLITS, triton.cdiv(num_keys, block_n)))
+
+
+def stickbreaking_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    attend_current: bool = False,
+    remainder: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    return_stats: bool = False,
+    early_halting: bool = True,
+):
+    """Triton stick-breaking attention; arguments and outputs as the reference.
+
+    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] (any strides); remainder: [Hq, D];
+    key_mask: [B, Tk] bool. Returns (o [B, Hq, Tq, D], rem [B, Hq, Tq] fp32, distance or None).
+    """
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    block_d = max(16, triton.next_power_of_2(D))
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_scale = scale * math.log2(math.e)
+
+    o = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+    rem = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    distance = torch.empty_like(rem) if return_stats else rem
+    mask = key_mask.to(torch.uint8) if key_mask is not None else rem
+    mask_strides = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
+    r = remainder.to(torch.float32).contiguous() if remainder is not None else rem
+
+    if group * Tq <= SPLIT_KEY_MAX_ROWS:
+        cfg = split_config(D, q.dtype)
+        splits = _num_splits(Tk, cfg.block_n, B * Hkv, q.device)
+        split_len = triton.cdiv(triton.cdiv(Tk, splits), cfg.block_n) * cfg.block_n
+        splits = triton.cdiv(Tk, split_len)
+        rows = B * Hq * Tq
+        o_part = torch.empty(rows, splits, D, dtype=torch.float32, device=q.device)
+        used_part = torch.empty(rows, splits, dtype=torch.float32, device=q.device)
+        dist_part = torch.empty_like(used_part) if return_stats else used_part
+        stickbreaking_split_kernel[(splits, B * Hkv)](
+            q, k, v, mask, o_part, used_part, dist_part,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            *mask_strides,
+            Hkv, Tq, Tk, D, group, qk_scale, split_len, splits,
+            ATTEND_CURRENT=int(attend_current), HAS_KEY_MASK=key_mask is not None,
+            RETURN_STATS=return_stats,
+            BLOCK_M=max(16, triton.next_power_of_2(group * Tq)), BLOCK_N=cfg.block_n,
+            BLOCK_D=block_d, DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
+            num_warps=cfg.num_warps,
+        )
+        stickbreaking_combine_kernel[(rows,)](
+            o_part, used_part, dist_part, r, o, rem, distance,
+            o.stride(0), o.stride(1), o.stride(2),
+            Hq, Tq, D, splits,
+            HAS_REMAINDER=remainder is not None, RETURN_STATS=return_stats,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            num_warps=4 if not _interpreting() else 1,
+        )
+    else:
+        cfg = forward_config(D, q.dtype)
+        stickbreaking_forward_kernel[(triton.cdiv(Tq, cfg.block_m), B * Hq)](
+            q, k, v, mask, r, o, rem, distance,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            *mask_strides,
+            Hq, Tq, Tk, D, group, qk_scale, HALT_BITS,
+            ATTEND_CURRENT=int(attend_current), HAS_KEY_MASK=key_mask is not None,
+            HAS_REMAINDER=remainder is not None, RETURN_STATS=return_stats,
+            EARLY_HALTING=early_halting, MAX_CHUNK_BLOCKS=cfg.max_chunk_blocks,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
+            num_warps=cfg.num_warps,
+        )
+    return o, rem, (distance if return_stats else None)
