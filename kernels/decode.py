@@ -26,16 +26,16 @@ def stickbreaking_split_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_mb, stride_mt,
-    num_kv_heads, Tq, Tk, D, group, qk_scale, split_len, num_splits,
+    num_kv_heads, Tq, Tk, group, qk_scale, split_len, num_splits,
     ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, RETURN_STATS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid (num_splits, B * Hkv). Row m of a program is query t = m % Tq of head group m // Tq.
 
     Writes O_PART [B*Hq*Tq, num_splits, D] fp32, USED_PART and DIST_PART [B*Hq*Tq, num_splits].
     """
-    EVEN_D: tl.constexpr = BLOCK_D == D
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
@@ -52,7 +52,7 @@ def stickbreaking_split_kernel(
     q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :]
     q_mask = row_valid[:, None]
     if not EVEN_D:
-        q_mask = q_mask & (offs_d < D)[None, :]
+        q_mask = q_mask & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     K += b * stride_kb + h_kv * stride_kh
     V += b * stride_vb + h_kv * stride_vh
@@ -69,13 +69,13 @@ def stickbreaking_split_kernel(
         o, used, distance = _key_block(
             q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
             split_start + (num_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
-            offs_n, offs_d, D, strict_upper_ones,
-            True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
+            offs_n, offs_d, strict_upper_ones,
+            HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
         )
 
     row = (b * num_kv_heads * group + h) * Tq + t  # row of [B, Hq, Tq]
     part = row * num_splits + pid_s
-    o_ptrs = O_PART + part[:, None] * D + offs_d[None, :]
+    o_ptrs = O_PART + part[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, o, mask=q_mask)
     tl.store(USED_PART + part, used, mask=row_valid)
     if RETURN_STATS:
@@ -86,22 +86,22 @@ def stickbreaking_split_kernel(
 def stickbreaking_combine_kernel(
     O_PART, USED_PART, DIST_PART, REMAINDER, O, REM, DIST,
     stride_ob, stride_oh, stride_ot,
-    num_heads, Tq, D, num_splits,
+    num_heads, Tq, num_splits,
     HAS_REMAINDER: tl.constexpr, RETURN_STATS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Grid (B * Hq * Tq,): combines one query row's splits, nearest (last) split first."""
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     split_valid = offs_s < num_splits
-    d_valid = offs_d < D
+    d_valid = offs_d < HEAD_DIM
 
     used = tl.load(USED_PART + row * num_splits + offs_s, mask=split_valid, other=0.0)
     used_by_nearer = tl.cumsum(used, 0, reverse=True) - used
     weight = tl.where(split_valid, tl.math.exp2(-used_by_nearer), 0.0)
     parts = tl.load(
-        O_PART + (row * num_splits + offs_s)[:, None] * D + offs_d[None, :],
+        O_PART + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
         mask=split_valid[:, None] & d_valid[None, :],
         other=0.0,
     )
@@ -112,7 +112,7 @@ def stickbreaking_combine_kernel(
     h = (row // Tq) % num_heads
     t = row % Tq
     if HAS_REMAINDER:
-        r = tl.load(REMAINDER + h * D + offs_d, mask=d_valid, other=0.0).to(tl.float32)
+        r = tl.load(REMAINDER + h * HEAD_DIM + offs_d, mask=d_valid, other=0.0).to(tl.float32)
         o += rem * r
     o_ptrs = O + b * stride_ob + h * stride_oh + t * stride_ot + offs_d
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=d_valid)

@@ -15,14 +15,32 @@ loop, checked between chunks for early halting (every row's stick below 2^-20).
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    # The CPU interpreter runs no inline PTX (and reads this variable when kernels are defined).
+    @triton.jit
+    def fast_log2(x):
+        return tl.math.log2(x)
+
+else:
+
+    @triton.jit
+    def fast_log2(x):
+        """The special-function unit's log2 (absolute error ~2^-22); tl.math.log2 compiles to a
+        dozen-instruction polynomial, which would dominate the kernel."""
+        return tl.inline_asm_elementwise(
+            "lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
 
 
 @triton.jit
 def softplus2(x):
     """log2(1 + 2^x); above 24 the correction is below float32 resolution."""
-    return tl.where(x > 24.0, x, tl.math.log2(1.0 + tl.math.exp2(x)))
+    return tl.where(x > 24.0, x, fast_log2(1.0 + tl.math.exp2(x)))
 
 
 @triton.jit
@@ -30,8 +48,8 @@ def _key_block(
     q, o, used, distance,
     K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
     block_start, query_pos, Tk, qk_scale,
-    offs_n, offs_d, D, strict_upper_ones,
-    DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    offs_n, offs_d, strict_upper_ones,
+    HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     RETURN_STATS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Adds one block of keys [block_start, block_start + BLOCK_N) to o, used and distance."""
@@ -41,15 +59,15 @@ def _key_block(
     if DIAGONAL:
         in_range = (key_pos < Tk)[:, None]
         if not EVEN_D:
-            in_range = in_range & (offs_d < D)[None, :]
+            in_range = in_range & (offs_d < HEAD_DIM)[None, :]
         kb = tl.load(k_ptrs, mask=in_range, other=0.0)
         vb = tl.load(v_ptrs, mask=in_range, other=0.0)
     elif EVEN_D:
         kb = tl.load(k_ptrs)
         vb = tl.load(v_ptrs)
     else:
-        kb = tl.load(k_ptrs, mask=(offs_d < D)[None, :], other=0.0)
-        vb = tl.load(v_ptrs, mask=(offs_d < D)[None, :], other=0.0)
+        kb = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        vb = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
 
     x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
     sp = softplus2(x)
@@ -95,14 +113,14 @@ def stickbreaking_forward_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     stride_mb, stride_mt,
-    num_heads, Tq, Tk, D, group, qk_scale, halt_bits,
+    num_heads, Tq, Tk, group, qk_scale, halt_bits,
     ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_REMAINDER: tl.constexpr,
     RETURN_STATS: tl.constexpr, EARLY_HALTING: tl.constexpr, MAX_CHUNK_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid (cdiv(Tq, BLOCK_M), B * Hq). Strides are in elements; head_dim is contiguous."""
-    EVEN_D: tl.constexpr = BLOCK_D == D
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -118,7 +136,7 @@ def stickbreaking_forward_kernel(
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     q_mask = row_valid[:, None]
     if not EVEN_D:
-        q_mask = q_mask & (offs_d < D)[None, :]
+        q_mask = q_mask & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     K += b * stride_kb + h_kv * stride_kh
     V += b * stride_vb + h_kv * stride_vh
@@ -143,8 +161,8 @@ def stickbreaking_forward_kernel(
         o, used, distance = _key_block(
             q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
             (shared_blocks + diag_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
-            offs_n, offs_d, D, strict_upper_ones,
-            True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
+            offs_n, offs_d, strict_upper_ones,
+            HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
         )
 
     # Shared blocks, nearest first, in chunks of 1, 2, 4, ... MAX_CHUNK_BLOCKS blocks: the inner
@@ -157,9 +175,9 @@ def stickbreaking_forward_kernel(
         for step in tl.range(0, remaining - chunk_start, num_stages=NUM_STAGES):
             o, used, distance = _key_block(
                 q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
-                (remaining - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale, offs_n, offs_d, D,
+                (remaining - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale, offs_n, offs_d,
                 strict_upper_ones,
-                False, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
+                HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
             )
         remaining = chunk_start
         if EARLY_HALTING:
@@ -169,8 +187,8 @@ def stickbreaking_forward_kernel(
 
     rem = tl.math.exp2(-used)
     if HAS_REMAINDER:
-        r_mask = offs_d < D
-        r = tl.load(REMAINDER + h * D + offs_d, mask=r_mask, other=0.0).to(tl.float32)
+        r_mask = offs_d < HEAD_DIM
+        r = tl.load(REMAINDER + h * HEAD_DIM + offs_d, mask=r_mask, other=0.0).to(tl.float32)
         o += rem[:, None] * r[None, :]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=q_mask)

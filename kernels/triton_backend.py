@@ -75,11 +75,13 @@ def stickbreaking_attention_triton(
     key_mask: torch.Tensor | None = None,
     return_stats: bool = False,
     early_halting: bool = True,
+    config: BlockConfig | None = None,
 ):
     """Triton stick-breaking attention; arguments and outputs as the reference.
 
     q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] (any strides); remainder: [Hq, D];
     key_mask: [B, Tk] bool. Returns (o [B, Hq, Tq, D], rem [B, Hq, Tq] fp32, distance or None).
+    ``early_halting=False`` and ``config`` (forward-kernel block sizes) are for benchmarks.
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, Hq, Tq, D = q.shape
@@ -111,23 +113,23 @@ def stickbreaking_attention_triton(
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             *mask_strides,
-            Hkv, Tq, Tk, D, group, qk_scale, split_len, splits,
+            Hkv, Tq, Tk, group, qk_scale, split_len, splits,
             ATTEND_CURRENT=int(attend_current), HAS_KEY_MASK=key_mask is not None,
             RETURN_STATS=return_stats,
             BLOCK_M=max(16, triton.next_power_of_2(group * Tq)), BLOCK_N=cfg.block_n,
-            BLOCK_D=block_d, DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
+            BLOCK_D=block_d, HEAD_DIM=D, DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps,
         )
         stickbreaking_combine_kernel[(rows,)](
             o_part, used_part, dist_part, r, o, rem, distance,
             o.stride(0), o.stride(1), o.stride(2),
-            Hq, Tq, D, splits,
+            Hq, Tq, splits,
             HAS_REMAINDER=remainder is not None, RETURN_STATS=return_stats,
-            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HEAD_DIM=D,
             num_warps=4 if not _interpreting() else 1,
         )
     else:
-        cfg = forward_config(D, q.dtype)
+        cfg = config or forward_config(D, q.dtype)
         stickbreaking_forward_kernel[(triton.cdiv(Tq, cfg.block_m), B * Hq)](
             q, k, v, mask, r, o, rem, distance,
             q.stride(0), q.stride(1), q.stride(2),
@@ -135,11 +137,11 @@ def stickbreaking_attention_triton(
             v.stride(0), v.stride(1), v.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
             *mask_strides,
-            Hq, Tq, Tk, D, group, qk_scale, HALT_BITS,
+            Hq, Tq, Tk, group, qk_scale, HALT_BITS,
             ATTEND_CURRENT=int(attend_current), HAS_KEY_MASK=key_mask is not None,
             HAS_REMAINDER=remainder is not None, RETURN_STATS=return_stats,
             EARLY_HALTING=early_halting, MAX_CHUNK_BLOCKS=cfg.max_chunk_blocks,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=D,
             DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps,
         )

@@ -1,0 +1,173 @@
+"""Times the stick-breaking kernels beside torch SDPA flash attention, in one run on one GPU.
+
+    python scripts/bench_kernels.py [--lengths 4096,...] [--json out.json] [--sweep]
+
+Forward (prefill, Tq = Tk, causal, batch 1, bf16) at 16 heads x 128 and 24 heads x 64 on inputs
+whose stick survives the whole context (logits near -10, so early halting cannot skip anything),
+with halting on and off; a separate, labelled line on plain random inputs (where halting skips
+almost everything); decode (one query) against 4K/16K/64K caches; the forward's extra memory at
+the longest length. Medians of triton.testing.do_bench, ratios against SDPA from the same run.
+fla-core's parallel_stickbreaking_attn is timed too when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sb_eval.kernels.triton_backend import (
+    BlockConfig,
+    forward_config,
+    stickbreaking_attention_triton,
+)
+
+SHAPES = [(16, 128), (24, 64)]  # heads x head_dim
+
+
+def long_range_qkv(heads: int, tq: int, tk: int, dim: int, logit: float = -10.0):
+    """bf16 q, k, v [1, H, T, D] whose logits sit near `logit`: the stick survives every key."""
+    u = torch.randn(heads, 1, dim, device="cuda")
+    u = u / u.norm(dim=-1, keepdim=True)
+    size = math.sqrt(-logit * math.sqrt(dim))
+    q = size * u + 0.3 * torch.randn(1, heads, tq, dim, device="cuda")
+    k = -size * u + 0.3 * torch.randn(1, heads, tk, dim, device="cuda")
+    v = torch.randn(1, heads, tk, dim, device="cuda")
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def random_qkv(heads: int, tq: int, tk: int, dim: int):
+    return tuple(torch.randn(1, heads, t, dim, device="cuda", dtype=torch.bfloat16) for t in (tq, tk, tk))
+
+
+def median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sdpa(q, k, v, causal: bool):
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def ours(q, k, v, **options):
+    return stickbreaking_attention_triton(q, k, v, scale=q.shape[-1] ** -0.5, **options)
+
+
+def fla_forward():
+    """fla-core's kernel ([B, T, H, D] layout), or None when fla-core is not installed."""
+    try:
+        from fla.ops.stickbreaking_attn import parallel_stickbreaking_attn
+    except ImportError:
+        return None
+
+    def run(q, k, v):
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        return parallel_stickbreaking_attn(t(q), t(k), t(v), scale=q.shape[-1] ** -0.5)
+
+    return run
+
+
+def bench_forward(lengths, rows, sweep_configs):
+    fla = fla_forward()
+    for heads, dim in SHAPES:
+        for t in lengths:
+            q, k, v = long_range_qkv(heads, t, t, dim)
+            base = median_ms(lambda: sdpa(q, k, v, True))
+            row = {"kind": "forward", "heads": heads, "dim": dim, "T": t, "sdpa_ms": base}
+            row["ours_ms"] = median_ms(lambda: ours(q, k, v))
+            row["ours_no_halting_ms"] = median_ms(lambda: ours(q, k, v, early_halting=False))
+            row["ours_stats_ms"] = median_ms(lambda: ours(q, k, v, return_stats=True))
+            if fla is not None:
+                row["fla_ms"] = median_ms(lambda: fla(q, k, v))
+            for cfg in sweep_configs:
+                try:
+                    row[f"cfg {cfg}"] = median_ms(lambda: ours(q, k, v, config=cfg))
+                except Exception as error:  # a config that does not fit in shared memory
+                    row[f"cfg {cfg}"] = f"failed: {type(error).__name__}"
+            qr, kr, vr = random_qkv(heads, t, t, dim)
+            row["ours_random_inputs_ms"] = median_ms(lambda: ours(qr, kr, vr))
+            rows.append(row)
+            print(format_row(row), flush=True)
+            del q, k, v, qr, kr, vr
+
+
+def bench_decode(cache_lengths, rows):
+    for heads, dim in SHAPES:
+        for t in cache_lengths:
+            q, k, v = long_range_qkv(heads, 1, t, dim)
+            row = {"kind": "decode", "heads": heads, "dim": dim, "T": t}
+            row["sdpa_ms"] = median_ms(lambda: sdpa(q, k, v, False))
+            row["ours_ms"] = median_ms(lambda: ours(q, k, v))
+            rows.append(row)
+            print(format_row(row), flush=True)
+
+
+def forward_extra_memory(t: int, heads: int = 16, dim: int = 128) -> dict:
+    """Peak memory the forward allocates beyond its inputs, at T tokens."""
+    q, k, v = long_range_qkv(heads, t, t, dim)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = ours(q, k, v)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    output_bytes = out[0].numel() * out[0].element_size() + out[1].numel() * 4
+    return {"kind": "memory", "heads": heads, "dim": dim, "T": t, "extra_bytes": extra,
+            "output_bytes": output_bytes}
+
+
+def format_row(row: dict) -> str:
+    base = row["sdpa_ms"]
+    parts = [f"{row['kind']:8s} {row['heads']}x{row['dim']:<4d} T={row['T']:<6d} sdpa {base:8.3f} ms"]
+    for key, value in row.items():
+        if key.endswith("_ms") and key != "sdpa_ms" or key.startswith("cfg"):
+            if isinstance(value, float):
+                parts.append(f"{key.removesuffix('_ms')} {value:8.3f} ms ({value / base:5.2f}x)")
+            else:
+                parts.append(f"{key} {value}")
+    return " | ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="4096,8192,16384,32768,65536")
+    parser.add_argument("--decode-lengths", default="4096,16384,65536")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--sweep", action="store_true", help="time alternative block configs too")
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    header = {
+        "card": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+        "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+    print(json.dumps(header))
+    sweep = []
+    if args.sweep:
+        sweep = [BlockConfig(bm, bn, w, s) for bm, bn, w, s in
+                 [(128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)]]
+    rows: list[dict] = []
+    bench_forward(lengths, rows, sweep)
+    bench_decode([int(x) for x in args.decode_lengths.split(",")], rows)
+    memory = forward_extra_memory(max(lengths))
+    rows.append(memory)
+    print(f"forward extra memory at T={memory['T']}, 16x128: {memory['extra_bytes'] / 2**20:.1f} MiB "
+          f"(outputs {memory['output_bytes'] / 2**20:.1f} MiB)")
+    print("default forward configs:", {d: forward_config(d, torch.bfloat16) for _, d in SHAPES})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
