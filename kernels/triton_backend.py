@@ -20,38 +20,39 @@ MAX_SPLITS = 128
 
 
 @dataclass(frozen=True)
-class BlockConfig:
+class KernelConfig:
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     max_chunk_blocks: int = 16
+    fast_exp16: bool = False  # weights' 2^x in float16, two per instruction (16-bit inputs only)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def forward_config(head_dim: int, dtype: torch.dtype) -> BlockConfig:
+def forward_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Block sizes of the forward kernel on a Hopper-class GPU (small blocks when interpreted)."""
     if _interpreting():
-        return BlockConfig(16, 16, 1, 1, max_chunk_blocks=4)
+        return KernelConfig(16, 16, 1, 1, max_chunk_blocks=4)
     if dtype == torch.float32:
-        return BlockConfig(64, 32, 4, 2)
+        return KernelConfig(64, 32, 4, 2)
     if head_dim <= 64:
-        return BlockConfig(128, 64, 4, 3)
+        return KernelConfig(64, 64, 4, 3)
     if head_dim <= 128:
-        return BlockConfig(128, 64, 8, 3)
-    return BlockConfig(64, 64, 4, 2)
+        return KernelConfig(128, 64, 8, 3)
+    return KernelConfig(64, 64, 4, 2)
 
 
-def split_config(head_dim: int, dtype: torch.dtype) -> BlockConfig:
+def split_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Key block size, warps and pipelining depth of the split-key kernel."""
     if _interpreting():
-        return BlockConfig(16, 16, 1, 1)
+        return KernelConfig(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
-        return BlockConfig(16, 32, 4, 2)
-    return BlockConfig(16, 64, 4, 3)
+        return KernelConfig(16, 32, 4, 2)
+    return KernelConfig(16, 64, 4, 3)
 
 
 def _num_splits(num_keys: int, block_n: int, programs_per_split: int, device: torch.device) -> int:
@@ -75,13 +76,13 @@ def stickbreaking_attention_triton(
     key_mask: torch.Tensor | None = None,
     return_stats: bool = False,
     early_halting: bool = True,
-    config: BlockConfig | None = None,
+    config: KernelConfig | None = None,
 ):
     """Triton stick-breaking attention; arguments and outputs as the reference.
 
     q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] (any strides); remainder: [Hq, D];
     key_mask: [B, Tk] bool. Returns (o [B, Hq, Tq, D], rem [B, Hq, Tq] fp32, distance or None).
-    ``early_halting=False`` and ``config`` (forward-kernel block sizes) are for benchmarks.
+    ``early_halting=False`` and ``config`` (forward-kernel settings) are for benchmarks.
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, Hq, Tq, D = q.shape
@@ -143,6 +144,7 @@ def stickbreaking_attention_triton(
             EARLY_HALTING=early_halting, MAX_CHUNK_BLOCKS=cfg.max_chunk_blocks,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=D,
             DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
+            FAST_EXP16=cfg.fast_exp16 and q.dtype != torch.float32,
             num_warps=cfg.num_warps,
         )
     return o, rem, (distance if return_stats else None)

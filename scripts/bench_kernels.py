@@ -24,7 +24,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sb_eval.kernels.triton_backend import (
-    BlockConfig,
+    KernelConfig,
     forward_config,
     stickbreaking_attention_triton,
 )
@@ -154,8 +154,10 @@ def main() -> None:
     print(json.dumps(header))
     sweep = []
     if args.sweep:
-        sweep = [BlockConfig(bm, bn, w, s) for bm, bn, w, s in
-                 [(128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)]]
+        sweep = [KernelConfig(*c) for c in [
+            (128, 64, 8, 3, 16, True), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3, 16, True),
+            (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3),
+        ]]
     rows: list[dict] = []
     bench_forward(lengths, rows, sweep)
     bench_decode([int(x) for x in args.decode_lengths.split(",")], rows)
