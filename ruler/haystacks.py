@@ -1,0 +1,149 @@
+"""Haystacks: the filler text a sample's context is made of, measured in units.
+
+A haystack hands out the longest run of units that fits a token budget. Each unit appears in the
+prompt as `separator + unit` (the first one without the separator), and its token count is the
+memoised count of that piece, so fitting a 64K context costs a bisection over cached counts
+rather than re-tokenizing the context.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from .tokens import TokenCounter
+
+# RULER's noise haystack (niah_single_1) and the noise of variable tracking.
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+class Haystack(Protocol):
+    separator: str
+
+    def fill(self, budget: int, counter: TokenCounter) -> list[str]:
+        """The longest run of units whose pieces (separator + unit) sum to at most `budget` tokens."""
+
+
+class RepeatedText:
+    """The same text over and over: RULER's noise haystack."""
+
+    def __init__(self, text: str, separator: str):
+        self.text = text
+        self.separator = separator
+
+    def fill(self, budget: int, counter: TokenCounter) -> list[str]:
+        per_unit = counter.pieces([self.separator + self.text])[0]
+        return [self.text] * max(0, budget // per_unit)
+
+
+class TextRun:
+    """A fixed sequence of units, always taken from its start: the essay haystack (sentences).
+
+    Token counts are summed lazily, as far as the largest budget asked so far needs, and shared by
+    every sample that uses the same run with the same counter.
+    """
+
+    def __init__(self, units: Sequence[str], separator: str, name: str):
+        self.units = units
+        self.separator = separator
+        self.name = name
+        self._counter: TokenCounter | None = None
+        self._prefix_tokens = [0]  # tokens of the first i units
+
+    def fill(self, budget: int, counter: TokenCounter) -> list[str]:
+        if counter is not self._counter:
+            self._counter, self._prefix_tokens = counter, [0]
+        while self._prefix_tokens[-1] <= budget and len(self._prefix_tokens) <= len(self.units):
+            start = len(self._prefix_tokens) - 1
+            chunk = self.units[start : start + max(256, start)]
+            for tokens in counter.pieces(self.separator + unit for unit in chunk):
+                self._prefix_tokens.append(self._prefix_tokens[-1] + tokens)
+        if self._prefix_tokens[-1] <= budget:
+            raise ValueError(
+                f"The {self.name} haystack holds {self._prefix_tokens[-1]} tokens, fewer than the "
+                f"{budget} this max_seq_length needs"
+            )
+        return list(self.units[: bisect_right(self._prefix_tokens, budget) - 1])
+
+
+class DistractorPool:
+    """A growing list of random units drawn from one seed, shared by the samples of one set.
+
+    Drawing fresh random distractors for every sample (as RULER's needle haystack does) would
+    mean tokenizing every one of them; samples instead draw theirs from this pool, whose units
+    are each tokenized once.
+    """
+
+    def __init__(self, draw_unit: Callable[[random.Random], str], seed: int):
+        self._draw_unit = draw_unit
+        self._rng = random.Random(seed)
+        self.units: list[str] = []
+
+    def grow(self, size: int) -> None:
+        while len(self.units) < size:
+            self.units.append(self._draw_unit(self._rng))
+
+
+class PoolSample:
+    """One sample's distractors: distinct units of a pool in a random order of its own."""
+
+    # The pool is kept this many times larger than one sample's need, so that samples share few
+    # distractors.
+    POOL_FACTOR = 4
+
+    def __init__(self, pool: DistractorPool, rng: random.Random, separator: str):
+        self.pool = pool
+        self.separator = separator
+        self._rng = rng
+        self._order: list[str] | None = None
+
+    def fill(self, budget: int, counter: TokenCounter) -> list[str]:
+        if self._order is None:
+            self._order = self._draw_order(budget, counter)
+        counts = counter.pieces(self.separator + unit for unit in self._order)
+        total, taken = 0, 0
+        for tokens in counts:
+            if total + tokens > budget:
+                break
+            total, taken = total + tokens, taken + 1
+        return self._order[:taken]
+
+    def _draw_order(self, budget: int, counter: TokenCounter) -> list[str]:
+        self.pool.grow(64)
+        shortest = min(counter.pieces(self.separator + unit for unit in self.pool.units[:64]))
+        most_needed = budget // max(1, shortest) + 1
+        self.pool.grow(self.POOL_FACTOR * most_needed)
+        size = len(self.pool.units)
+        return [self.pool.units[i] for i in self._rng.sample(range(size), min(size, most_needed))]
+
+
+def interleave(units: list[str], inserts: list[str], positions: list[int], keep_empty_gaps: bool) -> list[str]:
+    """Units with each insert placed before the unit index paired with it.
+
+    Inserts keep their order where positions tie. With `keep_empty_gaps`, an empty run of units
+    between two inserts (or at either end) stays as an empty element, as RULER's essay haystack
+    keeps empty sentence runs when it joins them.
+    """
+    elements: list[str] = []
+    start = 0
+    for position, insert in sorted(zip(positions, inserts), key=lambda pair: pair[0]):
+        gap = units[start:position]
+        elements.extend(gap if gap or not keep_empty_gaps else [""])
+        elements.append(insert)
+        start = position
+    rest = units[start:]
+    elements.extend(rest if rest or not keep_empty_gaps else [""])
+    return elements
+
+
+def depth_positions(num_units: int, depths_percent: list[int]) -> list[int]:
+    """RULER's essay needle positions, ascending: unit index int(num_units * depth / 100)."""
+    return sorted(int(num_units * (depth / 100)) for depth in depths_percent)
+
+
+def evenly_spaced_depths(count: int = 40) -> list[int]:
+    """RULER's DEPTHS: `count` depths from 0 to 100 percent, rounded half to even like numpy."""
+    return [round(100 * i / (count - 1)) for i in range(count)]
+

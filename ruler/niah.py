@@ -1,0 +1,107 @@
+"""RULER's needle-in-a-haystack generator (scripts/data/synthetic/niah.py), offline.
+
+Parameters keep RULER's names, so a line of RULER's synthetic.yaml is a valid parameter set:
+type_haystack (repeat | essay | needle), type_needle_k and type_needle_v (words | numbers |
+uuids), num_needle_k, num_needle_v, num_needle_q.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .corpora import essay_sentences
+from .fitting import Draft
+from .haystacks import NOISE, DistractorPool, PoolSample, RepeatedText, TextRun, depth_positions, evenly_spaced_depths
+from .registry import DrawSample, register_generator
+from .values import value_drawer
+
+NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+TEMPLATE = (
+    "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
+    "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?"
+)
+ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
+
+# Depths (percent of the essay) that RULER draws essay needle positions from.
+DEPTHS = evenly_spaced_depths(40)
+HAYSTACKS = ("repeat", "essay", "needle")
+
+
+@register_generator("niah")
+def niah(
+    set_rng: random.Random,
+    *,
+    type_haystack: str = "essay",
+    type_needle_k: str = "words",
+    type_needle_v: str = "numbers",
+    num_needle_k: int = 1,
+    num_needle_v: int = 1,
+    num_needle_q: int = 1,
+) -> DrawSample:
+    draw_key = value_drawer(type_needle_k, "type_needle_k")
+    draw_value = value_drawer(type_needle_v, "type_needle_v")
+    for name, count in (("num_needle_k", num_needle_k), ("num_needle_v", num_needle_v), ("num_needle_q", num_needle_q)):
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"{name}={count!r} must be a positive integer")
+    num_needle_k = max(num_needle_k, num_needle_q)
+    num_needles = num_needle_k * num_needle_v
+    if type_haystack == "essay" and num_needles > len(DEPTHS):
+        raise ValueError(f"the essay haystack places at most {len(DEPTHS)} needles; got {num_needles}")
+    head, tail, answer_prefix = _prompt_parts(type_needle_v, singular=num_needle_q * num_needle_v == 1)
+
+    if type_haystack == "essay":
+        essay = TextRun(essay_sentences(), " ", "essay")
+    elif type_haystack == "needle":
+        pool = DistractorPool(
+            lambda rng: NEEDLE.format(type_needle_v=type_needle_v, key=draw_key(rng), value=draw_value(rng)),
+            set_rng.getrandbits(64),
+        )
+    elif type_haystack != "repeat":
+        raise ValueError(f"type_haystack={type_haystack!r} is not a haystack; valid: {list(HAYSTACKS)}")
+
+    def draw(rng: random.Random) -> Draft:
+        keys, values, needles = [], [], []
+        for _ in range(num_needle_k):
+            keys.append(draw_key(rng))
+            values.append([draw_value(rng) for _ in range(num_needle_v)])
+            needles += [NEEDLE.format(type_needle_v=type_needle_v, key=keys[-1], value=value) for value in values[-1]]
+        rng.shuffle(needles)
+        queried = rng.sample(range(num_needle_k), num_needle_q)
+        queries = [keys[i] for i in queried]
+        query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+        prompt = dict(
+            head=head,
+            tail=tail.format(query=query),
+            answer_prefix=answer_prefix.format(query=query),
+            outputs=[value for i in queried for value in values[i]],
+            inserts=needles,
+        )
+        if type_haystack == "essay":
+            depths = rng.sample(DEPTHS, num_needles)
+            return Draft(**prompt, haystack=essay, place=lambda units: depth_positions(units, depths), keep_empty_gaps=True)
+        haystack = RepeatedText(NOISE, "\n") if type_haystack == "repeat" else PoolSample(pool, random.Random(rng.getrandbits(64)), "\n")
+        position_seed = rng.getrandbits(64)
+        return Draft(
+            **prompt,
+            haystack=haystack,
+            place=lambda units: random.Random(position_seed).sample(range(units), num_needles),
+            min_units=num_needles,
+        )
+
+    return draw
+
+
+def _prompt_parts(type_needle_v: str, singular: bool) -> tuple[str, str, str]:
+    """(head, tail, answer prefix) with {query} left to fill.
+
+    With one expected answer RULER turns the template singular by plain replacements: "Some" ->
+    "A", "are all" -> "is", "are" -> "is", "answers" -> "answer", and the value type loses its "s".
+    """
+    template_head, _, template_tail = TEMPLATE.partition("{context}")
+    parts = [template_head, template_tail, ANSWER_PREFIX]
+    if singular:
+        for plural, single in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
+            parts = [part.replace(plural, single) for part in parts]
+        type_needle_v = type_needle_v[:-1]
+    return tuple(part.replace("{type_needle_v}", type_needle_v) for part in parts)
