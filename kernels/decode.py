@@ -71,7 +71,6 @@ def stickbreaking_split_kernel(
             split_start + (num_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
             offs_n, offs_d, strict_upper_ones,
             HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
-            False,
         )
 
     row = (b * num_kv_heads * group + h) * Tq + t  # row of [B, Hq, Tq]

@@ -26,10 +26,6 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     def fast_log2(x):
         return tl.math.log2(x)
 
-    @triton.jit
-    def fast_exp2_f16(x):
-        return tl.math.exp2(x.to(tl.float16).to(tl.float32)).to(tl.float16)
-
 else:
 
     @triton.jit
@@ -38,14 +34,6 @@ else:
         dozen-instruction polynomial, which would dominate the kernel."""
         return tl.inline_asm_elementwise(
             "lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-
-    @triton.jit
-    def fast_exp2_f16(x):
-        """2^x in float16, two results per special-function instruction."""
-        return tl.inline_asm_elementwise(
-            "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
-            is_pure=True, pack=2,
         )
 
 
@@ -69,7 +57,6 @@ def _key_block(
     offs_n, offs_d, strict_upper_ones,
     HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     RETURN_STATS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FAST_EXP16: tl.constexpr,
 ):
     """Adds one block of keys [block_start, block_start + BLOCK_N) to o, used and distance."""
     key_pos = block_start + offs_n
@@ -112,11 +99,7 @@ def _key_block(
         # 16-bit inputs' own; the clamp keeps saturated logits finite (their A is 0 anyway).
         sp16 = tl.minimum(sp, 60000.0).to(tl.float16)
         used_nearer = tl.dot(sp16, strict_upper_ones)
-    log_weights = x - sp - used_nearer - used[:, None]
-    if FAST_EXP16:
-        weights = fast_exp2_f16(log_weights)
-    else:
-        weights = tl.math.exp2(log_weights)
+    weights = tl.math.exp2(x - sp - used_nearer - used[:, None])
     if DIAGONAL or HAS_KEY_MASK:
         weights = tl.where(visible, weights, 0.0)
 
@@ -124,7 +107,7 @@ def _key_block(
     used += tl.sum(sp, 1)
     if RETURN_STATS:
         gap = (query_pos[:, None] - key_pos[None, :]).to(tl.float32)
-        distance += tl.sum(weights.to(tl.float32) * gap, 1)
+        distance += tl.sum(weights * gap, 1)
     return o, used, distance
 
 
@@ -141,7 +124,6 @@ def stickbreaking_forward_kernel(
     RETURN_STATS: tl.constexpr, EARLY_HALTING: tl.constexpr, MAX_CHUNK_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
-    FAST_EXP16: tl.constexpr,
 ):
     """Grid (cdiv(Tq, BLOCK_M), B * Hq). Strides are in elements; head_dim is contiguous."""
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
@@ -187,7 +169,6 @@ def stickbreaking_forward_kernel(
             (shared_blocks + diag_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
             offs_n, offs_d, strict_upper_ones,
             HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
-            FAST_EXP16,
         )
 
     # Shared blocks, nearest first, in chunks of 1, 2, 4, ... MAX_CHUNK_BLOCKS blocks: the inner
@@ -203,7 +184,7 @@ def stickbreaking_forward_kernel(
                 (remaining - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale, offs_n, offs_d,
                 strict_upper_ones,
                 HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D,
-                DOT_PRECISION, FAST_EXP16,
+                DOT_PRECISION,
             )
         remaining = chunk_start
         if EARLY_HALTING:

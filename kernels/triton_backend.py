@@ -26,7 +26,6 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     max_chunk_blocks: int = 16
-    fast_exp16: bool = False  # weights' 2^x in float16, two per instruction (16-bit inputs only)
 
 
 def _interpreting() -> bool:
@@ -34,16 +33,13 @@ def _interpreting() -> bool:
 
 
 def forward_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
-    """Block sizes of the forward kernel on a Hopper-class GPU (small blocks when interpreted)."""
+    """Block sizes of the forward kernel (small blocks when interpreted). On an H200, 64 x 32
+    blocks with 4 warps were fastest at head_dim 64 and 128 of nine tried (BENCHMARKS.md)."""
     if _interpreting():
         return KernelConfig(16, 16, 1, 1, max_chunk_blocks=4)
-    if dtype == torch.float32:
+    if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(64, 32, 4, 2)
-    if head_dim <= 64:
-        return KernelConfig(64, 64, 4, 3)
-    if head_dim <= 128:
-        return KernelConfig(128, 64, 8, 3)
-    return KernelConfig(64, 64, 4, 2)
+    return KernelConfig(64, 32, 4, 3)
 
 
 def split_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
@@ -144,7 +140,6 @@ def stickbreaking_attention_triton(
             EARLY_HALTING=early_halting, MAX_CHUNK_BLOCKS=cfg.max_chunk_blocks,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=D,
             DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
-            FAST_EXP16=cfg.fast_exp16 and q.dtype != torch.float32,
             num_warps=cfg.num_warps,
         )
     return o, rem, (distance if return_stats else None)
