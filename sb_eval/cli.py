@@ -1,0 +1,50 @@
+"""The `sb-eval` command.
+
+    sb-eval run <lm_eval arguments>      lm-eval's CLI with sb_hf and sb-eval's tasks loaded
+    sb-eval checkpoint DIR               write a small random stick-breaking checkpoint to DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def run_lm_eval(lm_eval_args: list[str]) -> None:
+    """lm-eval's own command line, with the plugin hook placed first (works in editable installs
+    too, where the start-up .pth is not installed)."""
+    import sb_eval_hook
+
+    sb_eval_hook.install()
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm-eval", "run", *lm_eval_args]
+    cli_evaluate()
+
+
+def write_checkpoint(args: argparse.Namespace) -> None:
+    from .checkpoint import write_random_checkpoint
+
+    folder = write_random_checkpoint(args.folder, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote a random stick-breaking checkpoint to {folder}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        run_lm_eval(argv[1:])  # everything after `run` belongs to lm-eval's parser
+        return
+    parser = argparse.ArgumentParser(prog="sb-eval", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", help="lm-eval's CLI with sb_hf and sb-eval's tasks (lm_eval arguments follow)")
+    checkpoint = commands.add_parser("checkpoint", help="write a small random stick-breaking checkpoint")
+    checkpoint.add_argument("folder", help="where to write it (must not exist or be empty)")
+    checkpoint.add_argument("--seed", type=int, default=0)
+    checkpoint.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    checkpoint.set_defaults(func=write_checkpoint)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""`sb_hf`: lm-eval's HFLM for stick-breaking checkpoints, made safe for 64K-token requests.
+
+Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_args, data-parallel
+`accelerate launch`) carries over. What changes:
+- the checkpoint folder is checked before loading (sb_eval.checkpoint), safetensors only unless
+  allow_pickle=True;
+- log-likelihoods come from the decoder's hidden states, turned into log-probs only at the
+  continuation positions and `logprob_chunk_size` positions at a time (a full [T, vocab]
+  log-softmax at 64K tokens and a 50K vocabulary is ~13 GB);
+- a prompt longer than max_length is truncated from the left as HFLM does, with one warning per
+  request kind that gives the lengths;
+- max_length defaults to 65536: stick-breaking has no position embedding to outgrow.
+
+Own model args (popped before HFLM sees them, recorded in the results' model info):
+attention_backend (auto | triton | torch | reference), logprob_chunk_size, allow_pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator
+from tqdm import tqdm
+
+from sb_eval.kernels import BACKENDS
+
+from .checkpoint import check_checkpoint_folder, check_tokenizer_folder
+from .modeling import StickBreakingForCausalLM
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 65536
+
+
+class StickBreakingLM(HFLM):
+    def __init__(
+        self,
+        pretrained: str | StickBreakingForCausalLM | None = None,
+        attention_backend: str = "auto",
+        logprob_chunk_size: int = 2048,
+        allow_pickle: bool = False,
+        max_length: int | None = None,
+        tokenizer=None,
+        **kwargs,
+    ) -> None:
+        if pretrained is None:
+            raise ValueError("sb_hf needs pretrained=PATH: a local stick-breaking checkpoint folder")
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
+        if int(logprob_chunk_size) < 1:
+            raise ValueError(f"logprob_chunk_size must be a positive number of tokens, got {logprob_chunk_size!r}")
+        if isinstance(pretrained, (str, Path)):
+            folder = Path(pretrained)
+            if not folder.is_dir():
+                raise ValueError(
+                    f"pretrained={pretrained} is not a local folder; sb_hf loads checkpoints from "
+                    "disk and downloads nothing"
+                )
+            check_checkpoint_folder(folder, allow_pickle=bool(allow_pickle))
+            if tokenizer is None:
+                check_tokenizer_folder(folder)
+            pretrained = str(folder)
+        if allow_pickle:
+            kwargs["use_safetensors"] = False
+        self.attention_backend = attention_backend
+        self.logprob_chunk_size = int(logprob_chunk_size)
+        self.allow_pickle = bool(allow_pickle)
+        self._warned_truncation: set[str] = set()
+        super().__init__(
+            pretrained=pretrained,
+            tokenizer=tokenizer,
+            max_length=int(max_length) if max_length is not None else DEFAULT_MAX_LENGTH,
+            **kwargs,
+        )
+        if not isinstance(self.model, StickBreakingForCausalLM):
+            raise ValueError(
+                f"sb_hf loaded a {type(self.model).__name__}, not a stick-breaking model; use "
+                "--model hf for other architectures"
+            )
+        self.model.set_attention_backend(attention_backend)
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info.update(
+            sb_attention_backend=self.attention_backend,
+            sb_logprob_chunk_size=self.logprob_chunk_size,
+            sb_allow_pickle=self.allow_pickle,
+            sb_max_length=self.max_length,
+        )
+        return info
+
+    def warn_truncation(self, kind: str, length: int, limit: int) -> None:
+        """Warns the first time a request of `kind` is cut to its last `limit` tokens."""
+        if kind in self._warned_truncation:
+            return
+        self._warned_truncation.add(kind)
+        logger.warning(
+            "%s: a request of %d tokens exceeds the %d-token limit (max_length=%d) and keeps only "
+            "its last %d tokens; pass a larger max_length in --model_args. (Warned once per kind.)",
+            kind, length, limit, self.max_length, limit,
+        )
+
+    def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
+        input_ids, attention_mask = super().tok_batch_encode(strings, padding_side, None, truncation)
+        if left_truncate_len and input_ids.shape[1] > left_truncate_len:
+            self.warn_truncation("generate_until", int(attention_mask.sum(1).max()), left_truncate_len)
+            input_ids = input_ids[:, -left_truncate_len:]
+            attention_mask = attention_mask[:, -left_truncate_len:]
+        return input_ids, attention_mask
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """HFLM's contract: requests are ((context, continuation) or None, context tokens,
+        continuation tokens); returns (sum of continuation log-probs, whether greedy decoding
+        reproduces the continuation) per request, in the original order."""
+        collator = Collator(requests, sort_fn=lambda req: (-len(req[1]) - len(req[2]), tuple(req[1] + req[2])))
+        batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 1)
+        progress = tqdm(
+            total=len(requests), disable=disable_tqdm or self.rank != 0,
+            desc="Running loglikelihood requests",
+        )
+        results = []
+        for batch in collator.get_batched(n=batch_size):
+            windows = [self.scoring_window(context, continuation) for _, context, continuation in batch]
+            width = max(len(tokens) for tokens, _ in windows)
+            inputs = torch.full((len(windows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            for row, (tokens, _) in enumerate(windows):
+                inputs[row, : len(tokens)] = torch.tensor(tokens)  # right padding: never attended
+            with torch.no_grad():
+                hidden = self.model.transformer(input_ids=inputs.to(self.device), use_cache=False).last_hidden_state
+            for (request, _, continuation), (tokens, _), row_hidden in zip(batch, windows, hidden):
+                n = len(continuation)
+                answer = self.score_continuation(row_hidden[len(tokens) - n : len(tokens)], continuation)
+                results.append(answer)
+                if request is not None:
+                    self.cache_hook.add_partial("loglikelihood", request, answer)
+                progress.update(1)
+        progress.close()
+        return collator.get_original(results)
+
+    def scoring_window(self, context: list[int], continuation: list[int]) -> tuple[list[int], int]:
+        """The model input for one request: context + continuation without its last token, cut
+        to its last max_length tokens; and the number of continuation tokens it predicts."""
+        total = len(context) + len(continuation)
+        if total > self.max_length + 1:
+            self.warn_truncation("loglikelihood", total - 1, self.max_length)
+        tokens = (context + continuation)[-(self.max_length + 1) :][:-1]
+        return tokens, len(continuation)
+
+    def score_continuation(self, hidden: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+        """hidden [n, n_embd]: the states that predict the n continuation tokens."""
+        targets = torch.tensor(continuation, device=hidden.device)
+        total = 0.0
+        greedy = True
+        with torch.no_grad():
+            for start in range(0, len(continuation), self.logprob_chunk_size):
+                stop = start + self.logprob_chunk_size
+                log_probs = F.log_softmax(self.model.logits_from_hidden(hidden[start:stop]).float(), dim=-1)
+                chunk_targets = targets[start:stop]
+                total += log_probs.gather(-1, chunk_targets[:, None]).sum().item()
+                greedy = greedy and bool((log_probs.argmax(-1) == chunk_targets).all())
+        return total, greedy
