@@ -1,0 +1,104 @@
+"""The functions the RULER task YAMLs name: dataset, prompt, scoring.
+
+`custom_dataset` receives lm-eval's metadata (`--metadata` merged over `--model_args`) plus the
+task's `dataset_kwargs`. From the metadata: max_seq_lengths (list of ints, default [4096]),
+num_samples per length (default 500, as RULER), seed (default 42), and the tokenizer to fit
+lengths with, from `tokenizer`, else `pretrained` or `model` (a local folder or a name the
+transformers cache holds). From dataset_kwargs: either `ruler_task` (a name in
+sb_eval.ruler.TASKS), or `generator`, `tokens_to_generate` and `generator_params` (a mapping).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import datasets
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from sb_eval.ruler import TASKS, TaskSpec, generate, string_match_all
+
+DEFAULT_MAX_SEQ_LENGTHS = [4096]
+DEFAULT_NUM_SAMPLES = 500  # RULER's default
+TOKENIZER_KEYS = ("tokenizer", "pretrained", "model")
+
+
+def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
+    """The test split: every length's samples, interleaved (sample 0 of each length, then sample
+    1, ...) so that `--limit N` takes about N / len(max_seq_lengths) samples of every length."""
+    spec = _task_spec(kwargs)
+    lengths = _max_seq_lengths(kwargs.get("max_seq_lengths", DEFAULT_MAX_SEQ_LENGTHS))
+    num_samples = _positive_int(kwargs.get("num_samples", DEFAULT_NUM_SAMPLES), "num_samples")
+    seed = kwargs.get("seed", 42)
+    if not isinstance(seed, int):
+        raise ValueError(f"metadata seed={seed!r} must be an integer")
+    tokenizer = _load_tokenizer(_tokenizer_name(kwargs))
+    label = kwargs.get("ruler_task") or spec.generator
+    per_length = [
+        generate(
+            spec,
+            length,
+            tokenizer,
+            num_samples,
+            seed,
+            progress=lambda items, length=length: tqdm(items, desc=f"{label} at {length} tokens", leave=False),
+        )
+        for length in lengths
+    ]
+    interleaved = [samples[i] for i in range(num_samples) for samples in per_length]
+    return {"test": datasets.Dataset.from_list(interleaved)}
+
+
+def doc_to_text(doc: dict) -> str:
+    """The prompt without its answer prefix, which lm-eval appends as `gen_prefix` (in the
+    assistant turn under a chat template); without a chat template the two join back into the
+    sample's input exactly."""
+    return doc["input"][: len(doc["input"]) - len(doc["answer_prefix"])]
+
+
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    """RULER's string_match_all (0-100) under the metric named by the sample's length."""
+    return {str(doc["max_length"]): string_match_all(results[0], doc["outputs"])}
+
+
+def _task_spec(kwargs: dict) -> TaskSpec:
+    if "ruler_task" in kwargs:
+        if kwargs["ruler_task"] not in TASKS:
+            raise ValueError(f"dataset_kwargs ruler_task={kwargs['ruler_task']!r} is not one of {sorted(TASKS)}")
+        return TASKS[kwargs["ruler_task"]]
+    if "generator" not in kwargs or "tokens_to_generate" not in kwargs:
+        raise ValueError(
+            "a RULER task's dataset_kwargs need either ruler_task (one of "
+            f"{sorted(TASKS)}) or generator and tokens_to_generate plus the generator's parameters"
+        )
+    params = dict(kwargs.get("generator_params") or {})
+    return TaskSpec(kwargs["generator"], _positive_int(kwargs["tokens_to_generate"], "tokens_to_generate"), params)
+
+
+def _max_seq_lengths(value: Any) -> list[int]:
+    lengths = [value] if isinstance(value, int) else value
+    if not isinstance(lengths, list) or not lengths:
+        raise ValueError(f"metadata max_seq_lengths={value!r} must be a list of token counts, e.g. [4096, 8192]")
+    return [_positive_int(length, "max_seq_lengths") for length in lengths]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return value
+
+
+def _tokenizer_name(kwargs: dict) -> str:
+    for key in TOKENIZER_KEYS:
+        if isinstance(kwargs.get(key), str) and kwargs[key]:
+            return kwargs[key]
+    raise ValueError(
+        "RULER tasks fit each sample to a length in tokens and need the model's tokenizer: pass "
+        "--model_args pretrained=PATH, or --metadata '{\"tokenizer\": \"PATH\"}'"
+    )
+
+
+@cache
+def _load_tokenizer(name: str):
+    return AutoTokenizer.from_pretrained(name)
