@@ -65,7 +65,7 @@ class TextRun:
                 f"The {self.name} haystack holds {self._prefix_tokens[-1]} tokens, fewer than the "
                 f"{budget} this max_seq_length needs"
             )
-        return list(self.units[: bisect_right(self._prefix_tokens, budget) - 1])
+        return list(self.units[: max(0, bisect_right(self._prefix_tokens, budget) - 1)])
 
 
 class DistractorPool:
@@ -113,7 +113,7 @@ class PoolSample:
     def _draw_order(self, budget: int, counter: TokenCounter) -> list[str]:
         self.pool.grow(64)
         shortest = min(counter.pieces(self.separator + unit for unit in self.pool.units[:64]))
-        most_needed = budget // max(1, shortest) + 1
+        most_needed = max(0, budget) // max(1, shortest) + 1
         self.pool.grow(self.POOL_FACTOR * most_needed)
         size = len(self.pool.units)
         return [self.pool.units[i] for i in self._rng.sample(range(size), min(size, most_needed))]
