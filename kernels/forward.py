@@ -37,15 +37,24 @@ else:
         )
 
 
+SOFTPLUS_FAST: tl.constexpr = 0
+SOFTPLUS_FAST_SERIES: tl.constexpr = 1
+SOFTPLUS_PRECISE: tl.constexpr = 2
+
+
 @triton.jit
-def softplus2(x, PRECISE: tl.constexpr):
+def softplus2(x, MODE: tl.constexpr):
     """log2(1 + 2^x); above 24 the correction is below float32 resolution. The fast log2's
     absolute error (~2^-22 per key) adds up over tens of thousands of keys: float32 inputs,
-    which ask for 1e-4, take the exact one."""
-    if PRECISE:
-        log_term = tl.math.log2(1.0 + tl.math.exp2(x))
+    which ask for 1e-4, take the exact one; FAST_SERIES uses 2^x (1 - 2^x / 2) / ln 2 below
+    x = -8, where its error is under 2^-25 relative."""
+    e = tl.math.exp2(x)
+    if MODE == SOFTPLUS_PRECISE:
+        log_term = tl.math.log2(1.0 + e)
     else:
-        log_term = fast_log2(1.0 + tl.math.exp2(x))
+        log_term = fast_log2(1.0 + e)
+    if MODE == SOFTPLUS_FAST_SERIES:
+        log_term = tl.where(x < -8.0, e * (1.4426950408889634 - 0.7213475204444817 * e), log_term)
     return tl.where(x > 24.0, x, log_term)
 
 
@@ -57,6 +66,7 @@ def _key_block(
     offs_n, offs_d, strict_upper_ones,
     HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     RETURN_STATS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
 ):
     """Adds one block of keys [block_start, block_start + BLOCK_N) to o, used and distance."""
     key_pos = block_start + offs_n
@@ -76,7 +86,7 @@ def _key_block(
         vb = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
 
     x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
-    sp = softplus2(x, DOT_PRECISION == "ieee")
+    sp = softplus2(x, SOFTPLUS)
     if DIAGONAL:
         if ATTEND_CURRENT:
             visible = key_pos[None, :] <= query_pos[:, None]
@@ -124,6 +134,7 @@ def stickbreaking_forward_kernel(
     RETURN_STATS: tl.constexpr, EARLY_HALTING: tl.constexpr, MAX_CHUNK_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
 ):
     """Grid (cdiv(Tq, BLOCK_M), B * Hq). Strides are in elements; head_dim is contiguous."""
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
@@ -169,6 +180,7 @@ def stickbreaking_forward_kernel(
             (shared_blocks + diag_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
             offs_n, offs_d, strict_upper_ones,
             HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
+            SOFTPLUS,
         )
 
     # Shared blocks, nearest first, in chunks of 1, 2, 4, ... MAX_CHUNK_BLOCKS blocks: the inner
@@ -184,7 +196,7 @@ def stickbreaking_forward_kernel(
                 (remaining - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale, offs_n, offs_d,
                 strict_upper_ones,
                 HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D,
-                DOT_PRECISION,
+                DOT_PRECISION, SOFTPLUS,
             )
         remaining = chunk_start
         if EARLY_HALTING:

@@ -26,6 +26,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     max_chunk_blocks: int = 16
+    softplus_series: bool = True  # 16-bit inputs: the small-argument series beside the fast log2
 
 
 def _interpreting() -> bool:
@@ -86,6 +87,7 @@ def stickbreaking_attention_triton(
     group = Hq // Hkv
     block_d = max(16, triton.next_power_of_2(D))
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    softplus_mode = 2 if q.dtype == torch.float32 else None  # 2: exact log2 for float32 inputs
     qk_scale = scale * math.log2(math.e)
 
     o = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
@@ -115,6 +117,7 @@ def stickbreaking_attention_triton(
             RETURN_STATS=return_stats,
             BLOCK_M=max(16, triton.next_power_of_2(group * Tq)), BLOCK_N=cfg.block_n,
             BLOCK_D=block_d, HEAD_DIM=D, DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
+            SOFTPLUS=softplus_mode if softplus_mode is not None else int(cfg.softplus_series),
             num_warps=cfg.num_warps,
         )
         stickbreaking_combine_kernel[(rows,)](
@@ -140,6 +143,7 @@ def stickbreaking_attention_triton(
             EARLY_HALTING=early_halting, MAX_CHUNK_BLOCKS=cfg.max_chunk_blocks,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=D,
             DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
+            SOFTPLUS=softplus_mode if softplus_mode is not None else int(cfg.softplus_series),
             num_warps=cfg.num_warps,
         )
     return o, rem, (distance if return_stats else None)

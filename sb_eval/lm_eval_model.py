@@ -66,6 +66,7 @@ class StickBreakingLM(HFLM):
             pretrained = str(folder)
         if allow_pickle:
             kwargs["use_safetensors"] = False
+        kwargs.setdefault("backend", "causal")
         self.attention_backend = attention_backend
         self.logprob_chunk_size = int(logprob_chunk_size)
         self.allow_pickle = bool(allow_pickle)

@@ -94,7 +94,9 @@ class StickBreakingAttention(nn.Module):
         q, k, v = self.split_heads(self.c_attn(hidden))
         current_v = v
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            # k and v are views into c_attn's output; cached as they are, they would keep the
+            # queries' part of it alive too (1.5x the cache's memory).
+            k, v = cache.update(k.contiguous(), v.contiguous(), self.layer_idx)
         o, rem = stickbreaking_attention(
             q, k, v,
             scale=self.scale,

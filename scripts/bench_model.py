@@ -1,0 +1,133 @@
+"""Prefill and decode of a stick-breaking model with the released 3B's shapes beside a same-shaped
+Llama with SDPA attention, on one GPU, random weights, bf16, batch 1.
+
+    python scripts/bench_model.py [--lengths 16384,65536] [--decode-cache 65536] [--json out.json]
+
+Prefill: one forward over T tokens that fills the cache and returns the last position's logits.
+Decode: median time per token of single-token steps against a cache of --decode-cache tokens.
+Peak memory: the most the CUDA allocator held during each prefill. Both models use transformers'
+DynamicCache, so the cache handling they share costs the same on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+
+import torch
+import transformers
+import triton
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from sb_eval import StickBreakingConfig, StickBreakingForCausalLM
+from sb_eval.modeling import CACHE_FIELD
+
+RELEASED_3B = dict(
+    vocab_size=50304, n_embd=2304, n_layer=40, n_head=36, n_inner=9216,
+    activation_function="swiglu", normalization_function="rmsnorm", layer_norm_epsilon=1e-5,
+    attention_multiplier=1 / 64, m_emb=12, m_residual=0.22, m_width=9, sb_remainder=False,
+    tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=50256,
+)
+
+
+def stick_breaking_model() -> torch.nn.Module:
+    with torch.device("cuda"):
+        model = StickBreakingForCausalLM(StickBreakingConfig(**RELEASED_3B))
+    return model.to(torch.bfloat16).eval()
+
+
+def llama_model() -> torch.nn.Module:
+    config = LlamaConfig(
+        vocab_size=50304, hidden_size=2304, num_hidden_layers=40, num_attention_heads=36,
+        num_key_value_heads=36, intermediate_size=9216, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, max_position_embeddings=131072,
+    )
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config)
+    return model.to(torch.bfloat16).eval()
+
+
+def elapsed_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor):
+    cache = DynamicCache()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache})
+    return cache
+
+
+@torch.no_grad()
+def measure(model, name: str, lengths: list[int], decode_cache: int, repeats: int) -> list[dict]:
+    rows = []
+    vocab = model.config.vocab_size
+    for t in lengths:
+        ids = torch.randint(0, vocab, (1, t), device="cuda")
+        prefill(model, ids[:, :1024])  # warm-up: kernels compiled, allocator primed
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = [elapsed_ms(lambda: prefill(model, ids)) for _ in range(repeats)]
+        peak = torch.cuda.max_memory_allocated() - base
+        rows.append({"model": name, "kind": "prefill", "T": t, "ms": statistics.median(times), "peak_extra_bytes": peak})
+        print(f"{name:14s} prefill T={t:<6d} {rows[-1]['ms']:9.1f} ms  peak extra {peak / 2**30:6.2f} GiB", flush=True)
+        del ids
+        torch.cuda.empty_cache()
+
+    ids = torch.randint(0, vocab, (1, decode_cache), device="cuda")
+    cache = prefill(model, ids)
+    token = ids[:, -1:]
+    steps = []
+    for _ in range(12):
+        steps.append(elapsed_ms(lambda: model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache})))
+    per_token = statistics.median(steps[2:])
+    rows.append({"model": name, "kind": "decode", "T": decode_cache, "ms": per_token})
+    print(f"{name:14s} decode  cache={decode_cache:<6d} {per_token:9.2f} ms/token", flush=True)
+    del cache, ids
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="16384,65536")
+    parser.add_argument("--decode-cache", type=int, default=65536)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    header = {
+        "card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+        "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
+    }
+    print(json.dumps(header))
+    rows = []
+    for name, build in (("stick-breaking", stick_breaking_model), ("llama-sdpa", llama_model)):
+        model = build()
+        rows += measure(model, name, lengths, args.decode_cache, args.repeats)
+        del model
+        torch.cuda.empty_cache()
+    for kind, t in sorted({(r["kind"], r["T"]) for r in rows}):
+        sb, ll = (next(r for r in rows if r["kind"] == kind and r["T"] == t and r["model"] == m)
+                  for m in ("stick-breaking", "llama-sdpa"))
+        line = f"{kind:8s} T={t:<6d} time ratio {sb['ms'] / ll['ms']:5.2f}x"
+        if "peak_extra_bytes" in sb:
+            line += f"  peak memory ratio {sb['peak_extra_bytes'] / ll['peak_extra_bytes']:5.2f}x"
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
