@@ -41,12 +41,18 @@ def register_generator(name: str, version: int = 1) -> Callable[[PrepareGenerato
     """Decorator: `@register_generator("passkey")` over `def passkey(set_rng, **params) -> draw`."""
 
     def register(prepare: PrepareGenerator) -> PrepareGenerator:
-        if name in GENERATORS:
-            raise ValueError(f"a generator named {name!r} is already registered")
+        # Executing the same module again (lm-eval reloads a task folder's .py files when they
+        # change) replaces its generator; another function under a taken name is a mistake.
+        if name in GENERATORS and _origin(GENERATORS[name].prepare) != _origin(prepare):
+            raise ValueError(f"a generator named {name!r} is already registered, by {_origin(GENERATORS[name].prepare)}")
         GENERATORS[name] = Generator(name, prepare, version)
         return prepare
 
     return register
+
+
+def _origin(function: Callable) -> str:
+    return f"{function.__module__}.{function.__qualname__}"
 
 
 @dataclass(frozen=True)
