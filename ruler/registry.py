@@ -141,7 +141,15 @@ def generate(
     return samples
 
 
-def _generate_set(spec, generator, max_seq_length, counter, num_samples, seed, progress) -> list[dict]:
+def _generate_set(
+    spec: TaskSpec,
+    generator: Generator,
+    max_seq_length: int,
+    counter: TokenCounter,
+    num_samples: int,
+    seed: int,
+    progress: Callable[[Iterable[int]], Iterable[int]] | None,
+) -> list[dict]:
     # One random.Random per (task, length, seed): samples never depend on what else runs.
     identity = json.dumps([spec.generator, spec.params, max_seq_length, seed], sort_keys=True)
     set_rng = random.Random(identity)
