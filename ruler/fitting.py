@@ -80,7 +80,13 @@ def fit(draft: Draft, max_seq_length: int, tokens_to_generate: int, counter: Tok
                 f"the prompt and {tokens_to_generate} generated tokens; this task needs at least "
                 f"{draft.min_units}. Use a longer max_seq_length."
             )
-        elements = interleave(units, draft.inserts, draft.place(len(units)), draft.keep_empty_gaps)
+        positions = draft.place(len(units))
+        if len(positions) != len(draft.inserts) or not all(0 <= p <= len(units) for p in positions):
+            raise ValueError(
+                f"Draft.place({len(units)}) returned {positions}: it must give one unit index in "
+                f"0..{len(units)} for each of the {len(draft.inserts)} inserts"
+            )
+        elements = interleave(units, draft.inserts, positions, draft.keep_empty_gaps)
         pieces = elements[:1] + [separator + element for element in elements[1:]] + ending
         text = head + "".join(pieces)
         length = counter.count([text])[0] if exact else counter.prompt(head, pieces)

@@ -8,6 +8,7 @@ scoring) is shared by all generators.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import random
@@ -92,6 +93,10 @@ def task_spec(task: str | TaskSpec) -> TaskSpec:
         raise ValueError(f"task={task!r} is not a RULER task here; valid: {sorted(TASKS)}")
     if spec.generator not in GENERATORS:
         raise ValueError(f"generator={spec.generator!r} is not registered; valid: {sorted(GENERATORS)}")
+    accepted = list(inspect.signature(GENERATORS[spec.generator].prepare).parameters)[1:]
+    unknown = sorted(set(spec.params) - set(accepted))
+    if unknown:
+        raise ValueError(f"generator {spec.generator!r} has no parameter {', '.join(unknown)}; valid: {', '.join(accepted)}")
     return spec
 
 

@@ -209,6 +209,10 @@ def test_bad_arguments_are_named_with_what_is_valid(data_dir):
         _generate("niah_single_9")
     with pytest.raises(ValueError, match=r"type_needle_v='colours'.*numbers"):
         _generate(TaskSpec("niah", 128, {"type_needle_v": "colours"}))
+    with pytest.raises(ValueError, match=r"'niah' has no parameter num_needles; valid: type_haystack, "):
+        _generate(TaskSpec("niah", 128, {"num_needles": 2}))
+    with pytest.raises(ValueError, match=r"generator='haiku' is not registered; valid: .*niah"):
+        _generate(TaskSpec("haiku", 16))
     with pytest.raises(ValueError, match=r"type_haystack='poems'.*essay"):
         _generate(TaskSpec("niah", 128, {"type_haystack": "poems"}))
     with pytest.raises(ValueError, match=r"max_seq_length=300 .*longer max_seq_length"):
@@ -217,6 +221,16 @@ def test_bad_arguments_are_named_with_what_is_valid(data_dir):
         _generate("niah_single_2", length=300, tokenizer="bytes")
     with pytest.raises(ValueError, match=r"solved example does not fit"):
         _generate("vt", tokenizer="bytes")
+
+    @ruler.register_generator("test_unplaced")
+    def unplaced(set_rng):  # inserts a needle but does not say where
+        return lambda rng: ruler.Draft("Head.\n", "\nTail?", " Answer:", ["x"], ruler.RepeatedText(ruler.NOISE, " "), ["x"])
+
+    try:
+        with pytest.raises(ValueError, match=r"Draft.place\(\d+\) returned \[\]: it must give one unit index"):
+            generate(TaskSpec("test_unplaced", 16), 1024, merging_bpe_tokenizer(), 1, use_cache=False)
+    finally:
+        del ruler.GENERATORS["test_unplaced"]
     (data_dir / "essays" / "sentences.json").unlink()
     with pytest.raises(MissingCorpusError, match="sb-eval data fetch essays"):
         _generate("niah_single_2", use_cache=False)
