@@ -14,11 +14,17 @@ from .haystacks import Haystack, interleave
 from .tokens import TokenCounter
 
 
+class TooShortError(ValueError):
+    """max_seq_length cannot hold the prompt, the task's minimum haystack and the generation budget."""
+
+
 @dataclass
 class Example:
     """A solved example shown before the task, itself fitted to a short length (RULER's VT one-shot).
 
     It is rendered as `input + " " + " ".join(outputs) + separator`, then the task prompt follows.
+    Where `max_seq_length` cannot hold the example with a tokenizer of few characters per token
+    (byte-level, say), it gets the smallest longer multiple of `EXAMPLE_LENGTH_STEP` that can.
     """
 
     draft: Draft
@@ -63,10 +69,7 @@ def fit(draft: Draft, max_seq_length: int, tokens_to_generate: int, counter: Tok
     """
     head = draft.head
     if draft.example is not None:
-        try:
-            example = fit(draft.example.draft, draft.example.max_seq_length, tokens_to_generate, counter, exact)
-        except ValueError as error:
-            raise ValueError(f"the task's solved example does not fit its own length: {error}") from error
+        example = _fit_example(draft.example, max_seq_length, tokens_to_generate, counter, exact)
         head = example.input + " " + " ".join(example.outputs) + draft.example.separator + head
     allowed = max_seq_length - tokens_to_generate
     separator = draft.haystack.separator
@@ -75,7 +78,7 @@ def fit(draft: Draft, max_seq_length: int, tokens_to_generate: int, counter: Tok
     while True:
         units = draft.haystack.fill(budget, counter)
         if len(units) < draft.min_units:
-            raise ValueError(
+            raise TooShortError(
                 f"max_seq_length={max_seq_length} leaves room for {len(units)} haystack units after "
                 f"the prompt and {tokens_to_generate} generated tokens; this task needs at least "
                 f"{draft.min_units}. Use a longer max_seq_length."
@@ -93,8 +96,22 @@ def fit(draft: Draft, max_seq_length: int, tokens_to_generate: int, counter: Tok
         if length <= allowed:
             return FittedSample(text, draft.answer_prefix, draft.outputs, length)
         if not units:
-            raise ValueError(
+            raise TooShortError(
                 f"max_seq_length={max_seq_length} is too short for this task's prompt ({length} "
                 f"tokens) plus {tokens_to_generate} generated tokens"
             )
         budget -= length - allowed
+
+
+EXAMPLE_LENGTH_STEP = 100
+
+
+def _fit_example(example: Example, max_seq_length: int, tokens_to_generate: int, counter: TokenCounter, exact: bool) -> FittedSample:
+    length = example.max_seq_length
+    while True:
+        try:
+            return fit(example.draft, length, tokens_to_generate, counter, exact)
+        except TooShortError as error:
+            length = (length // EXAMPLE_LENGTH_STEP + 1) * EXAMPLE_LENGTH_STEP
+            if length >= max_seq_length:
+                raise TooShortError(f"the task's solved example does not fit in max_seq_length={max_seq_length}: {error}") from error

@@ -143,6 +143,15 @@ def test_variable_tracking_hides_one_chain_after_a_solved_example():
         )
 
 
+def test_the_solved_example_grows_past_500_tokens_only_where_500_cannot_hold_it():
+    def example_length(sample, tokenizer):
+        example_input = sample["input"].split("they are: ")[0] + "they are: "
+        return len(TOKENIZERS[tokenizer]()(example_input)["input_ids"])
+
+    assert all(example_length(s, "bpe") + 30 <= 500 for s in _generate("vt"))
+    assert all(500 < example_length(s, "bytes") + 30 <= 1000 for s in _generate("vt", tokenizer="bytes"))
+
+
 def test_samples_depend_on_task_length_and_seed_only():
     alone = _generate("niah_multikey_1", use_cache=False)
     for other in ["niah_single_1", "vt", "niah_multikey_3"]:
@@ -219,8 +228,8 @@ def test_bad_arguments_are_named_with_what_is_valid(data_dir):
         _generate("niah_multikey_2", length=300, tokenizer="bytes")
     with pytest.raises(ValueError, match=r"max_seq_length=300 is too short for this task's prompt"):
         _generate("niah_single_2", length=300, tokenizer="bytes")
-    with pytest.raises(ValueError, match=r"solved example does not fit"):
-        _generate("vt", tokenizer="bytes")
+    with pytest.raises(ValueError, match=r"solved example does not fit in max_seq_length=700"):
+        _generate("vt", length=700, tokenizer="bytes")
 
     @ruler.register_generator("test_unplaced")
     def unplaced(set_rng):  # inserts a needle but does not say where
