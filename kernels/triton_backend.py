@@ -26,7 +26,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     max_chunk_blocks: int = 16
-    softplus_series: bool = True  # 16-bit inputs: the small-argument series beside the fast log2
+    softplus_mode: int = 1  # 16-bit inputs: 0 fast log2, 1 + series below -8, 3 + linear below -12
 
 
 def _interpreting() -> bool:
@@ -117,7 +117,7 @@ def stickbreaking_attention_triton(
             RETURN_STATS=return_stats,
             BLOCK_M=max(16, triton.next_power_of_2(group * Tq)), BLOCK_N=cfg.block_n,
             BLOCK_D=block_d, HEAD_DIM=D, DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
-            SOFTPLUS=softplus_mode if softplus_mode is not None else int(cfg.softplus_series),
+            SOFTPLUS=softplus_mode if softplus_mode is not None else cfg.softplus_mode,
             num_warps=cfg.num_warps,
         )
         stickbreaking_combine_kernel[(rows,)](
@@ -143,7 +143,7 @@ def stickbreaking_attention_triton(
             EARLY_HALTING=early_halting, MAX_CHUNK_BLOCKS=cfg.max_chunk_blocks,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=D,
             DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
-            SOFTPLUS=softplus_mode if softplus_mode is not None else int(cfg.softplus_series),
+            SOFTPLUS=softplus_mode if softplus_mode is not None else cfg.softplus_mode,
             num_warps=cfg.num_warps,
         )
     return o, rem, (distance if return_stats else None)

@@ -7,6 +7,11 @@ Prefill: one forward over T tokens that fills the cache and returns the last pos
 Decode: median time per token of single-token steps against a cache of --decode-cache tokens.
 Peak memory: the most the CUDA allocator held during each prefill. Both models use transformers'
 DynamicCache, so the cache handling they share costs the same on both sides.
+
+With random weights every logit is near 0, each key takes half the remaining stick and early
+halting skips all but the nearest few dozen keys, which flatters stick-breaking. The
+"long-range" variant fixes every head's logits at -10 (constant q and k through the projection
+bias), so the stick survives the whole context and nothing can be skipped: the worst case.
 """
 
 from __future__ import annotations
@@ -32,9 +37,22 @@ RELEASED_3B = dict(
 )
 
 
-def stick_breaking_model() -> torch.nn.Module:
+def stick_breaking_model(long_range: bool = False) -> torch.nn.Module:
+    config = StickBreakingConfig(**RELEASED_3B, add_qkv_bias=long_range)
     with torch.device("cuda"):
-        model = StickBreakingForCausalLM(StickBreakingConfig(**RELEASED_3B))
+        model = StickBreakingForCausalLM(config)
+    if long_range:
+        heads, dim = config.n_head, config.head_dim
+        size = (10.0 / config.attention_scale) ** 0.5  # scale * q . k = -10 for every pair
+        with torch.no_grad():
+            for block in model.transformer.h:
+                u = torch.randn(heads, dim, device="cuda")
+                u = u / u.norm(dim=-1, keepdim=True)
+                weight = block.attn.c_attn.weight.view(heads, 3, dim, -1)
+                bias = block.attn.c_attn.bias.view(heads, 3, dim)
+                weight[:, :2].zero_()  # per head [q | k | v]: constant q and k, random v
+                bias.zero_()
+                bias[:, 0], bias[:, 1] = size * u, -size * u
     return model.to(torch.bfloat16).eval()
 
 
@@ -112,18 +130,24 @@ def main() -> None:
     }
     print(json.dumps(header))
     rows = []
-    for name, build in (("stick-breaking", stick_breaking_model), ("llama-sdpa", llama_model)):
+    builds = {
+        "sb-random": stick_breaking_model,
+        "sb-long-range": lambda: stick_breaking_model(long_range=True),
+        "llama-sdpa": llama_model,
+    }
+    for name, build in builds.items():
         model = build()
         rows += measure(model, name, lengths, args.decode_cache, args.repeats)
         del model
         torch.cuda.empty_cache()
     for kind, t in sorted({(r["kind"], r["T"]) for r in rows}):
-        sb, ll = (next(r for r in rows if r["kind"] == kind and r["T"] == t and r["model"] == m)
-                  for m in ("stick-breaking", "llama-sdpa"))
-        line = f"{kind:8s} T={t:<6d} time ratio {sb['ms'] / ll['ms']:5.2f}x"
-        if "peak_extra_bytes" in sb:
-            line += f"  peak memory ratio {sb['peak_extra_bytes'] / ll['peak_extra_bytes']:5.2f}x"
-        print(line)
+        llama = next(r for r in rows if (r["kind"], r["T"], r["model"]) == (kind, t, "llama-sdpa"))
+        for name in ("sb-random", "sb-long-range"):
+            sb = next(r for r in rows if (r["kind"], r["T"], r["model"]) == (kind, t, name))
+            line = f"{name:14s} {kind:8s} T={t:<6d} time {sb['ms'] / llama['ms']:5.2f}x llama's"
+            if "peak_extra_bytes" in sb:
+                line += f", peak memory {sb['peak_extra_bytes'] / llama['peak_extra_bytes']:5.2f}x"
+            print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=1)

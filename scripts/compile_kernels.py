@@ -1,0 +1,103 @@
+"""Compiles the Triton kernels for a Hopper GPU (sm_90) on any machine, no GPU needed.
+
+    python scripts/compile_kernels.py [--dtype bf16] [--head-dims 64,128]
+
+For each kernel at the block sizes the launcher picks, prints shared memory, registers and
+spills (from the ptxas that ships with triton) and the count of the instructions that matter:
+wgmma (tensor cores), ex2/lg2 (special-function unit), cp.async (pipelined loads). Catches
+compile errors and register spills before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sb_eval.kernels.decode import stickbreaking_combine_kernel, stickbreaking_split_kernel
+from sb_eval.kernels.forward import stickbreaking_forward_kernel
+from sb_eval.kernels.triton_backend import forward_config, split_config
+
+TARGET = GPUTarget("cuda", 90, 32)
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+INPUT_POINTERS = {"Q", "K", "V", "O"}
+FLOAT_ARGS = {"qk_scale", "halt_bits"}
+# Arguments Triton's launcher would find divisible by 16 for contiguous inputs.
+ALIGNED = re.compile(r"^(Q|K|V|O|REM|DIST|O_PART|USED_PART|DIST_PART|REMAINDER|stride_[qkvo][bht])$")
+
+
+def compile_kernel(kernel, dtype: torch.dtype, constants: dict, num_warps: int, num_stages: int):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name == "KEY_MASK":
+            signature[name] = "*u8"
+        elif name.isupper():
+            signature[name] = f"*{TRITON_TYPES[dtype]}" if name in INPUT_POINTERS else "*fp32"
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if ALIGNED.match(n)}
+    source = ASTSource(kernel, signature, constants, attrs)
+    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def ptxas_report(ptx: str) -> str:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-v", "-arch=sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True).stderr
+    registers = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    return f"registers {registers.group(1) if registers else '?'}, spill stores {spills.group(1) if spills else '?'} B"
+
+
+def describe(name: str, compiled) -> None:
+    ptx = compiled.asm["ptx"]
+    counts = {op: ptx.count(op) for op in ("wgmma.mma_async", "ex2.approx", "lg2.approx", "cp.async.cg")}
+    print(f"{name}: shared {compiled.metadata.shared} B, {ptxas_report(ptx)}, " +
+          ", ".join(f"{op} {n}" for op, n in counts.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--head-dims", default="64,128")
+    args = parser.parse_args()
+    dtype = {v: k for k, v in TRITON_TYPES.items()}[args.dtype]
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    softplus = 2 if dtype == torch.float32 else None
+    common = dict(ATTEND_CURRENT=0, HAS_KEY_MASK=False, RETURN_STATS=False, DOT_PRECISION=precision)
+    for head_dim in (int(d) for d in args.head_dims.split(",")):
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        cfg = forward_config(head_dim, dtype)
+        forward = compile_kernel(stickbreaking_forward_kernel, dtype, dict(
+            common, HAS_REMAINDER=False, EARLY_HALTING=True, MAX_CHUNK_BLOCKS=cfg.max_chunk_blocks,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
+            NUM_STAGES=cfg.num_stages, SOFTPLUS=softplus if softplus is not None else cfg.softplus_mode,
+        ), cfg.num_warps, cfg.num_stages)
+        describe(f"forward d={head_dim} {cfg}", forward)
+        cfg = split_config(head_dim, dtype)
+        split = compile_kernel(stickbreaking_split_kernel, dtype, dict(
+            common, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
+            NUM_STAGES=cfg.num_stages, SOFTPLUS=softplus if softplus is not None else cfg.softplus_mode,
+        ), cfg.num_warps, cfg.num_stages)
+        describe(f"split   d={head_dim} {cfg}", split)
+        combine = compile_kernel(stickbreaking_combine_kernel, dtype, dict(
+            HAS_REMAINDER=False, RETURN_STATS=False, BLOCK_S=64, BLOCK_D=block_d, HEAD_DIM=head_dim,
+        ), 4, 1)
+        describe(f"combine d={head_dim}", combine)
+
+
+if __name__ == "__main__":
+    main()
