@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from .haystacks import Haystack, interleave
 from .tokens import TokenCounter
 
+# A solved example that its own max_seq_length cannot hold gets the next multiple of this.
+EXAMPLE_LENGTH_STEP = 100
+
 
 class TooShortError(ValueError):
     """max_seq_length cannot hold the prompt, the task's minimum haystack and the generation budget."""
@@ -101,9 +104,6 @@ def fit(draft: Draft, max_seq_length: int, tokens_to_generate: int, counter: Tok
                 f"tokens) plus {tokens_to_generate} generated tokens"
             )
         budget -= length - allowed
-
-
-EXAMPLE_LENGTH_STEP = 100
 
 
 def _fit_example(example: Example, max_seq_length: int, tokens_to_generate: int, counter: TokenCounter, exact: bool) -> FittedSample:
