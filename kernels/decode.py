@@ -29,7 +29,7 @@ def stickbreaking_split_kernel(
     num_kv_heads, Tq, Tk, group, qk_scale, split_len, num_splits,
     ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, RETURN_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, SOFTPLUS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid (num_splits, B * Hkv). Row m of a program is query t = m % Tq of head group m // Tq.
 
@@ -71,7 +71,6 @@ def stickbreaking_split_kernel(
             split_start + (num_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
             offs_n, offs_d, strict_upper_ones,
             HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
-            SOFTPLUS,
         )
 
     row = (b * num_kv_heads * group + h) * Tq + t  # row of [B, Hq, Tq]

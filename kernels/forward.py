@@ -49,27 +49,18 @@ else:
         )
 
 
-SOFTPLUS_FAST = tl.constexpr(0)
-SOFTPLUS_FAST_SERIES = tl.constexpr(1)
-SOFTPLUS_PRECISE = tl.constexpr(2)
-SOFTPLUS_FAST_LINEAR = tl.constexpr(3)
-
-
 @triton.jit
-def softplus2(x, MODE: tl.constexpr):
-    """log2(1 + 2^x); above 24 the correction is below float32 resolution. The fast log2's
-    absolute error (~2^-22 per key) adds up over tens of thousands of keys: float32 inputs,
-    which ask for 1e-4, take the exact one; FAST_SERIES uses 2^x (1 - 2^x / 2) / ln 2 below
-    x = -8, where its error is under 2^-25 relative."""
+def softplus2(x, PRECISE: tl.constexpr):
+    """log2(1 + 2^x). The special-function log2 is off by up to ~2^-22 absolute, which for a
+    softplus of 2^-14 is a bias of 0.1% that adds up over tens of thousands of keys (a long-range
+    head's stick at 64K drifted by 2e-3); below x = -12 the series 2^x / ln 2 is used instead
+    (relative error < 2^-13). Float32 inputs, which ask for 1e-4, take the exact log2. Above
+    x = 24 the correction to x is below float32 resolution."""
     e = tl.math.exp2(x)
-    if MODE == SOFTPLUS_PRECISE:
+    if PRECISE:
         log_term = tl.math.log2(1.0 + e)
     else:
-        log_term = fast_log2(1.0 + e)
-    if MODE == SOFTPLUS_FAST_SERIES:
-        log_term = tl.where(x < -8.0, e * (1.4426950408889634 - 0.7213475204444817 * e), log_term)
-    if MODE == SOFTPLUS_FAST_LINEAR:
-        log_term = tl.where(x < -12.0, e * 1.4426950408889634, log_term)
+        log_term = tl.where(x < -12.0, e * 1.4426950408889634, fast_log2(1.0 + e))
     return tl.where(x > 24.0, x, log_term)
 
 
@@ -81,7 +72,6 @@ def _key_block(
     offs_n, offs_d, strict_upper_ones,
     HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     RETURN_STATS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
 ):
     """Adds one block of keys [block_start, block_start + BLOCK_N) to o, used and distance."""
     key_pos = block_start + offs_n
@@ -101,7 +91,7 @@ def _key_block(
         vb = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
 
     x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
-    sp = softplus2(x, SOFTPLUS)
+    sp = softplus2(x, DOT_PRECISION == "ieee")
     if DIAGONAL:
         if ATTEND_CURRENT:
             visible = key_pos[None, :] <= query_pos[:, None]
@@ -149,7 +139,6 @@ def stickbreaking_forward_kernel(
     RETURN_STATS: tl.constexpr, EARLY_HALTING: tl.constexpr, MAX_CHUNK_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
 ):
     """Grid (cdiv(Tq, BLOCK_M), B * Hq). Strides are in elements; head_dim is contiguous."""
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
@@ -195,7 +184,6 @@ def stickbreaking_forward_kernel(
             (shared_blocks + diag_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
             offs_n, offs_d, strict_upper_ones,
             HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
-            SOFTPLUS,
         )
 
     # Shared blocks, nearest first, in chunks of 1, 2, 4, ... MAX_CHUNK_BLOCKS blocks: the inner
@@ -211,7 +199,7 @@ def stickbreaking_forward_kernel(
                 (remaining - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale, offs_n, offs_d,
                 strict_upper_ones,
                 HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D,
-                DOT_PRECISION, SOFTPLUS,
+                DOT_PRECISION,
             )
         remaining = chunk_start
         if EARLY_HALTING:

@@ -76,7 +76,6 @@ def main() -> None:
     args = parser.parse_args()
     dtype = {v: k for k, v in TRITON_TYPES.items()}[args.dtype]
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    softplus = 2 if dtype == torch.float32 else None
     common = dict(ATTEND_CURRENT=0, HAS_KEY_MASK=False, RETURN_STATS=False, DOT_PRECISION=precision)
     for head_dim in (int(d) for d in args.head_dims.split(",")):
         block_d = max(16, triton.next_power_of_2(head_dim))
@@ -84,13 +83,13 @@ def main() -> None:
         forward = compile_kernel(stickbreaking_forward_kernel, dtype, dict(
             common, HAS_REMAINDER=False, EARLY_HALTING=True, MAX_CHUNK_BLOCKS=cfg.max_chunk_blocks,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
-            NUM_STAGES=cfg.num_stages, SOFTPLUS=softplus if softplus is not None else cfg.softplus_mode,
+            NUM_STAGES=cfg.num_stages,
         ), cfg.num_warps, cfg.num_stages)
         describe(f"forward d={head_dim} {cfg}", forward)
         cfg = split_config(head_dim, dtype)
         split = compile_kernel(stickbreaking_split_kernel, dtype, dict(
             common, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
-            NUM_STAGES=cfg.num_stages, SOFTPLUS=softplus if softplus is not None else cfg.softplus_mode,
+            NUM_STAGES=cfg.num_stages,
         ), cfg.num_warps, cfg.num_stages)
         describe(f"split   d={head_dim} {cfg}", split)
         combine = compile_kernel(stickbreaking_combine_kernel, dtype, dict(

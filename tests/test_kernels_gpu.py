@@ -28,12 +28,14 @@ def test_uncommon_head_dims(head_dim):
     check_against_reference(q, k, v, "triton")
 
 
-def test_decode_against_long_cache():
-    q, k, v = long_range_inputs(1, 16, 16, 1, 65536, 128, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("Tq,Tk", [(1, 65536), (32768, 32768)], ids=["decode-64K", "prefill-32K"])
+def test_long_range_stick_over_tens_of_thousands_of_keys(Tq, Tk):
+    """A bias of the fast log2 (~1e-7 per key) would shift the stick by ~2e-3 here."""
+    q, k, v = long_range_inputs(1, 4, 4, Tq, Tk, 128, torch.bfloat16, "cuda")
     out = stickbreaking_attention(q, k, v, return_stats=True)
     ref = stickbreaking_attention(q.float(), k.float(), v.float(), return_stats=True, backend="torch")
     assert ((out[0].float() - ref[0]).norm() / ref[0].norm()).item() < 1e-2
-    assert (out[1] - ref[1]).abs().max().item() < 1e-3
+    assert (out[1] - ref[1]).abs().max().item() < 2e-4
 
 
 def test_forward_is_deterministic():
