@@ -9,8 +9,8 @@ breaks nearest-first), carrying ``used``: the stick spent by the keys already pa
     A[m, n]  = 2^(x - softplus2(x) - used_nearer - used[m])
     o       += A @ V;    used += rowsum(softplus2(x))
 
-The blocks that straddle the diagonal are masked; the rest are not and run in a software-pipelined
-loop, checked between chunks for early halting (every row's stick below 2^-20).
+The blocks that straddle the diagonal, and a window of blocks behind them, run masked; then, unless
+every row's stick is below 2^-20 (early halting), the rest run unmasked and software-pipelined.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def stickbreaking_forward_kernel(
     stride_mb, stride_mt,
     num_heads, Tq, Tk, group, qk_scale, halt_bits,
     ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_REMAINDER: tl.constexpr,
-    RETURN_STATS: tl.constexpr, EARLY_HALTING: tl.constexpr, MAX_CHUNK_BLOCKS: tl.constexpr,
+    RETURN_STATS: tl.constexpr, EARLY_HALTING: tl.constexpr, HALTING_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -178,34 +178,34 @@ def stickbreaking_forward_kernel(
     shared_blocks = shared_end // BLOCK_N  # blocks [0, shared_blocks) lie entirely below shared_end
     diag_blocks = tl.cdiv(diag_end, BLOCK_N) - shared_blocks
 
-    for step in range(0, diag_blocks):
+    # The nearest blocks, masked: the diagonal, and with early halting the HALTING_WINDOW shared
+    # blocks behind it, after which a row block whose every row has less than 2^-halt_bits of its
+    # stick left stops. A stop test inside the main loop (or a second loop) slowed every later
+    # block by 8-15% on H100 and H200; one test here costs nothing measurable.
+    near_blocks = diag_blocks
+    if EARLY_HALTING:
+        near_blocks += tl.minimum(HALTING_WINDOW, shared_blocks)
+    for step in range(0, near_blocks):
         o, used, distance = _key_block(
             q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
             (shared_blocks + diag_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
             offs_n, offs_d, strict_upper_ones,
             HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
         )
+    remaining = shared_blocks + diag_blocks - near_blocks  # blocks [0, remaining) are left
+    if EARLY_HALTING:
+        least_used = tl.min(tl.where(row_valid, used, float("inf")), 0)
+        remaining = tl.where(least_used >= halt_bits, 0, remaining)
 
-    # Shared blocks, nearest first, in chunks of 1, 2, 4, ... MAX_CHUNK_BLOCKS blocks: the inner
-    # loop is software-pipelined; between chunks, stop once no row has 2^-halt_bits of its
-    # stick left.
-    remaining = shared_blocks  # blocks [0, remaining) are still to do
-    chunk = shared_blocks * 0 + (1 if EARLY_HALTING else MAX_CHUNK_BLOCKS)
-    while remaining > 0:
-        chunk_start = tl.maximum(remaining - chunk, 0)
-        for step in tl.range(0, remaining - chunk_start, num_stages=NUM_STAGES):
-            o, used, distance = _key_block(
-                q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
-                (remaining - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale, offs_n, offs_d,
-                strict_upper_ones,
-                HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D,
-                DOT_PRECISION,
-            )
-        remaining = chunk_start
-        if EARLY_HALTING:
-            chunk = tl.minimum(chunk * 2, MAX_CHUNK_BLOCKS)
-            least_used = tl.min(tl.where(row_valid, used, float("inf")), 0)
-            remaining = tl.where(least_used >= halt_bits, 0, remaining)
+    # The rest, unmasked and software-pipelined, towards key 0.
+    for step in tl.range(0, remaining, num_stages=NUM_STAGES):
+        o, used, distance = _key_block(
+            q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+            (remaining - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale, offs_n, offs_d,
+            strict_upper_ones,
+            HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D,
+            DOT_PRECISION,
+        )
 
     rem = tl.math.exp2(-used)
     if HAS_REMAINDER:

@@ -25,9 +25,9 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    # Early halting is checked between chunks of 1, 2, 4, ... up to this many key blocks; each
-    # check restarts the software pipeline, so chunks grow to keep that cost near 1%.
-    max_chunk_blocks: int = 64
+    # Early halting stops a row block whose stick is spent within the diagonal and this many
+    # key blocks behind it (16 x 32 = 512 keys); one whose stick outlasts them runs to key 0.
+    halting_window: int = 16
 
 
 def _interpreting() -> bool:
@@ -38,7 +38,7 @@ def forward_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Block sizes of the forward kernel (small blocks when interpreted). On an H200, 64 x 32
     blocks with 4 warps were fastest at head_dim 64 and 128 of nine tried (BENCHMARKS.md)."""
     if _interpreting():
-        return KernelConfig(16, 16, 1, 1, max_chunk_blocks=4)
+        return KernelConfig(16, 16, 1, 1, halting_window=4)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(64, 32, 4, 2)
     return KernelConfig(64, 32, 4, 3)
@@ -139,7 +139,7 @@ def stickbreaking_attention_triton(
             Hq, Tq, Tk, group, qk_scale, HALT_BITS,
             ATTEND_CURRENT=int(attend_current), HAS_KEY_MASK=key_mask is not None,
             HAS_REMAINDER=remainder is not None, RETURN_STATS=return_stats,
-            EARLY_HALTING=early_halting, MAX_CHUNK_BLOCKS=cfg.max_chunk_blocks,
+            EARLY_HALTING=early_halting, HALTING_WINDOW=cfg.halting_window,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=D,
             DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps,

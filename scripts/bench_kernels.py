@@ -155,7 +155,7 @@ def main() -> None:
     print(json.dumps(header))
     sweep = []
     if args.sweep:
-        sweep = [KernelConfig(*c) for c in [(64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 3, 16)]]
+        sweep = [KernelConfig(*c) for c in [(64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 3, 4), (64, 32, 4, 3, 64)]]
     rows: list[dict] = []
     bench_forward(lengths, rows, sweep)
     bench_decode([int(x) for x in args.decode_lengths.split(",")], rows)

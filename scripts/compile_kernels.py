@@ -81,7 +81,7 @@ def main() -> None:
         block_d = max(16, triton.next_power_of_2(head_dim))
         cfg = forward_config(head_dim, dtype)
         forward = compile_kernel(stickbreaking_forward_kernel, dtype, dict(
-            common, HAS_REMAINDER=False, EARLY_HALTING=True, MAX_CHUNK_BLOCKS=cfg.max_chunk_blocks,
+            common, HAS_REMAINDER=False, EARLY_HALTING=True, HALTING_WINDOW=cfg.halting_window,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
             NUM_STAGES=cfg.num_stages,
         ), cfg.num_warps, cfg.num_stages)

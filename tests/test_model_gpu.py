@@ -1,0 +1,51 @@
+"""The model on a GPU: the Triton kernels inside it (prefill, split-key decode, padding masks)."""
+
+import pytest
+import torch
+
+from sb_eval.checkpoint import tiny_config, write_random_checkpoint
+from sb_eval.modeling import StickBreakingForCausalLM
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    config = tiny_config(n_embd=256, n_head=4, n_layer=3, n_inner=512, num_key_value_heads=2, attention_head_type="gqa")
+    folder = write_random_checkpoint(tmp_path_factory.mktemp("sb") / "ckpt", config, seed=5)
+    return StickBreakingForCausalLM.from_pretrained(folder).cuda().eval()
+
+
+def left_padded_batch(lengths, vocab=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), vocab)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(0, vocab, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids.cuda(), mask.cuda()
+
+
+@torch.no_grad()
+def test_triton_and_torch_backends_agree_inside_the_model(model):
+    ids, mask = left_padded_batch([700, 1100, 333])
+    logits = {}
+    for backend in ("triton", "torch"):
+        model.set_attention_backend(backend)
+        logits[backend] = model(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+    model.set_attention_backend("auto")
+    error = (logits["triton"] - logits["torch"]).norm() / logits["torch"].norm()
+    assert error < 1e-4
+
+
+@torch.no_grad()
+def test_generation_on_gpu_equals_recompute(model):
+    ids, mask = left_padded_batch([900, 400], seed=1)
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=256)
+    for row in range(2):
+        prompt = ids[row, mask[row].bool()][None]
+        for _ in range(16):
+            next_token = model(prompt, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            prompt = torch.cat([prompt, next_token], 1)
+        assert torch.equal(generated[row, ids.shape[1]:], prompt[0, -16:])
