@@ -28,6 +28,7 @@ class KernelConfig:
     # Early halting stops a row block whose stick is spent within the diagonal and this many
     # key blocks behind it (16 x 32 = 512 keys); one whose stick outlasts them runs to key 0.
     halting_window: int = 16
+    max_registers: int | None = None  # ptxas register cap per thread (None: its own choice)
 
 
 def _interpreting() -> bool:
@@ -35,12 +36,16 @@ def _interpreting() -> bool:
 
 
 def forward_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
-    """Block sizes of the forward kernel (small blocks when interpreted). On an H200, 64 x 32
-    blocks with 4 warps were fastest at head_dim 64 and 128 of nine tried (BENCHMARKS.md)."""
+    """Block sizes of the forward kernel (small blocks when interpreted): 64 x 32 blocks with 4
+    warps were the fastest tried at head_dim 64 and 128 on H100 and H200 (BENCHMARKS.md)."""
     if _interpreting():
         return KernelConfig(16, 16, 1, 1, halting_window=4)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(64, 32, 4, 2)
+    if head_dim > 64:
+        # Left alone, ptxas gives the kernel with early halting 206 registers and it runs 9-12%
+        # slower than without halting; capped at 184 (no spills) halting costs 2-3% (H100).
+        return KernelConfig(64, 32, 4, 3, max_registers=184)
     return KernelConfig(64, 32, 4, 3)
 
 
@@ -142,6 +147,6 @@ def stickbreaking_attention_triton(
             EARLY_HALTING=early_halting, HALTING_WINDOW=cfg.halting_window,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=D,
             DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
-            num_warps=cfg.num_warps,
+            num_warps=cfg.num_warps, maxnreg=cfg.max_registers,
         )
     return o, rem, (distance if return_stats else None)

@@ -33,7 +33,8 @@ FLOAT_ARGS = {"qk_scale", "halt_bits"}
 ALIGNED = re.compile(r"^(Q|K|V|O|REM|DIST|O_PART|USED_PART|DIST_PART|REMAINDER|stride_[qkvo][bht])$")
 
 
-def compile_kernel(kernel, dtype: torch.dtype, constants: dict, num_warps: int, num_stages: int):
+def compile_kernel(kernel, dtype: torch.dtype, constants: dict, num_warps: int, num_stages: int,
+                   max_registers: int | None = None):
     signature = {}
     for name in kernel.arg_names:
         if name in constants:
@@ -46,7 +47,8 @@ def compile_kernel(kernel, dtype: torch.dtype, constants: dict, num_warps: int, 
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if ALIGNED.match(n)}
     source = ASTSource(kernel, signature, constants, attrs)
-    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers)
+    return triton.compile(source, target=TARGET, options=options)
 
 
 def ptxas_report(ptx: str) -> str:
@@ -84,7 +86,7 @@ def main() -> None:
             common, HAS_REMAINDER=False, EARLY_HALTING=True, HALTING_WINDOW=cfg.halting_window,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
             NUM_STAGES=cfg.num_stages,
-        ), cfg.num_warps, cfg.num_stages)
+        ), cfg.num_warps, cfg.num_stages, cfg.max_registers)
         describe(f"forward d={head_dim} {cfg}", forward)
         cfg = split_config(head_dim, dtype)
         split = compile_kernel(stickbreaking_split_kernel, dtype, dict(
