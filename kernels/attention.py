@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from .chunked import stickbreaking_attention_chunked
+from .layout import triton_interpreting
 from .reference import stickbreaking_attention_reference
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -87,7 +87,7 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if q.is_cuda else "torch"
     if backend == "triton":
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if not q.is_cuda and not triton_interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors, got tensors on {q.device}; use "
                 "backend='torch' on the CPU (or set TRITON_INTERPRET=1 to run the kernels "

@@ -15,12 +15,12 @@ every row's stick is below 2^-20 (early halting), the rest run unmasked and soft
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
+from .layout import triton_interpreting
+
+if triton_interpreting():
     # The CPU interpreter runs no inline PTX (and reads this variable when kernels are defined).
     @triton.jit
     def fast_log2(x):

@@ -8,6 +8,7 @@ query row r sits at absolute position Tk - Tq + r; it sees keys i < that positio
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -15,6 +16,11 @@ import torch
 # farther keys can add at most that fraction of the output and are skipped.
 HALT_BITS = 20.0
 HALT_NATS = HALT_BITS * math.log(2.0)
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1), as in CI."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def expand_kv_heads(x: torch.Tensor, num_query_heads: int) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +10,7 @@ import triton
 
 from .decode import stickbreaking_combine_kernel, stickbreaking_split_kernel
 from .forward import stickbreaking_forward_kernel
-from .layout import HALT_BITS
+from .layout import HALT_BITS, triton_interpreting
 
 # Queries x group heads up to this many rows go to the split-key kernel (decode, short chunks).
 SPLIT_KEY_MAX_ROWS = 64
@@ -31,14 +30,10 @@ class KernelConfig:
     max_registers: int | None = None  # ptxas register cap per thread (None: its own choice)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def forward_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Block sizes of the forward kernel (small blocks when interpreted): 64 x 32 blocks with 4
     warps were the fastest tried at head_dim 64 and 128 on H100 and H200 (BENCHMARKS.md)."""
-    if _interpreting():
+    if triton_interpreting():
         return KernelConfig(16, 16, 1, 1, halting_window=4)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(64, 32, 4, 2)
@@ -51,7 +46,7 @@ def forward_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
 
 def split_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Key block size, warps and pipelining depth of the split-key kernel."""
-    if _interpreting():
+    if triton_interpreting():
         return KernelConfig(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(16, 32, 4, 2)
@@ -60,7 +55,7 @@ def split_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
 
 def _num_splits(num_keys: int, block_n: int, programs_per_split: int, device: torch.device) -> int:
     """Enough splits for ~4 programs per multiprocessor, each at least one key block long."""
-    if _interpreting():
+    if triton_interpreting():
         target = 4
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -130,7 +125,7 @@ def stickbreaking_attention_triton(
             Hq, Tq, splits,
             HAS_REMAINDER=remainder is not None, RETURN_STATS=return_stats,
             BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HEAD_DIM=D,
-            num_warps=4 if not _interpreting() else 1,
+            num_warps=4 if not triton_interpreting() else 1,
         )
     else:
         cfg = config or forward_config(D, q.dtype)
