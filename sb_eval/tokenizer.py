@@ -1,10 +1,12 @@
-"""A byte-level tokenizer that needs no download: one token per UTF-8 byte plus end-of-text.
+"""Tokenizers that need no download, for the small checkpoints the package writes and trains.
 
-Used by the small checkpoints the package writes for tests and demos; real checkpoints ship
-their own tokenizer.
+A byte-level one (one token per UTF-8 byte plus end-of-text) for text, and a word-level one over
+a fixed list of symbols for synthetic tasks; real checkpoints ship their own tokenizer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -40,3 +42,28 @@ def _byte_of_char(char: str) -> int:
         return code
     others = [b for b in range(256) if b not in printable]
     return others[code - 256]
+
+
+def word_level_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """One token per word, id = the word's index in `words`, then <|endoftext|> as bos, eos and pad
+    (id len(words)). Text is split on whitespace and decodes with single spaces, so a sequence
+    written as space-separated words round-trips to the same ids. A word not in the list encodes
+    as <|endoftext|> (WordLevel needs an unknown token)."""
+    if len(set(words)) != len(words):
+        raise ValueError("word_level_tokenizer: `words` has duplicates")
+    bad = [word for word in words if not word or any(char.isspace() for char in word) or word == END_OF_TEXT]
+    if bad:
+        raise ValueError(f"word_level_tokenizer: words must be non-empty, without whitespace and not {END_OF_TEXT}; got {bad[:3]}")
+    vocab = {word: index for index, word in enumerate(words)}
+    vocab[END_OF_TEXT] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=END_OF_TEXT))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="\u0000", cleanup=False)  # joins words with spaces
+    tokenizer.add_special_tokens([END_OF_TEXT])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        model_max_length=1 << 20,
+    )

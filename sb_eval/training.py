@@ -1,0 +1,330 @@
+"""Training small decoder-only models: stick-breaking, or softmax attention with RoPE as the baseline.
+
+No stick-breaking checkpoint can be downloaded, so the harness trains its own small ones: on
+synthetic streams (MQRAR) or on tokenized offline text. A stick-breaking model is saved in the
+dolomite format `sb_hf` loads; a softmax model as a Llama checkpoint lm-eval's `hf` loads.
+
+Batches are a pure function of (seed, step), so a run resumed from its last saved state sees the
+same data it would have seen without the interruption.
+
+Targets are aligned with positions: `targets[b, t]` is what position t must predict (the next
+token for text; the current value of a queried key for MQRAR), IGNORE where nothing is scored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from .configuration import StickBreakingConfig
+from .modeling import StickBreakingForCausalLM
+
+ATTENTION_KINDS = ("stickbreaking", "softmax")
+IGNORE = -100
+STATE_FILE = "train_state.pt"
+LOG_FILE = "log.jsonl"
+MODEL_FOLDER = "model"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Shape of a decoder-only model; `intermediate` defaults to SwiGLU's 8/3 x hidden, rounded up
+    to a multiple of 64."""
+
+    layers: int
+    hidden: int
+    heads: int
+    vocab_size: int
+    max_length: int
+    intermediate: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden", "heads", "vocab_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelSize.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden % self.heads:
+            raise ValueError(f"ModelSize.hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.intermediate or 64 * math.ceil(8 * self.hidden / 3 / 64)
+
+
+def build_model(attention: str, size: ModelSize, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A freshly initialised model in float32. Both kinds share everything but the attention:
+    pre-norm RMSNorm blocks, SwiGLU, tied embeddings, no biases; stick-breaking has no position
+    encoding, softmax uses RoPE (theta 10000) and causal SDPA."""
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    if attention == "stickbreaking":
+        config = StickBreakingConfig(
+            vocab_size=size.vocab_size, n_positions=size.max_length, n_embd=size.hidden,
+            n_layer=size.layers, n_head=size.heads, n_inner=size.intermediate_size,
+            activation_function="swiglu", normalization_function="rmsnorm", layer_norm_epsilon=1e-5,
+            sb_remainder=False, **special,
+        )
+        return StickBreakingForCausalLM(config)
+    if attention == "softmax":
+        config = LlamaConfig(
+            vocab_size=size.vocab_size, max_position_embeddings=size.max_length,
+            hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
+            num_key_value_heads=size.heads, intermediate_size=size.intermediate_size,
+            rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False, **special,
+        )
+        config._attn_implementation = "sdpa"
+        return LlamaForCausalLM(config)
+    raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+
+
+@dataclass
+class Batch:
+    """inputs and targets [B, T] int64; targets[b, t] = IGNORE where position t is not scored."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+
+class SequencePool:
+    """Batches drawn from a fixed set of (inputs, targets) sequences, reshuffled every epoch with a
+    seeded permutation: batch `step` is the same whenever it is asked for."""
+
+    def __init__(self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], batch_size: int, seed: int):
+        self.inputs = torch.tensor(inputs, dtype=torch.long)
+        self.targets = torch.tensor(targets, dtype=torch.long)
+        if self.inputs.shape != self.targets.shape or self.inputs.ndim != 2:
+            raise ValueError(f"inputs and targets must be [N, T] of one shape, got {tuple(self.inputs.shape)} and {tuple(self.targets.shape)}")
+        if not 1 <= batch_size <= len(self.inputs):
+            raise ValueError(f"batch_size must be between 1 and the pool size {len(self.inputs)}, got {batch_size}")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.batches_per_epoch = len(self.inputs) // batch_size
+
+    def batch(self, step: int) -> Batch:
+        epoch, index = divmod(step, self.batches_per_epoch)
+        order = torch.randperm(len(self.inputs), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        rows = order[index * self.batch_size:(index + 1) * self.batch_size]
+        return Batch(self.inputs[rows], self.targets[rows])
+
+
+class TokenWindows:
+    """Next-token batches: windows of `length` tokens at seeded random offsets of one token stream
+    (documents joined with end-of-text)."""
+
+    def __init__(self, tokens: torch.Tensor, length: int, batch_size: int, seed: int):
+        if tokens.ndim != 1 or len(tokens) < length + 1:
+            raise ValueError(f"the token stream has {len(tokens)} tokens; a window needs length + 1 = {length + 1}")
+        self.tokens, self.length, self.batch_size, self.seed = tokens.long(), length, batch_size, seed
+
+    def batch(self, step: int) -> Batch:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(0, len(self.tokens) - self.length, (self.batch_size,), generator=generator)
+        rows = torch.stack([self.tokens[s:s + self.length + 1] for s in starts.tolist()])
+        return Batch(rows[:, :-1], rows[:, 1:])
+
+
+def token_stream(documents: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The documents tokenized and joined, each followed by the tokenizer's end-of-text: [N] int64."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; it is needed to separate documents")
+    ids: list[int] = []
+    for document in tqdm(documents, desc="tokenizing", unit="doc", leave=False):
+        ids += tokenizer(document, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation: AdamW (betas 0.9/0.95, weight decay on matrices), linear warm-up then cosine
+    decay to `final_lr_fraction` x lr, gradient clipping, bf16 autocast on CUDA."""
+
+    steps: int
+    lr: float
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 50
+    eval_every: int = 200
+    eval_batches: int = 4
+    save_every: int = 500
+    seed: int = 0
+    attention_backend: str = "auto"
+    extra: dict = field(default_factory=dict)  # recorded in the log and model card (data, size, ...)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.warmup_steps = min(self.warmup_steps, self.steps // 2)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        floor = self.final_lr_fraction
+        return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def position_loss(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over scored positions (nats), the number of them predicted correctly by
+    argmax, and the number scored."""
+    logits = model(input_ids=batch.inputs, use_cache=False).logits.float()
+    scored = batch.targets != IGNORE
+    loss = F.cross_entropy(logits[scored], batch.targets[scored])
+    correct = (logits[scored].argmax(-1) == batch.targets[scored]).sum()
+    return loss, correct, scored.sum()
+
+
+@torch.no_grad()
+def evaluate(model: PreTrainedModel, source, batches: int, device: torch.device) -> dict[str, float]:
+    """Loss (nats per scored position) and accuracy over `batches` batches of `source`."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, scored = 0.0, 0, 0
+    for step in range(batches):
+        batch = _to_device(source.batch(step), device)
+        with _autocast(device):
+            loss, batch_correct, batch_scored = position_loss(model, batch)
+        total_loss += loss.item() * batch_scored.item()
+        correct += batch_correct.item()
+        scored += batch_scored.item()
+    model.train(was_training)
+    return {"eval_loss": total_loss / max(scored, 1), "eval_accuracy": correct / max(scored, 1), "eval_positions": scored}
+
+
+def train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_source,
+    eval_source,
+    settings: TrainSettings,
+    output: str | os.PathLike,
+    device: str | torch.device = "cuda",
+    on_eval: Callable[[int, dict], None] | None = None,
+) -> Path:
+    """Trains `model` for settings.steps steps, resuming from output/train_state.pt if it exists.
+
+    Writes output/log.jsonl (one row per evaluation and per log_every steps), output/train_state.pt
+    (model, optimiser and step, every save_every steps; atomically) and at the end output/model/,
+    a checkpoint folder with the tokenizer, loadable by `sb_hf` (stick-breaking) or `hf` (Llama).
+    Returns that folder.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    model.to(device)
+    if isinstance(model, StickBreakingForCausalLM):
+        model.set_attention_backend(settings.attention_backend)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
+    )
+    step = _resume(model, optimizer, settings, output / STATE_FILE, device)
+    log = (output / LOG_FILE).open("a")
+    model.train()
+    tokens_since, time_since = 0, time.perf_counter()
+    progress = tqdm(total=settings.steps, initial=step, desc="training", unit="step")
+    try:
+        while step < settings.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr_at(step)
+            batch = _to_device(train_source.batch(step), device)
+            with _autocast(device):
+                loss, _, _ = position_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss.item()} at step {step}; try a lower lr than {settings.lr}")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_since += batch.inputs.numel()
+            progress.update(1)
+            if step % settings.log_every == 0 or step in (1, settings.steps):
+                elapsed = time.perf_counter() - time_since
+                row = {"step": step, "loss": loss.item(), "lr": settings.lr_at(step - 1), "tokens_per_s": tokens_since / elapsed}
+                progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.3g}")
+                _log(log, row)
+                tokens_since, time_since = 0, time.perf_counter()
+            if step % settings.save_every == 0 or step == settings.steps:
+                _save_state(model, optimizer, settings, step, output / STATE_FILE)
+            if step % settings.eval_every == 0 or step == settings.steps:
+                metrics = {"step": step, **evaluate(model, eval_source, settings.eval_batches, device)}
+                _log(log, metrics)
+                progress.write(f"step {step}: eval loss {metrics['eval_loss']:.4f}, accuracy {metrics['eval_accuracy']:.4f}")
+                if on_eval is not None:
+                    on_eval(step, metrics)
+    finally:
+        progress.close()
+        log.close()
+    return save_checkpoint(model, tokenizer, output / MODEL_FOLDER)
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
+    """The model (float32, safetensors) and tokenizer, written beside `folder` and renamed into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def _resume(model, optimizer, settings: TrainSettings, path: Path, device: torch.device) -> int:
+    """Loads the saved state if there is one and returns its step (0 without one). The state must
+    come from the same settings: resuming with another lr or step count would mix two runs."""
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location=device, weights_only=False)
+    saved = state["settings"]
+    current = asdict(settings)
+    changed = [name for name in current if name not in ("log_every", "save_every", "eval_every") and saved.get(name) != current[name]]
+    if changed:
+        raise ValueError(
+            f"{path} was saved with other settings ({', '.join(f'{n}: {saved.get(n)!r} -> {current[n]!r}' for n in changed)}); "
+            "use another output folder or delete it to start over"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"resuming from {path} at step {state['step']}")
+    return state["step"]
+
+
+def _save_state(model, optimizer, settings: TrainSettings, step: int, path: Path) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "settings": asdict(settings)}, staging)
+    os.replace(staging, path)
+
+
+def _log(log, row: dict) -> None:
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return Batch(batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True))
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
