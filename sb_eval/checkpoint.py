@@ -169,17 +169,31 @@ def tiny_config(**overrides) -> StickBreakingConfig:
     return StickBreakingConfig(**fields)
 
 
+def released_3b_config(**overrides) -> StickBreakingConfig:
+    """The released 3B checkpoint's config (DESIGN.md section 6), for benchmarks at its shapes."""
+    fields = dict(
+        vocab_size=50304, n_positions=4096, n_embd=2304, n_layer=40, n_head=36, n_inner=9216,
+        activation_function="swiglu", normalization_function="rmsnorm", layer_norm_epsilon=1e-5,
+        attention_multiplier=1 / 64, m_emb=12, m_residual=0.22, m_width=9, sb_remainder=False,
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=50256,
+    )
+    fields.update(overrides)
+    return StickBreakingConfig(**fields)
+
+
 def write_random_checkpoint(
     folder: str | os.PathLike,
     config: StickBreakingConfig | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Writes a randomly initialised stick-breaking checkpoint and the byte-level tokenizer.
 
-    The folder is built beside the target and renamed into place, so a crash leaves nothing
-    half-written. Returns the folder.
+    `device` is where the weights are initialised (a GPU makes billions of them fast). The folder
+    is built beside the target and renamed into place, so a crash leaves nothing half-written.
+    Returns the folder.
     """
     from .tokenizer import byte_level_tokenizer
 
@@ -188,7 +202,8 @@ def write_random_checkpoint(
         raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
     config = config or tiny_config()
     torch.manual_seed(seed)
-    model = StickBreakingForCausalLM(config).to(dtype)
+    with torch.device(device):
+        model = StickBreakingForCausalLM(config).to(dtype)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

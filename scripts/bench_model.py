@@ -26,19 +26,14 @@ import transformers
 import triton
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from sb_eval import StickBreakingConfig, StickBreakingForCausalLM
+from sb_eval import StickBreakingForCausalLM
+from sb_eval.checkpoint import released_3b_config
 from sb_eval.modeling import CACHE_FIELD
 
-RELEASED_3B = dict(
-    vocab_size=50304, n_embd=2304, n_layer=40, n_head=36, n_inner=9216,
-    activation_function="swiglu", normalization_function="rmsnorm", layer_norm_epsilon=1e-5,
-    attention_multiplier=1 / 64, m_emb=12, m_residual=0.22, m_width=9, sb_remainder=False,
-    tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=50256,
-)
 
 
 def stick_breaking_model(long_range: bool = False) -> torch.nn.Module:
-    config = StickBreakingConfig(**RELEASED_3B, add_qkv_bias=long_range)
+    config = released_3b_config(add_qkv_bias=long_range)
     with torch.device("cuda"):
         model = StickBreakingForCausalLM(config)
     if long_range:
