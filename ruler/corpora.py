@@ -18,6 +18,9 @@ DATA_DIR_VARIABLE = "SB_EVAL_DATA_DIR"
 ESSAYS = "essays"
 ESSAY_SENTENCES_FILE = Path("essays") / "sentences.json"
 
+# Long documents (75K-124K GPT-2 tokens each) for long-context perplexity: AA-LCR's contexts.
+LONG_DOCUMENTS = "aa-lcr"
+
 
 class MissingCorpusError(FileNotFoundError):
     """A corpus a task needs has not been fetched into the data directory."""
