@@ -9,10 +9,13 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
   log-softmax at 64K tokens and a 50K vocabulary is ~13 GB);
 - a prompt longer than max_length is truncated from the left as HFLM does, with one warning per
   request kind that gives the lengths;
-- max_length defaults to 65536: stick-breaking has no position embedding to outgrow.
+- max_length defaults to 65536: stick-breaking has no position embedding to outgrow;
+- with attention_stats=PATH, every forward pass adds its attention statistics (how far back each
+  head looks, sb_eval.attention_stats) to a JSON file at PATH.
 
 Own model args (popped before HFLM sees them, recorded in the results' model info):
-attention_backend (auto | triton | torch | reference), logprob_chunk_size, allow_pickle.
+attention_backend (auto | triton | torch | reference), logprob_chunk_size, allow_pickle,
+attention_stats.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tqdm import tqdm
 
 from sb_eval.kernels import BACKENDS
 
+from .attention_stats import StatisticsRecorder
 from .checkpoint import check_checkpoint_folder, check_tokenizer_folder
 from .modeling import StickBreakingForCausalLM
 
@@ -45,6 +49,7 @@ class StickBreakingLM(HFLM):
         allow_pickle: bool = False,
         max_length: int | None = None,
         tokenizer=None,
+        attention_stats: str | None = None,
         **kwargs,
     ) -> None:
         if pretrained is None:
@@ -83,6 +88,17 @@ class StickBreakingLM(HFLM):
                 "--model hf for other architectures"
             )
         self.model.set_attention_backend(attention_backend)
+        self.attention_stats = str(attention_stats) if attention_stats else None
+        self.attention_recorder = None
+        if self.attention_stats:
+            self.attention_recorder = StatisticsRecorder(
+                self.model, self.attention_stats_path(), {"pretrained": str(pretrained), **self.get_model_info()}
+            )
+
+    def attention_stats_path(self) -> Path:
+        """attention_stats, with .rankN before the suffix when several processes evaluate."""
+        path = Path(self.attention_stats)
+        return path if self.world_size == 1 else path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
@@ -91,8 +107,25 @@ class StickBreakingLM(HFLM):
             sb_logprob_chunk_size=self.logprob_chunk_size,
             sb_allow_pickle=self.allow_pickle,
             sb_max_length=self.max_length,
+            sb_attention_stats=self.attention_stats,
         )
         return info
+
+    # With attention_stats, the file is rewritten as each kind of request finishes (and, between,
+    # at most every StatisticsRecorder.flush_seconds and at exit).
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._written_after(super().loglikelihood(requests, disable_tqdm=disable_tqdm))
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self._written_after(super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm))
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._written_after(super().generate_until(requests, disable_tqdm=disable_tqdm))
+
+    def _written_after(self, results):
+        if self.attention_recorder is not None:
+            self.attention_recorder.write()
+        return results
 
     def warn_truncation(self, kind: str, length: int, limit: int) -> None:
         """Warns the first time a request of `kind` is cut to its last `limit` tokens."""
@@ -130,8 +163,16 @@ class StickBreakingLM(HFLM):
             inputs = torch.full((len(windows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
             for row, (tokens, _) in enumerate(windows):
                 inputs[row, : len(tokens)] = torch.tensor(tokens)  # right padding: never attended
+            # Right padding is never attended; the mask only tells the attention statistics which
+            # rows are padding, so it is passed only while they are collected.
+            padding_mask = None
+            if self.attention_recorder is not None:
+                lengths = torch.tensor([len(tokens) for tokens, _ in windows])
+                padding_mask = (torch.arange(width)[None, :] < lengths[:, None]).long().to(self.device)
             with torch.no_grad():
-                hidden = self.model.transformer(input_ids=inputs.to(self.device), use_cache=False).last_hidden_state
+                hidden = self.model.transformer(
+                    input_ids=inputs.to(self.device), attention_mask=padding_mask, use_cache=False
+                ).last_hidden_state
             for (request, _, continuation), (tokens, _), row_hidden in zip(batch, windows, hidden):
                 n = len(continuation)
                 answer = self.score_continuation(row_hidden[len(tokens) - n : len(tokens)], continuation)

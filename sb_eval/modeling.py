@@ -68,6 +68,8 @@ class StickBreakingAttention(nn.Module):
         )
         self.group_norm = nn.GroupNorm(self.num_heads, config.n_embd) if config.sb_group_norm else None
         self.backend = "auto"
+        # An sb_eval.attention_stats.AttentionStatistics while statistics are collected.
+        self.statistics = None
 
     def split_heads(self, qkv: torch.Tensor):
         """[B, T, qkv_size] -> q [B, Hq, T, D], k and v [B, Hkv, T, D]."""
@@ -97,14 +99,21 @@ class StickBreakingAttention(nn.Module):
             # k and v are views into c_attn's output; cached as they are, they would keep the
             # queries' part of it alive too (1.5x the cache's memory).
             k, v = cache.update(k.contiguous(), v.contiguous(), self.layer_idx)
-        o, rem = stickbreaking_attention(
+        outputs = stickbreaking_attention(
             q, k, v,
             scale=self.scale,
             attend_current=self.attend_current,
             remainder=self.remainder_bias,
             key_mask=key_mask,
+            return_stats=self.statistics is not None,
             backend=self.backend,
         )
+        o, rem = outputs[:2]
+        if self.statistics is not None:
+            tokens_back = outputs[2]
+            self.statistics.record_stick_breaking(
+                self.layer_idx, tokens_back, rem, k.shape[2], key_mask, self.attend_current
+            )
         if self.add_value_remainder:
             group = self.num_heads // current_v.shape[1]
             o = o + rem[..., None].to(o.dtype) * current_v.repeat_interleave(group, dim=1)
@@ -278,6 +287,12 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         for block in self.transformer.h:
             block.attn.backend = backend
+
+    def set_attention_statistics(self, statistics) -> None:
+        """Hands every layer's per-query distance and remainder to ``statistics`` (an
+        sb_eval.attention_stats.AttentionStatistics), or stops that with None."""
+        for block in self.transformer.h:
+            block.attn.statistics = statistics
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., n_embd] final hidden states -> [..., vocab] logits (divided by m_width)."""
