@@ -1,0 +1,145 @@
+"""The paper's MQRAR experiment (Figure 3): stick-breaking vs softmax+RoPE as the number of
+key-value pairs grows, best learning rate per point.
+
+    python scripts/mqrar_grid.py --output runs/mqrar --steps 2000 --parallel 8
+
+Both models: 2 layers, hidden 256, 1 head, sequences of 768 tokens; pairs 32..192 in steps of 32;
+learning rates {1e-4, 10^(-10/3), 10^(-8/3), 1e-2}. Each run is `scripts/train.py` in its own
+process (several share one GPU: the models are tiny); a run whose model exists is not redone.
+Writes OUTPUT/grid.json (every run's final held-out accuracy), OUTPUT/mqrar.md (best accuracy per
+pair count) and OUTPUT/mqrar.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from sb_eval.ruler.cache import write_atomically  # noqa: E402
+
+PAIRS = (32, 64, 96, 128, 160, 192)
+LEARNING_RATES = (1e-4, 10 ** (-10 / 3), 10 ** (-8 / 3), 1e-2)
+ATTENTIONS = ("softmax", "stickbreaking")
+LABELS = {"softmax": "softmax + RoPE", "stickbreaking": "stick-breaking"}
+TRAIN_SCRIPT = Path(__file__).with_name("train.py")
+
+
+def run_name(attention: str, pairs: int, lr: float) -> str:
+    return f"{attention}-kv{pairs}-lr{lr:.2e}"
+
+
+def train_one(output: Path, attention: str, pairs: int, lr: float, args: argparse.Namespace) -> dict:
+    """One training run in a subprocess; returns its row for grid.json (with its error, if any)."""
+    folder = output / run_name(attention, pairs, lr)
+    command = [
+        sys.executable, str(TRAIN_SCRIPT), "--attention", attention, "--data", "mqrar",
+        "--num-pairs", str(pairs), "--seq-length", "768", "--layers", "2", "--hidden", "256", "--heads", "1",
+        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", repr(lr),
+        "--warmup-steps", str(args.warmup_steps), "--eval-every", str(args.steps), "--save-every", str(args.steps),
+        "--pool-size", str(args.pool_size), "--seed", str(args.seed), "--output", str(folder),
+        "--attention-backend", args.attention_backend, *(["--device", args.device] if args.device else []),
+    ]
+    started = time.perf_counter()
+    if not (folder / "model").is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / "train.out").open("w") as out:
+            finished = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+        if finished.returncode != 0:
+            tail = (folder / "train.out").read_text().strip().splitlines()[-3:]
+            return {"attention": attention, "pairs": pairs, "lr": lr, "error": " | ".join(tail)}
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    final = [row for row in log if "eval_accuracy" in row][-1]
+    speeds = [row["tokens_per_s"] for row in log if "tokens_per_s" in row]
+    return {
+        "attention": attention, "pairs": pairs, "lr": lr, "steps": final["step"],
+        "accuracy": final["eval_accuracy"], "eval_loss": final["eval_loss"],
+        "tokens_per_s": speeds[-1] if speeds else None, "wall_s": time.perf_counter() - started,
+    }
+
+
+def best_per_point(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    best: dict[tuple[str, int], dict] = {}
+    for row in rows:
+        key = (row["attention"], row["pairs"])
+        if "accuracy" in row and (key not in best or row["accuracy"] > best[key]["accuracy"]):
+            best[key] = row
+    return best
+
+
+def write_report(rows: list[dict], output: Path, steps: int, pairs: list[int], learning_rates: list[float]) -> None:
+    best = best_per_point(rows)
+    lines = [
+        f"| pairs | {' | '.join(LABELS[a] for a in ATTENTIONS)} |",
+        f"|---|{'---|' * len(ATTENTIONS)}",
+    ]
+    for count in pairs:
+        cells = []
+        for attention in ATTENTIONS:
+            row = best.get((attention, count))
+            cells.append(f"{row['accuracy']:.3f} (lr {row['lr']:.1e})" if row else "failed")
+        lines.append(f"| {count} | {' | '.join(cells)} |")
+    errors = [row for row in rows if "error" in row]
+    text = (
+        f"Best held-out accuracy over the learning rates {', '.join(f'{lr:.2e}' for lr in learning_rates)}, {steps} steps each.\n\n"
+        + "\n".join(lines) + "\n"
+        + ("".join(f"\n- failed: {run_name(r['attention'], r['pairs'], r['lr'])}: {r['error']}" for r in errors))
+    )
+    write_atomically(output / "mqrar.md", text.encode())
+
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for attention in ATTENTIONS:
+        points = [(count, best[(attention, count)]["accuracy"]) for count in pairs if (attention, count) in best]
+        if points:
+            axis.plot(*zip(*points), marker="o", label=LABELS[attention])
+    axis.set_xlabel("key-value pairs")
+    axis.set_ylabel("accuracy (best learning rate)")
+    axis.set_xticks(pairs)
+    axis.set_ylim(0, 1.02)
+    axis.set_title(f"MQRAR, 2 layers x 256, 768 tokens, {steps} steps")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    staging = output / ".mqrar.png.tmp"
+    figure.savefig(staging, format="png", dpi=150)
+    os.replace(staging, output / "mqrar.png")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--pool-size", type=int, default=20000)
+    parser.add_argument("--parallel", type=int, default=8, help="training processes at once")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", type=int, nargs="+", default=PAIRS, help="a subset of the pair counts")
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=LEARNING_RATES)
+    parser.add_argument("--device", default=None, help="passed to train.py (default: cuda if there is one)")
+    parser.add_argument("--attention-backend", default="auto", help="stick-breaking kernels backend, passed to train.py")
+    args = parser.parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    grid = [(a, p, lr) for p in args.pairs for a in ATTENTIONS for lr in args.learning_rates]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        futures = [pool.submit(train_one, args.output, *point, args) for point in grid]
+        rows = [future.result() for future in tqdm(as_completed(futures), total=len(futures), desc="MQRAR grid", unit="run")]
+    rows.sort(key=lambda row: (row["attention"], row["pairs"], row["lr"]))
+    write_atomically(args.output / "grid.json", json.dumps(rows, indent=1).encode())
+    write_report(rows, args.output, args.steps, args.pairs, args.learning_rates)
+    print((args.output / "mqrar.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
