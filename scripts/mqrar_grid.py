@@ -6,8 +6,9 @@ key-value pairs grows, best learning rate per point.
 Both models: 2 layers, hidden 256, 1 head, sequences of 768 tokens; pairs 32..192 in steps of 32;
 learning rates {1e-4, 10^(-10/3), 10^(-8/3), 1e-2}. Each run is `scripts/train.py` in its own
 process (several share one GPU: the models are tiny); a run whose model exists is not redone.
-Writes OUTPUT/grid.json (every run's final held-out accuracy), OUTPUT/mqrar.md (best accuracy per
-pair count) and OUTPUT/mqrar.png.
+The best model of each point is then evaluated through lm-eval's `mqrar` task (`sb_hf` or `hf`)
+on fresh sequences. Writes OUTPUT/grid.json (every run's final held-out accuracy), OUTPUT/mqrar.md
+(best accuracy per pair count, and lm-eval's) and OUTPUT/mqrar.png.
 """
 
 from __future__ import annotations
@@ -69,6 +70,26 @@ def train_one(output: Path, attention: str, pairs: int, lr: float, args: argpars
     }
 
 
+def harness_accuracy(output: Path, row: dict, samples: int) -> float | str:
+    """The trained model's accuracy through lm-eval's `mqrar` task (sb_hf or hf, as a user would
+    run it) on `samples` fresh sequences of its pair count; an error message if the run failed."""
+    folder = output / run_name(row["attention"], row["pairs"], row["lr"])
+    results_folder = folder / "harness"
+    model = "sb_hf" if row["attention"] == "stickbreaking" else "hf"
+    metadata = {"num_pairs": [row["pairs"]], "seq_length": 768, "num_samples": samples}
+    command = [
+        sys.executable, "-m", "sb_eval.cli", "run", "--model", model,
+        "--model_args", f"pretrained={folder / 'model'}", "--tasks", "mqrar",
+        "--metadata", json.dumps(metadata), "--batch_size", "16", "--output_path", str(results_folder),
+    ]
+    with (folder / "harness.out").open("w") as out:
+        finished = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+    if finished.returncode != 0:
+        return "failed: " + " | ".join((folder / "harness.out").read_text().strip().splitlines()[-2:])
+    results = json.loads(max(results_folder.rglob("results_*.json"), key=os.path.getmtime).read_text())
+    return results["results"]["mqrar"]["acc,none"]
+
+
 def best_per_point(rows: list[dict]) -> dict[tuple[str, int], dict]:
     best: dict[tuple[str, int], dict] = {}
     for row in rows:
@@ -88,7 +109,12 @@ def write_report(rows: list[dict], output: Path, steps: int, pairs: list[int], l
         cells = []
         for attention in ATTENTIONS:
             row = best.get((attention, count))
-            cells.append(f"{row['accuracy']:.3f} (lr {row['lr']:.1e})" if row else "failed")
+            if row is None:
+                cells.append("failed")
+                continue
+            harness = row.get("harness_accuracy")
+            through_harness = f", lm-eval {harness:.3f}" if isinstance(harness, float) else ""
+            cells.append(f"{row['accuracy']:.3f} (lr {row['lr']:.1e}{through_harness})")
         lines.append(f"| {count} | {' | '.join(cells)} |")
     errors = [row for row in rows if "error" in row]
     text = (
@@ -129,6 +155,8 @@ def main(argv=None) -> None:
     parser.add_argument("--learning-rates", type=float, nargs="+", default=LEARNING_RATES)
     parser.add_argument("--device", default=None, help="passed to train.py (default: cuda if there is one)")
     parser.add_argument("--attention-backend", default="auto", help="stick-breaking kernels backend, passed to train.py")
+    parser.add_argument("--harness-samples", type=int, default=50,
+                        help="sequences per best model for lm-eval's mqrar task (0: skip)")
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     grid = [(a, p, lr) for p in args.pairs for a in ATTENTIONS for lr in args.learning_rates]
@@ -136,6 +164,13 @@ def main(argv=None) -> None:
         futures = [pool.submit(train_one, args.output, *point, args) for point in grid]
         rows = [future.result() for future in tqdm(as_completed(futures), total=len(futures), desc="MQRAR grid", unit="run")]
     rows.sort(key=lambda row: (row["attention"], row["pairs"], row["lr"]))
+    if args.harness_samples:
+        best = list(best_per_point(rows).values())
+        with ThreadPoolExecutor(args.parallel) as pool:
+            accuracies = list(tqdm(pool.map(lambda row: harness_accuracy(args.output, row, args.harness_samples), best),
+                                   total=len(best), desc="lm-eval mqrar", unit="model"))
+        for row, accuracy in zip(best, accuracies):
+            row["harness_accuracy"] = accuracy
     write_atomically(args.output / "grid.json", json.dumps(rows, indent=1).encode())
     write_report(rows, args.output, args.steps, args.pairs, args.learning_rates)
     print((args.output / "mqrar.md").read_text())
