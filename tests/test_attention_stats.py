@@ -111,7 +111,7 @@ def test_stick_breaking_statistics_match_explicit_matrices(variant, positions, m
     original = sb_eval.modeling.stickbreaking_attention
 
     def recording(q, k, v, **kwargs):
-        calls.append((q, k, kwargs["key_mask"]))
+        calls.append((q, k))
         return original(q, k, v, **kwargs)
 
     monkeypatch.setattr(sb_eval.modeling, "stickbreaking_attention", recording)
@@ -123,11 +123,11 @@ def test_stick_breaking_statistics_match_explicit_matrices(variant, positions, m
         model(ids, attention_mask=mask)
 
     expected = []
-    for q, k, key_mask in calls:
+    for q, k in calls:
         T = q.shape[2]
         j, i = torch.arange(T)[:, None], torch.arange(T)[None, :]
         causal = (i <= j) if config.sb_attend_current else (i < j)
-        padding = mask.bool() if key_mask is None else key_mask
+        padding = mask.bool()
         visible = causal[None, None] & padding[:, None, None, :]
         counted = padding & visible.any(-1)[:, 0]
         if positions == "last":
