@@ -1,0 +1,184 @@
+"""The report of a sweep, made from every row of its results.jsonl (sb_eval.sweep): summary.md,
+a table of the headline metric (rows task x model, columns context lengths), and one PNG per task
+with the headline metric against length, one line per model.
+
+The headline metric of a task at length L is, by contract with the task authors: the metric named
+str(L) (RULER tasks score each length under its own name, "4096"), else "nll_{L}" (long-document
+perplexity), else "acc", else the first metric whose name starts with "acc" (MQRAR reports "acc"
+and "acc_<pairs>"). Groups are read from the group's own row.
+
+Of several rows for one point (an error, retried later), a result wins over errors, and the latest
+row wins otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from sb_eval.ruler.cache import write_atomically
+
+SUMMARY_FILE = "summary.md"
+# The y-axis title for a metric named by the length itself.
+LENGTH_METRIC_TITLE = "score (the metric named by each length)"
+PLOTS_FOLDER = "plots"
+# Characters of an error message shown in summary.md (the row in results.jsonl keeps it all).
+ERROR_MESSAGE_CHARS = 160
+
+
+def headline_metric(metrics: dict[str, float | None], length: int) -> tuple[str, float | None] | None:
+    """(name, value) of the metric that stands for a task's result at `length`, or None."""
+    for name in (str(length), f"nll_{length}", "acc"):
+        if name in metrics:
+            return name, metrics[name]
+    for name, value in metrics.items():
+        if name.startswith("acc"):
+            return name, value
+    return None
+
+
+def metric_label(name: str, length: int) -> str:
+    """The headline metric's name with the length as a placeholder: "<length>", "nll_<length>"."""
+    return name.replace(str(length), "<length>") if str(length) in name else name
+
+
+def latest_outcomes(rows: Iterable[dict]) -> dict[tuple[str, str, int], dict]:
+    """One row per (model_spec, task, length): the latest result, else the latest error."""
+    outcomes: dict[tuple[str, str, int], dict] = {}
+    for row in rows:
+        key = (row["model_spec"], row["task"], row["length"])
+        if "error" in row and key in outcomes and "error" not in outcomes[key]:
+            continue
+        outcomes[key] = row
+    return outcomes
+
+
+def model_labels(model_specs: Iterable[str]) -> dict[str, str]:
+    """Short names for the models: NAME:<pretrained folder's name> where those are unique,
+    else the whole NAME:ARGS."""
+    specs = sorted(set(model_specs))
+    short = {spec: _short_label(spec) for spec in specs}
+    if len(set(short.values())) < len(short):
+        return {spec: spec for spec in specs}
+    return short
+
+
+def _short_label(spec: str) -> str:
+    name, _, args = spec.partition(":")
+    values = dict(part.split("=", 1) for part in args.split(",") if "=" in part)
+    pretrained = values.get("pretrained")
+    return f"{name}:{Path(pretrained).name}" if pretrained else spec
+
+
+def length_label(length: int) -> str:
+    return f"{length // 1024}K" if length % 1024 == 0 else str(length)
+
+
+def write_report(rows: list[dict], folder: Path, train_length: int | None = None) -> list[Path]:
+    """Writes folder/summary.md and folder/plots/<task>.png (each atomically); returns their paths."""
+    outcomes = latest_outcomes(rows)
+    summary = folder / SUMMARY_FILE
+    write_atomically(summary, summary_markdown(outcomes, len(rows)).encode("utf-8"))
+    return [summary] + write_plots(outcomes, folder / PLOTS_FOLDER, train_length)
+
+
+def summary_markdown(outcomes: dict[tuple[str, str, int], dict], row_count: int) -> str:
+    lengths = sorted({length for _, _, length in outcomes})
+    tasks = sorted({task for _, task, _ in outcomes})
+    models = sorted({model for model, _, _ in outcomes})
+    labels = model_labels(models)
+    errors = [row for row in outcomes.values() if "error" in row]
+    lines = [
+        "# Sweep results",
+        "",
+        f"{len(outcomes) - len(errors)} points with results and {len(errors)} with errors, from {row_count} rows "
+        "of results.jsonl. Each cell is the task's headline metric at that context length (tokens): the "
+        "metric named by the length (RULER), else nll_<length>, else acc, else the first acc... metric.",
+        "",
+        "| task | model | metric | " + " | ".join(str(length) for length in lengths) + " |",
+        "|---|---|---|" + "---:|" * len(lengths),
+    ]
+    for task in tasks:
+        for model in models:
+            cells, names = [], set()
+            for length in lengths:
+                row = outcomes.get((model, task, length))
+                cell, name = _cell(row, length)
+                cells.append(cell)
+                if name:
+                    names.add(name)
+            if any(cells):
+                lines.append(f"| {task} | {labels[model]} | {', '.join(sorted(names))} | " + " | ".join(cells) + " |")
+    lines += ["", "Models:", ""] + [f"- {labels[model]}: `{model}`" for model in models]
+    if errors:
+        lines += ["", "Errors (the latest per point; running the sweep again retries them):", ""]
+        for row in sorted(errors, key=lambda row: (row["task"], row["model_spec"], row["length"])):
+            message = " ".join(str(row["error"].get("message", "")).split())
+            if len(message) > ERROR_MESSAGE_CHARS:
+                message = message[:ERROR_MESSAGE_CHARS] + "..."
+            lines.append(f"- {row['task']}, {labels[row['model_spec']]}, {row['length']}: "
+                         f"{row['error'].get('type')}: {message}")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict | None, length: int) -> tuple[str, str | None]:
+    """A table cell and the label of the metric it shows."""
+    if row is None:
+        return "", None
+    if "error" in row:
+        return f"error ({row['error'].get('type')})", None
+    headline = headline_metric(row.get("metrics", {}), length)
+    if headline is None:
+        return "no headline metric", None
+    name, value = headline
+    return ("nan" if value is None else f"{value:.4g}"), metric_label(name, length)
+
+
+def write_plots(outcomes: dict[tuple[str, str, int], dict], folder: Path, train_length: int | None) -> list[Path]:
+    """One PNG per task: headline metric against length (log2 axis), a line per model, errors as
+    crosses along the bottom, the training length as a dashed line."""
+    labels = model_labels(model for model, _, _ in outcomes)
+    written = []
+    for task in sorted({task for _, task, _ in outcomes}):
+        figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+        axes = figure.subplots()
+        lengths = sorted({length for _, row_task, length in outcomes if row_task == task})
+        names = set()
+        for number, model in enumerate(sorted(labels)):
+            rows = sorted((row for (row_model, row_task, _), row in outcomes.items()
+                           if row_model == model and row_task == task), key=lambda row: row["length"])
+            points = []
+            for row in rows:
+                headline = None if "error" in row else headline_metric(row.get("metrics", {}), row["length"])
+                if headline is not None and headline[1] is not None:
+                    points.append((row["length"], headline[1]))
+                    names.add(metric_label(headline[0], row["length"]))
+            line = axes.plot(*zip(*points), marker="o", label=labels[model]) if points else axes.plot([], [], label=labels[model])
+            failed = [row["length"] for row in rows if "error" in row]
+            if failed:
+                # in axes units along the bottom, one height per model so that crosses do not hide each other
+                axes.plot(failed, [0.03 + 0.04 * number] * len(failed), linestyle="none", marker="x", markersize=9, label=f"{labels[model]}: error",
+                          color=line[0].get_color(), transform=axes.get_xaxis_transform(), clip_on=False)
+        if train_length is not None:
+            axes.axvline(train_length, color="0.4", linestyle="--", linewidth=1,
+                         label=f"training length ({length_label(train_length)})")
+        axes.set_xscale("log", base=2)
+        ticks = sorted(set(lengths) | ({train_length} if train_length else set()))
+        axes.set_xticks(ticks, [length_label(length) for length in ticks])
+        axes.minorticks_off()
+        axes.set_xlabel("context length (tokens)")
+        axes.set_ylabel(", ".join(LENGTH_METRIC_TITLE if name == "<length>" else name for name in sorted(names))
+                        or "headline metric")
+        axes.set_title(task)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=120)
+        path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}.png"
+        write_atomically(path, buffer.getvalue())
+        written.append(path)
+    return written

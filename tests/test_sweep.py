@@ -1,0 +1,249 @@
+"""sb-eval sweep: rows, table and plots for two models; failures as rows; resume after a kill, an
+interrupt and a torn last line; argument errors before any model loads; the report's headline
+metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sb_eval import plots, sweep
+from sb_eval.checkpoint import tiny_config, write_random_checkpoint
+from sb_eval.lm_eval_model import StickBreakingLM
+from sb_eval.tokenizer import byte_level_tokenizer
+from test_ruler_helpers import write_standin_essays
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# One sample per point and four generated tokens: the sweep, not the models, is under test.
+FAST = ["--metadata", '{"num_samples": 1}', "--gen_kwargs", "max_gen_toks=4", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    """Model specs: a one-layer random stick-breaking checkpoint (sb_hf) and a tiny random Llama
+    (lm-eval's hf), both with the byte-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("models")
+    sb = write_random_checkpoint(folder / "sb", tiny_config(n_layer=1, n_head=2, n_embd=32, n_inner=64, attention_multiplier=1 / 16))
+    tokenizer = byte_level_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8192,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder / "llama")
+    tokenizer.save_pretrained(folder / "llama")
+    return {"sb": f"pretrained={sb},attention_backend=torch", "llama": f"pretrained={folder / 'llama'}"}
+
+
+@pytest.fixture(scope="module")
+def essays(tmp_path_factory) -> Path:
+    """A data folder with stand-in essays, shared so that RULER's sample cache is reused."""
+    folder = tmp_path_factory.mktemp("data")
+    write_standin_essays(folder)
+    return folder
+
+
+@pytest.fixture
+def data_dir(essays, monkeypatch) -> Path:
+    monkeypatch.setenv("SB_EVAL_DATA_DIR", str(essays))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.delenv("RANK", raising=False)
+    return essays
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_models_give_rows_table_and_plots_and_a_failure_becomes_a_row(models, data_dir, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    command = ["--model_args", models["sb"], "--compare", f"hf:{models['llama']}", "--tasks", "sb_niah_single_1",
+               "--lengths", "2048,1024", "--train_length", "1024", "--output", str(output), *FAST]
+    generate_until = StickBreakingLM.generate_until
+
+    def out_of_memory_at_2048(self, requests, *args, **kwargs):
+        if any(request.doc["max_length"] == 2048 for request in requests):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return generate_until(self, requests, *args, **kwargs)
+
+    loads = []
+    load_model = sweep.load_model
+    with monkeypatch.context() as patch:
+        patch.setattr(StickBreakingLM, "generate_until", out_of_memory_at_2048)
+        patch.setattr(sweep, "load_model", lambda model, settings: loads.append(model.name) or load_model(model, settings))
+        assert sweep.main(command) == 1
+
+    assert loads == ["sb_hf", "hf"]  # each model once, for all its lengths
+    rows = read_lines(output / "results.jsonl")
+    assert [(row["model"], row["length"], "error" in row) for row in rows] == [
+        ("sb_hf", 1024, False), ("sb_hf", 2048, True), ("hf", 1024, False), ("hf", 2048, False)]
+    assert rows[1]["error"]["type"] == "OutOfMemoryError" and "20.00 GiB" in rows[1]["error"]["message"]
+    for row in rows[:1] + rows[2:]:
+        assert set(row["metrics"]) == {str(row["length"])} and 0 <= row["metrics"][str(row["length"])] <= 100
+        assert row["samples"] == 1 and row["seconds"] > 0 and row["versions"]["lm_eval"]
+        assert row["task"] == "sb_niah_single_1" and row["metadata"] == {"num_samples": 1}
+    assert rows[2]["model_args"] == models["llama"]
+
+    summary = (output / "summary.md").read_text()
+    assert "| task | model | metric | 1024 | 2048 |" in summary
+    sb_line = next(line for line in summary.splitlines() if line.startswith("| sb_niah_single_1 | sb_hf:sb |"))
+    assert sb_line.endswith("| error (OutOfMemoryError) |")
+    hf_line = next(line for line in summary.splitlines() if line.startswith("| sb_niah_single_1 | hf:llama |"))
+    assert "error" not in hf_line and "<length>" in hf_line
+    assert (output / "plots" / "sb_niah_single_1.png").read_bytes().startswith(PNG_SIGNATURE)
+
+    # Rerun: only the error row's point runs again, appended; nothing earlier is rewritten.
+    before = (output / "results.jsonl").read_bytes()
+    assert sweep.main(command) == 0
+    after = (output / "results.jsonl").read_bytes()
+    assert after.startswith(before)
+    (retried,) = read_lines(output / "results.jsonl")[4:]
+    assert (retried["model"], retried["length"], "error" in retried) == ("sb_hf", 2048, False)
+    assert "error (" not in (output / "summary.md").read_text()
+
+
+def run_sweep_until(command: list[str], results: Path, env: dict, stop: signal.Signals) -> subprocess.CompletedProcess:
+    """Starts the sweep, and sends it `stop` as soon as results.jsonl has a row more than before."""
+    rows_before = len(results.read_bytes().splitlines()) if results.exists() else 0
+    process = subprocess.Popen(command, env=env, cwd=results.parent.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (results.exists() and len(results.read_bytes().splitlines()) > rows_before):
+        assert process.poll() is None, f"the sweep ended before writing a row: {process.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "no row within 300 s"
+        time.sleep(0.05)
+    process.send_signal(stop)
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_a_killed_or_interrupted_sweep_resumes_without_redoing_or_losing_rows(models, data_dir, tmp_path):
+    output = tmp_path / "out"
+    results = output / "results.jsonl"
+    command = [sys.executable, "-m", "sb_eval.cli", "sweep", "--model_args", models["sb"], "--tasks", "sb_niah_single_1",
+               "--lengths", "1024,2048,4096", "--output", str(output), *FAST]
+    env = dict(os.environ)
+
+    interrupted = run_sweep_until(command, results, env, signal.SIGINT)
+    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
+    assert "interrupted" in interrupted.stderr
+    first = results.read_bytes()
+    assert [row["length"] for row in read_lines(results)] == [1024]  # no row for the interrupted point
+    assert (output / "summary.md").is_file()
+
+    killed = run_sweep_until(command, results, env, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    second = results.read_bytes()
+    assert second.startswith(first)
+
+    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "2 of 3 points already" in finished.stderr
+    assert results.read_bytes().startswith(second)
+    rows = read_lines(results)
+    assert [(row["length"], "error" in row) for row in rows] == [(1024, False), (2048, False), (4096, False)]
+
+
+def test_resume_ignores_a_torn_last_line_and_appends_after_it(models, data_dir, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    spec = sweep.ModelSpec("hf", models["llama"])
+    done = {
+        "model_spec": spec.key, "model": "hf", "model_args": spec.args, "task": "sb_niah_single_1", "length": 1024,
+        "metadata": {"num_samples": 1}, "limit": None, "gen_kwargs": {"max_gen_toks": 4},
+        "metrics": {"1024": 42.0}, "samples": 1,
+    }
+    torn = '{"model_spec": "hf:pretrained=/x", "task": "sb_ni'
+    (output / "results.jsonl").write_text(json.dumps(done) + "\n" + torn)
+    command = ["--model", "hf", "--model_args", models["llama"], "--tasks", "sb_niah_single_1",
+               "--lengths", "1024,2048", "--output", str(output), *FAST]
+    assert sweep.main(command) == 0
+    lines = (output / "results.jsonl").read_text().splitlines()
+    assert lines[:2] == [json.dumps(done), torn]  # kept as they were
+    (new,) = [json.loads(line) for line in lines[2:]]
+    assert (new["length"], "error" in new) == (2048, False)
+    hf_line = next(line for line in (output / "summary.md").read_text().splitlines() if line.startswith("| sb_niah_single_1"))
+    assert "| 42 |" in hf_line
+
+    # Results made with other settings are not resumed as if they were this run's.
+    other = command[:-len(FAST)] + ["--metadata", '{"num_samples": 2}', "--gen_kwargs", "max_gen_toks=4", "--device", "cpu"]
+    assert sweep.main(other) == 2
+
+
+def test_only_rank_0_writes(models, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    output = tmp_path / "out"
+    command = ["--model", "hf", "--model_args", models["llama"], "--tasks", "sb_niah_single_1",
+               "--lengths", "1024", "--output", str(output), *FAST]
+    assert sweep.main(command) == 0
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--lengths", "2048,4k,abc"], r"--lengths '2048,4k,abc': 'abc' is not a positive number of tokens"),
+    (["--lengths", "0"], r"--lengths '0'"),
+    (["--compare", "hf"], r"--compare 'hf' must be NAME:ARGS"),
+    (["--compare", "nosuchmodel:pretrained=x"], r"model 'nosuchmodel' is not an lm-eval model; valid: sb_hf, .*\bhf\b"),
+    (["--metadata", "{num_samples: 1}"], r"--metadata .* is not JSON"),
+    (["--metadata", '{"max_seq_lengths": [4096]}'], r"--metadata must not set max_seq_lengths"),
+    (["--tasks", "sb_ruler"], r"'sb_ruler' is a tag.*sb_niah_single_1"),
+    (["--tasks", "ruler_nia"], r"unknown task 'ruler_nia'\. Did you mean ruler_niah"),
+    (["--limit", "-3"], r"--limit '-3'"),
+])
+def test_argument_errors_name_the_argument_before_any_model_loads(arguments, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep, "load_model", lambda *args: pytest.fail("a model was loaded"))
+    command = {"--model_args": f"pretrained={tmp_path / 'missing'}", "--tasks": "sb_niah_single_1",
+               "--lengths": "1024", "--output": str(tmp_path / "out")}
+    for name, value in zip(arguments[::2], arguments[1::2]):
+        command[name] = value
+    assert sweep.main([part for pair in command.items() for part in pair]) == 2
+    error = capsys.readouterr().err
+    assert "sb-eval sweep: error:" in error
+    assert re.search(message, error), error
+    assert not (tmp_path / "out").exists()
+
+
+def test_headline_metric_follows_the_task_authors_contract():
+    assert plots.headline_metric({"4096": 87.5, "acc": 0.1}, 4096) == ("4096", 87.5)
+    assert plots.headline_metric({"tokens": 4096.0, "nll_4096": 2.31, "acc": 0.1}, 4096) == ("nll_4096", 2.31)
+    assert plots.headline_metric({"acc_16": 0.3, "acc": 0.5}, 4096) == ("acc", 0.5)
+    assert plots.headline_metric({"exact": 1.0, "acc_norm": 0.4, "acc_16": 0.5}, 4096) == ("acc_norm", 0.4)
+    assert plots.headline_metric({"exact": 1.0}, 4096) is None
+
+
+def test_report_shows_each_tasks_headline_latest_outcomes_and_errors(tmp_path):
+    def row(task, length, model="sb_hf:pretrained=/m/a", **fields):
+        return {"model_spec": model, "model": model.split(":")[0], "task": task, "length": length} | fields
+
+    rows = [
+        row("sb_ppl", 2048, metrics={"nll_2048": 2.5, "bytes": 9.0}),
+        row("sb_ppl", 4096, error={"type": "OutOfMemoryError", "message": "CUDA out of memory"}),
+        row("mqrar", 2048, metrics={"f1": 0.2, "acc": 0.75}),
+        row("mqrar", 4096, error={"type": "ValueError", "message": "bad sample"}),
+        row("mqrar", 4096, metrics={"acc": 0.5}),  # retried: the result wins
+        row("mqrar", 4096, error={"type": "ValueError", "message": "later failure"}, model="hf:pretrained=/m/b"),
+        row("ruler_niah", 2048, metrics={"2048": 100.0}, model="hf:pretrained=/m/b"),
+    ]
+    written = plots.write_report(rows, tmp_path, train_length=2048)
+    assert written == [tmp_path / "summary.md", tmp_path / "plots" / "mqrar.png",
+                       tmp_path / "plots" / "ruler_niah.png", tmp_path / "plots" / "sb_ppl.png"]
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    assert "| mqrar | sb_hf:a | acc | 0.75 | 0.5 |" in table
+    assert "| mqrar | hf:b |  |  | error (ValueError) |" in table
+    assert "| sb_ppl | sb_hf:a | nll_<length> | 2.5 | error (OutOfMemoryError) |" in table
+    assert "| ruler_niah | hf:b | <length> | 100 |  |" in table
+    assert "- sb_ppl, sb_hf:a, 4096: OutOfMemoryError: CUDA out of memory" in table
+    assert "bad sample" not in "\n".join(table)
+    for path in written[1:]:
+        assert path.read_bytes().startswith(PNG_SIGNATURE)
