@@ -56,8 +56,10 @@ SB_MODEL = "sb_hf"
 TASKS_FOLDER = Path(sb_eval_tasks.__file__).parent
 # The most of an error's traceback a row keeps (its end, where the cause is).
 TRACEBACK_CHARS = 4000
-# Rows from sb-eval versions with another layout are not mixed with this one's.
+# What identifies a row's point; a line without them is not a row (a torn line, say).
 ROW_FIELDS = ("model_spec", "task", "length")
+# The settings a folder's results must share, being part of what was measured.
+RESULT_SETTINGS = ("metadata", "limit", "gen_kwargs")
 
 
 class SweepArgumentError(ValueError):
@@ -393,9 +395,6 @@ def is_error(row: dict) -> bool:
 
 def row_key(row: dict) -> tuple[str, str, int]:
     return row["model_spec"], row["task"], row["length"]
-
-
-RESULT_SETTINGS = ("metadata", "limit", "gen_kwargs")
 
 
 def check_same_settings(rows: list[dict], settings: Settings) -> None:
