@@ -1,5 +1,5 @@
-"""sb-eval sweep: rows, table and plots for two models; failures as rows; resume after a kill, an
-interrupt and a torn last line; argument errors before any model loads; the report's headline
+"""sb-eval sweep: rows, table and plots for two models; failures as rows; resume after a kill and
+after a torn last line; Ctrl-C; argument errors before any model loads; the report's headline
 metrics."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_eval.models.huggingface import HFLM
 
 from sb_eval import plots, sweep
 from sb_eval.checkpoint import tiny_config, write_random_checkpoint
@@ -128,31 +129,40 @@ def run_sweep_until(command: list[str], results: Path, env: dict, stop: signal.S
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def test_a_killed_or_interrupted_sweep_resumes_without_redoing_or_losing_rows(models, data_dir, tmp_path):
+def test_a_killed_sweep_resumes_without_redoing_or_losing_rows(models, data_dir, tmp_path):
     output = tmp_path / "out"
     results = output / "results.jsonl"
     command = [sys.executable, "-m", "sb_eval.cli", "sweep", "--model_args", models["sb"], "--tasks", "sb_niah_single_1",
                "--lengths", "1024,2048,4096", "--output", str(output), *FAST]
     env = dict(os.environ)
 
-    interrupted = run_sweep_until(command, results, env, signal.SIGINT)
-    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
-    assert "interrupted" in interrupted.stderr
-    first = results.read_bytes()
-    assert [row["length"] for row in read_lines(results)] == [1024]  # no row for the interrupted point
-    assert (output / "summary.md").is_file()
-
     killed = run_sweep_until(command, results, env, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
-    second = results.read_bytes()
-    assert second.startswith(first)
+    first = results.read_bytes()
 
     finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "2 of 3 points already" in finished.stderr
-    assert results.read_bytes().startswith(second)
+    assert "1 of 3 points already" in finished.stderr
+    assert results.read_bytes().startswith(first)
     rows = read_lines(results)
     assert [(row["length"], "error" in row) for row in rows] == [(1024, False), (2048, False), (4096, False)]
+
+
+def test_ctrl_c_stops_the_sweep_without_a_row_for_the_running_point(models, data_dir, tmp_path, monkeypatch):
+    generate_until = HFLM.generate_until
+
+    def interrupted_at_2048(self, requests, *args, **kwargs):
+        if any(request.doc["max_length"] == 2048 for request in requests):
+            raise KeyboardInterrupt
+        return generate_until(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "generate_until", interrupted_at_2048)
+    output = tmp_path / "out"
+    command = ["--model", "hf", "--model_args", models["llama"], "--tasks", "sb_niah_single_1",
+               "--lengths", "1024,2048,4096", "--output", str(output), *FAST]
+    assert sweep.main(command) == 130
+    assert [(row["length"], "error" in row) for row in read_lines(output / "results.jsonl")] == [(1024, False)]
+    assert "| sb_niah_single_1 | hf:llama | <length> |" in (output / "summary.md").read_text()
 
 
 def test_resume_ignores_a_torn_last_line_and_appends_after_it(models, data_dir, tmp_path):
