@@ -39,8 +39,9 @@ def stickbreaking_attention(
         key_mask: [B, Tk] bool, False for padding keys: they take no weight and leave the stick
             unchanged.
         return_stats: also return the per-query distance sum_i A_ij * (j - i), in tokens (not
-            normalised by the attended mass 1 - rem).
-        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked PyTorch,
+            normalised by the attended mass 1 - rem); it is not differentiable.
+        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1; differentiable in q, k, v and
+            remainder through o and rem, with Triton backward kernels), "torch" (chunked PyTorch,
             O(chunk^2) memory, differentiable), "reference" (the O(Tq * Tk) definition, float64
             capable), or "auto" (triton on CUDA, torch elsewhere).
 
@@ -71,15 +72,17 @@ def stickbreaking_attention(
     elif backend == "torch":
         o, rem, distance = stickbreaking_attention_chunked(q, k, v, **options)
     else:
+        from .triton_backend import StickbreakingTritonFunction, stickbreaking_attention_triton
+
         if torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, remainder)
         ):
-            raise NotImplementedError(
-                "backend='triton' has no backward pass yet; use backend='torch' to train"
+            o, rem, distance = StickbreakingTritonFunction.apply(
+                q, k, v, remainder, key_mask, options["scale"], options["attend_current"],
+                return_stats,
             )
-        from .triton_backend import stickbreaking_attention_triton
-
-        o, rem, distance = stickbreaking_attention_triton(q, k, v, **options)
+        else:
+            o, rem, distance = stickbreaking_attention_triton(q, k, v, **options)
     return (o, rem, distance) if return_stats else (o, rem)
 
 

@@ -1,4 +1,5 @@
-"""Launches the Triton kernels: block sizes per head_dim and dtype, and the split-key choice."""
+"""Launches the Triton kernels: block sizes per head_dim and dtype, the split-key choice, and the
+autograd Function that pairs the forward with the backward kernels."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .backward import (
+    stickbreaking_backward_dkv_kernel,
+    stickbreaking_backward_dq_kernel,
+    stickbreaking_backward_totals_kernel,
+)
 from .decode import stickbreaking_combine_kernel, stickbreaking_split_kernel
 from .forward import stickbreaking_forward_kernel
 from .layout import HALT_BITS, triton_interpreting
@@ -51,6 +57,46 @@ def split_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(16, 32, 4, 2)
     return KernelConfig(16, 64, 4, 3)
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Settings of the three backward kernels (kernels/backward.py)."""
+
+    queries: KernelConfig  # passes 1 and 2: block_m query rows per program, block_n keys per step
+    keys: KernelConfig  # pass 3: block_n keys per block, block_m query rows per step
+    # Pairs of key ranges per (batch, key head) in pass 3, one program each; None: enough
+    # programs for every multiprocessor.
+    range_pairs: int | None = None
+
+
+def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
+    """Block sizes of the backward kernels (small blocks when interpreted). Passes 1 and 2 take
+    the forward's 64 x 32 tiles; pass 3 holds dk and dv [64, head_dim] in float32 registers, which
+    at head_dim 128 needs 8 warps to stay clear of spills (scripts/compile_kernels.py)."""
+    if triton_interpreting():
+        return BackwardConfig(KernelConfig(16, 16, 1, 1), KernelConfig(16, 16, 1, 1))
+    queries = KernelConfig(64, 32, 4, 2 if dtype == torch.float32 else 3)
+    if dtype == torch.float32 or head_dim > 64:
+        return BackwardConfig(queries, KernelConfig(64, 64, 8, 2))
+    return BackwardConfig(queries, KernelConfig(64, 64, 4, 2))
+
+
+def _key_ranges(num_keys: int, block: int, kv_programs: int, pairs: int | None,
+                device: torch.device) -> tuple[int, int]:
+    """(range length, number of ranges) of pass 3: an even number of ranges of whole key blocks,
+    ``pairs`` pairs per (batch, key head), by default one program per multiprocessor in all."""
+    if pairs is None:
+        if triton_interpreting():
+            pairs = 2
+        else:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            pairs = max(1, sms // kv_programs)
+    range_len = triton.cdiv(triton.cdiv(num_keys, 2 * pairs), block) * block
+    num_ranges = triton.cdiv(num_keys, range_len)
+    # An odd count gets an empty last range: its partner, range 0, sees every query and is a
+    # full pair's work by itself.
+    return range_len, num_ranges + num_ranges % 2
 
 
 def _num_splits(num_keys: int, block_n: int, programs_per_split: int, device: torch.device) -> int:
@@ -145,3 +191,119 @@ def stickbreaking_attention_triton(
             num_warps=cfg.num_warps, maxnreg=cfg.max_registers,
         )
     return o, rem, (distance if return_stats else None)
+
+
+def stickbreaking_attention_triton_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    drem: torch.Tensor,
+    *,
+    scale: float,
+    attend_current: bool = False,
+    remainder: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    want_dq: bool = True,
+    want_dkv: bool = True,
+    config: BackwardConfig | None = None,
+):
+    """Gradients of stickbreaking_attention_triton's (o, rem) with respect to q, k, v, remainder.
+
+    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]; do: [B, Hq, Tq, D] (gradient of o); drem:
+    [B, Hq, Tq] (gradient of rem); remainder: [Hq, D]; key_mask: [B, Tk] bool. Any strides.
+    Returns (dq or None, dk or None, dv or None, dremainder or None) in the inputs' dtypes;
+    ``want_dq`` / ``want_dkv`` skip the pass that computes them. Deterministic: no atomics.
+    """
+    q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    cfg = config or backward_config(D, q.dtype)
+    block_d = max(16, triton.next_power_of_2(D))
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_scale = scale * math.log2(math.e)
+    floats = dict(dtype=torch.float32, device=q.device)
+
+    drem_in = drem.to(torch.float32).contiguous()
+    drem_eff, total, bound = torch.empty(3, B * Hq, Tq, **floats)
+    mask = key_mask.to(torch.uint8) if key_mask is not None else total
+    mask_strides = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
+    r = remainder.to(torch.float32).contiguous() if remainder is not None else total
+    # |v_i| <= sqrt(D) max |v| per (batch, key head): a loose bound is enough (its logarithm enters
+    # the error), and amax / amin read v without a float32 copy.
+    value_bound = torch.maximum(v.amax(dim=(2, 3)), -v.amin(dim=(2, 3))).float() * math.sqrt(D)
+    range_block = max(cfg.queries.block_n, cfg.keys.block_n)
+    range_len, num_ranges = _key_ranges(Tk, range_block, B * Hkv, cfg.range_pairs, q.device)
+    used_snap = torch.empty(B * Hq, num_ranges, Tq, **floats)
+    a_snap = torch.empty_like(used_snap)
+    query_blocks = triton.cdiv(Tq, cfg.queries.block_m)
+    dr_part = torch.empty(B * Hq, query_blocks, D, **floats) if remainder is not None else total
+    common = dict(
+        ATTEND_CURRENT=int(attend_current), HAS_KEY_MASK=key_mask is not None,
+        BLOCK_D=block_d, HEAD_DIM=D, DOT_PRECISION=dot_precision,
+    )
+    strides = [*(x.stride(i) for x in (q, k, v, do) for i in range(3))]
+
+    stickbreaking_backward_totals_kernel[(query_blocks, B * Hq)](
+        q, k, v, do, drem_in, mask, r, value_bound, drem_eff, total, bound, used_snap, a_snap,
+        dr_part, *strides, *mask_strides,
+        Hq, Tq, Tk, group, qk_scale, range_len, num_ranges,
+        HAS_REMAINDER=remainder is not None, BLOCK_M=cfg.queries.block_m,
+        BLOCK_N=cfg.queries.block_n, NUM_STAGES=cfg.queries.num_stages, **common,
+        num_warps=cfg.queries.num_warps,
+    )
+    dq = dk = dv = None
+    if want_dq:
+        dq = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+        stickbreaking_backward_dq_kernel[(query_blocks, B * Hq)](
+            q, k, v, do, mask, drem_eff, total, bound, dq,
+            *strides, dq.stride(0), dq.stride(1), dq.stride(2), *mask_strides,
+            Hq, Tq, Tk, group, qk_scale, scale,
+            BLOCK_M=cfg.queries.block_m, BLOCK_N=cfg.queries.block_n,
+            NUM_STAGES=cfg.queries.num_stages, **common,
+            num_warps=cfg.queries.num_warps, maxnreg=cfg.queries.max_registers,
+        )
+    if want_dkv:
+        dk = torch.empty(B, Hkv, Tk, D, dtype=k.dtype, device=k.device)
+        dv = torch.empty(B, Hkv, Tk, D, dtype=v.dtype, device=v.device)
+        stickbreaking_backward_dkv_kernel[(num_ranges // 2, B * Hkv)](
+            q, k, v, do, mask, drem_eff, total, bound, used_snap, a_snap, dk, dv,
+            *strides, *(x.stride(i) for x in (dk, dv) for i in range(3)), *mask_strides,
+            Hkv, Tq, Tk, group, qk_scale, scale, range_len, num_ranges,
+            BLOCK_M=cfg.keys.block_m, BLOCK_N=cfg.keys.block_n, NUM_STAGES=cfg.keys.num_stages,
+            **common, num_warps=cfg.keys.num_warps, maxnreg=cfg.keys.max_registers,
+        )
+    dremainder = None
+    if remainder is not None:
+        dremainder = dr_part.view(B, Hq, query_blocks, D).sum((0, 2)).to(remainder.dtype)
+    return dq, dk, dv, dremainder
+
+
+class StickbreakingTritonFunction(torch.autograd.Function):
+    """(o, rem, distance) = stickbreaking_attention_triton(...), differentiable in q, k, v and
+    remainder through both o and rem; distance is not differentiable. Saves only the inputs: the
+    backward recomputes everything else."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, remainder, key_mask, scale, attend_current, return_stats):
+        o, rem, distance = stickbreaking_attention_triton(
+            q, k, v, scale=scale, attend_current=attend_current, remainder=remainder,
+            key_mask=key_mask, return_stats=return_stats,
+        )
+        ctx.save_for_backward(q, k, v, remainder, key_mask)
+        ctx.scale = scale
+        ctx.attend_current = attend_current
+        if distance is not None:
+            ctx.mark_non_differentiable(distance)
+        return o, rem, distance
+
+    @staticmethod
+    def backward(ctx, do, drem, _ddistance):
+        q, k, v, remainder, key_mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dq, dk, dv, dremainder = stickbreaking_attention_triton_backward(
+            q, k, v, do, drem, scale=ctx.scale, attend_current=ctx.attend_current,
+            remainder=remainder, key_mask=key_mask, want_dq=needs[0], want_dkv=needs[1] or needs[2],
+        )
+        return dq, dk, dv, dremainder, None, None, None, None

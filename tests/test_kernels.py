@@ -259,7 +259,14 @@ def test_triton_backend_rejects_bad_head_dim(kernel_device):
         stickbreaking_attention(q, q, q, backend="triton")
 
 
-def test_triton_backend_rejects_training(kernel_device):
-    q = torch.randn(1, 2, 8, 16, device=kernel_device, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="backend='torch'"):
-        stickbreaking_attention(q, q, q, backend="triton")
+def test_triton_backend_gradients_match_torch_backend(kernel_device):
+    """tests/test_kernels_backward.py checks the triton backward against the float64 definition."""
+    q, k, v = random_inputs(1, 2, 1, 20, 20, 16, torch.float32, kernel_device)
+    grads = []
+    for backend, device in (("triton", kernel_device), ("torch", "cpu")):
+        leaves = [x.detach().to(device).requires_grad_(True) for x in (q, k, v)]
+        o, rem = stickbreaking_attention(*leaves, backend=backend)
+        (o.sum() + rem.sum()).backward()
+        grads.append([x.grad.cpu() for x in leaves])
+    for got, expected in zip(*grads):
+        assert relative_error(got, expected) <= 1e-4

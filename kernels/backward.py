@@ -1,0 +1,495 @@
+"""Triton backward kernels: deterministic, no atomics or locks, O(T) extra memory.
+
+The gradient (DESIGN.md section 1), for query j, key i, z_ij = scale q_j . k_i, beta = sigmoid(z),
+A_ij = beta_ij prod_{i<k<j} (1 - beta_kj) = beta_ij W_ij (W: the stick left when key i is reached),
+upstream gradients do_j and drem_j, and a remainder r folded in as drem_j += do_j . r:
+
+    g_ij  = do_j . v_i - drem_j          a_ij = A_ij g_ij
+    S_ij  = sum_{m <= i} a_mj            (key i and every key farther back)
+    dz_ij = a_ij - beta_ij S_ij
+    dq_j  = scale sum_i dz_ij k_i        dk_i = scale sum_j dz_ij q_j        dv_i = sum_j A_ij do_j
+
+Two directions meet here. A_ij needs the stick used by the keys *nearer* than i, a running sum from
+the diagonal back (taking it as the total minus a sum from key 0 cancels catastrophically: with
+saturated logits the total is ~10^6 bits and float32 keeps a quarter of a bit of it). S_ij is a sum
+over the keys *farther* than i. Walking nearest-first, S_ij = total_j - sum_{m > i} a_mj, and the
+total must be consistent with the a values of the walk itself: taken from the forward's bfloat16 o
+(do . o - drem (1 - rem), as flash attention takes its delta), its rounding error is multiplied by
+beta ~ 1 at every key behind the one that broke the stick. In a float64 simulation at T = 2048 that
+put 12% (logits ~ N(0, 1)) to 100% (saturated logits) of error into dq; with the total summed from
+the same float32 a values, 2e-6 to 2e-5. Hence three kernels, all walking keys nearest-first:
+
+1. ``stickbreaking_backward_totals_kernel`` (one program per query block, like the forward): for
+   each query, total_j = sum_i a_ij with the backward's own a, the remainder-folded drem_j, a bound
+   G_j >= |g_ij| (below), and d(remainder) partial sums; and at every key-range boundary k (see 3)
+   a snapshot of the query's state there: the stick used by keys >= k (bits) and sum_{m >= k} a_mj.
+2. ``stickbreaking_backward_dq_kernel``: the same walk again, now with dz and dq.
+3. ``stickbreaking_backward_dkv_kernel``: dk and dv for one key block need, for every later query,
+   that query's state at the block (per-query, not local to any tile). The keys are cut into ranges;
+   one program owns a range (and every query head of its key head, so GQA needs no reduction) and
+   walks its key blocks nearest-first. For each key block it loops over all later query blocks with
+   dk and dv in registers, reading each query's state from the snapshot of its range, updating it
+   with this block, and writing it back (a read-modify-write of two floats per query, separated
+   from the next key block by a barrier). Each dk/dv row is written once by its owner: no atomics,
+   no partial copies, the same bits every run. Ranges are of equal length and a program takes range
+   p and range R-1-p, so that every program does the same work (far ranges see more queries).
+
+Extra memory: total, drem, G as [B, Hq, Tq] float32, and the snapshots, [B, Hq, R, Tq] x 2 float32,
+with R ~ 2 x (multiprocessors / (B Hkv)) ranges: linear in T (about 2 KiB per token and query head
+at 16 heads on an H100, a fraction of what q itself takes at head_dim 128).
+
+Precision: dz_ij = beta_ij (W_ij g_ij - S_ij) and |S_ij| <= (W_ij - rem_j) max|g|, so
+|beta_ij S_ij| <= A_ij G_j; clamping beta S to that bound makes any error of the running sums vanish
+with A behind a broken stick (the error summed over keys grows with log(G / error), not with T; in
+the simulation above it took dq's error from 2e-6 - 2e-5 to 2e-7 - 3e-7). The
+in-block sums over nearer keys run as matmuls with a triangle of ones, as in the forward: softplus
+in saturating float16 (an absolute error, which is what the exponent needs), a as a_ij / G_j in
+float16 (a scales with the upstream gradient; divided by G it lies in [-A, A]). dz goes to the
+tensor cores in the inputs' dtype, as flash attention's dS does: with float16 inputs, upstream
+gradients far below 1e-3 lose precision there (train with loss scaling, or in bfloat16).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .forward import saturating_f16, softplus2
+
+
+@triton.jit
+def _in_block_nearer_sum(x, ones, DOT_PRECISION: tl.constexpr):
+    """x @ ones, float32 result; 16-bit inputs sum in saturating float16 (``ones`` float16)."""
+    if DOT_PRECISION == "ieee":
+        return tl.dot(x, ones.to(tl.float32), input_precision="ieee")
+    return tl.dot(saturating_f16(x), ones)
+
+
+@triton.jit
+def _nearer_sum_keys_first(ones, x, DOT_PRECISION: tl.constexpr):
+    """ones @ x for key-major tiles (keys are rows)."""
+    if DOT_PRECISION == "ieee":
+        return tl.dot(ones.to(tl.float32), x, input_precision="ieee")
+    return tl.dot(ones, saturating_f16(x))
+
+
+@triton.jit
+def _in_block_nearer_gradient(a, bound, ones, DOT_PRECISION: tl.constexpr):
+    """a @ ones for query-major tiles; 16-bit inputs sum a / G (|a / G| <= A <= 1) in float16,
+    so that neither large nor tiny upstream gradients leave float16's range."""
+    if DOT_PRECISION == "ieee":
+        return tl.dot(a, ones.to(tl.float32), input_precision="ieee")
+    inverse = 1.0 / tl.maximum(bound, 1e-30)  # G = 0 only where a = 0
+    return tl.dot((a * inverse[:, None]).to(tl.float16), ones) * bound[:, None]
+
+
+@triton.jit
+def _nearer_gradient_keys_first(ones, a, bound, DOT_PRECISION: tl.constexpr):
+    """ones @ a for key-major tiles, as _in_block_nearer_gradient (bound per column)."""
+    if DOT_PRECISION == "ieee":
+        return tl.dot(ones.to(tl.float32), a, input_precision="ieee")
+    inverse = 1.0 / tl.maximum(bound, 1e-30)  # G = 0 only where a = 0
+    return tl.dot(ones, (a * inverse[None, :]).to(tl.float16)) * bound[None, :]
+
+
+@triton.jit
+def _query_major_block(
+    q, do, drem, bound, used, a_sum, a_total, dq,
+    K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+    block_start, query_pos, Tk, qk_scale,
+    offs_n, offs_d, strict_upper_ones,
+    HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DQ: tl.constexpr,
+):
+    """One block of BLOCK_N keys for BLOCK_M query rows (rows are queries, as in the forward).
+
+    used: stick used by the keys already passed (bits); a_sum: sum of a over them. With COMPUTE_DQ,
+    a_total is sum_i a_ij over all keys and dq gains dz @ k (in units of 1 / scale).
+    """
+    key_pos = block_start + offs_n
+    k_ptrs = K + key_pos[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + key_pos[:, None] * stride_vt + offs_d[None, :]
+    if DIAGONAL:
+        in_range = (key_pos < Tk)[:, None]
+        if not EVEN_D:
+            in_range = in_range & (offs_d < HEAD_DIM)[None, :]
+        kb = tl.load(k_ptrs, mask=in_range, other=0.0)
+        vb = tl.load(v_ptrs, mask=in_range, other=0.0)
+    elif EVEN_D:
+        kb = tl.load(k_ptrs)
+        vb = tl.load(v_ptrs)
+    else:
+        kb = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        vb = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+
+    x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
+    sp = softplus2(x, DOT_PRECISION == "ieee")
+    if DIAGONAL:
+        if ATTEND_CURRENT:
+            visible = key_pos[None, :] <= query_pos[:, None]
+        else:
+            visible = key_pos[None, :] < query_pos[:, None]
+        visible = visible & (key_pos < Tk)[None, :]
+    if HAS_KEY_MASK:
+        keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=key_pos < Tk, other=0) != 0
+        if DIAGONAL:
+            visible = visible & keep[None, :]
+        else:
+            visible = keep[None, :]
+    if DIAGONAL or HAS_KEY_MASK:
+        sp = tl.where(visible, sp, 0.0)
+
+    used_nearer = _in_block_nearer_sum(sp, strict_upper_ones, DOT_PRECISION)
+    log_beta = x - sp
+    weights = tl.math.exp2(log_beta - used_nearer - used[:, None])
+    if DIAGONAL or HAS_KEY_MASK:
+        weights = tl.where(visible, weights, 0.0)
+    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
+    a = weights * (dp - drem[:, None])
+
+    if COMPUTE_DQ:
+        beta = tl.math.exp2(log_beta)
+        if DIAGONAL or HAS_KEY_MASK:
+            beta = tl.where(visible, beta, 0.0)
+        # S_ij = (a over keys farther than this block) + (a over this block's keys <= i)
+        a_nearer = _in_block_nearer_gradient(a, bound, strict_upper_ones, DOT_PRECISION)
+        farther = (a_total - a_sum)[:, None] - a_nearer
+        limit = weights * bound[:, None]
+        dz = a - tl.minimum(tl.maximum(beta * farther, -limit), limit)
+        dq += tl.dot(dz.to(kb.dtype), kb, input_precision=DOT_PRECISION)
+    return used + tl.sum(sp, 1), a_sum + tl.sum(a, 1), dq
+
+
+@triton.jit
+def stickbreaking_backward_totals_kernel(
+    Q, K, V, DO, DREM_IN, KEY_MASK, REMAINDER, VALUE_BOUND,
+    DREM, TOTAL, BOUND, USED_SNAP, A_SNAP, DR_PART,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_mb, stride_mt,
+    num_heads, Tq, Tk, group, qk_scale, range_len, num_ranges,
+    ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_REMAINDER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Pass 1. Grid (cdiv(Tq, BLOCK_M), B * Hq), heaviest query blocks first.
+
+    Reads DREM_IN [B*Hq, Tq] (upstream gradient of rem) and VALUE_BOUND [B*Hkv] (>= |v_i| for
+    every key). Writes, per query row of [B*Hq, Tq]: DREM (with do . r folded in), TOTAL
+    (sum_i a_ij), BOUND (G_j = |do_j| VALUE_BOUND + |DREM_j| >= |g_ij|); USED_SNAP and A_SNAP
+    [B*Hq, num_ranges, Tq]: entry r holds the state after the keys >= (r + 1) * range_len; and with
+    a remainder DR_PART [B*Hq, cdiv(Tq, BLOCK_M), D]: sum over the block's rows of rem_j do_j.
+    """
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+    pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    h_kv = h // group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < Tq
+    query_pos = Tk - Tq + offs_m
+    row_mask = row_valid[:, None]
+    if not EVEN_D:
+        row_mask = row_mask & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_mask, other=0.0)
+    rows = pid_bh * Tq + offs_m
+    drem = tl.load(DREM_IN + rows, mask=row_valid, other=0.0)
+    if HAS_REMAINDER:
+        r = tl.load(REMAINDER + h * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        drem += tl.sum(do.to(tl.float32) * r[None, :], 1)
+    do_norm = tl.sqrt(tl.sum(do.to(tl.float32) * do.to(tl.float32), 1))
+    bound = do_norm * tl.load(VALUE_BOUND + b * (num_heads // group) + h_kv) + tl.abs(drem)
+    K += b * stride_kb + h_kv * stride_kh
+    V += b * stride_vb + h_kv * stride_vh
+    key_mask_ptr = KEY_MASK + b * stride_mb
+    snap_ptrs = pid_bh * num_ranges * Tq + offs_m
+
+    strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
+    used = tl.zeros([BLOCK_M], dtype=tl.float32)
+    a_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    unused_dq = tl.zeros([1, 1], dtype=tl.float32)
+
+    first_row_pos = Tk - Tq + pid_m * BLOCK_M
+    last_row_pos = Tk - Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
+    shared_blocks = (first_row_pos + ATTEND_CURRENT) // BLOCK_N
+    diag_blocks = tl.cdiv(last_row_pos + ATTEND_CURRENT, BLOCK_N) - shared_blocks
+    for step in range(0, diag_blocks):
+        block_start = (shared_blocks + diag_blocks - 1 - step) * BLOCK_N
+        used, a_sum, unused_dq = _query_major_block(
+            q, do, drem, bound, used, a_sum, a_sum, unused_dq,
+            K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+            block_start, query_pos, Tk, qk_scale, offs_n, offs_d, strict_upper_ones,
+            HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, False,
+        )
+        at_boundary = (block_start % range_len == 0) & (block_start > 0)
+        snap = snap_ptrs + (block_start // range_len - 1) * Tq
+        tl.store(USED_SNAP + snap, used, mask=row_valid & at_boundary)
+        tl.store(A_SNAP + snap, a_sum, mask=row_valid & at_boundary)
+    for step in tl.range(0, shared_blocks, num_stages=NUM_STAGES):
+        block_start = (shared_blocks - 1 - step) * BLOCK_N
+        used, a_sum, unused_dq = _query_major_block(
+            q, do, drem, bound, used, a_sum, a_sum, unused_dq,
+            K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+            block_start, query_pos, Tk, qk_scale, offs_n, offs_d, strict_upper_ones,
+            HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, False,
+        )
+        at_boundary = (block_start % range_len == 0) & (block_start > 0)
+        snap = snap_ptrs + (block_start // range_len - 1) * Tq
+        tl.store(USED_SNAP + snap, used, mask=row_valid & at_boundary)
+        tl.store(A_SNAP + snap, a_sum, mask=row_valid & at_boundary)
+
+    tl.store(DREM + rows, drem, mask=row_valid)
+    tl.store(TOTAL + rows, a_sum, mask=row_valid)
+    tl.store(BOUND + rows, bound, mask=row_valid)
+    if HAS_REMAINDER:
+        rem = tl.where(row_valid, tl.math.exp2(-used), 0.0)
+        part = tl.sum(rem[:, None] * do.to(tl.float32), 0)
+        tl.store(DR_PART + (pid_bh * tl.cdiv(Tq, BLOCK_M) + pid_m) * HEAD_DIM + offs_d, part,
+                 mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def stickbreaking_backward_dq_kernel(
+    Q, K, V, DO, KEY_MASK, DREM, TOTAL, BOUND, DQ,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    stride_mb, stride_mt,
+    num_heads, Tq, Tk, group, qk_scale, scale,
+    ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Pass 2. Grid (cdiv(Tq, BLOCK_M), B * Hq); the same walk as pass 1 (same block sizes, so
+    the same a values), now computing dz and dq = scale * sum_i dz_ij k_i."""
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+    pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    h_kv = h // group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < Tq
+    query_pos = Tk - Tq + offs_m
+    row_mask = row_valid[:, None]
+    if not EVEN_D:
+        row_mask = row_mask & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_mask, other=0.0)
+    rows = pid_bh * Tq + offs_m
+    drem = tl.load(DREM + rows, mask=row_valid, other=0.0)
+    a_total = tl.load(TOTAL + rows, mask=row_valid, other=0.0)
+    bound = tl.load(BOUND + rows, mask=row_valid, other=0.0)
+    K += b * stride_kb + h_kv * stride_kh
+    V += b * stride_vb + h_kv * stride_vh
+    key_mask_ptr = KEY_MASK + b * stride_mb
+
+    strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
+    used = tl.zeros([BLOCK_M], dtype=tl.float32)
+    a_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    first_row_pos = Tk - Tq + pid_m * BLOCK_M
+    last_row_pos = Tk - Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
+    shared_blocks = (first_row_pos + ATTEND_CURRENT) // BLOCK_N
+    diag_blocks = tl.cdiv(last_row_pos + ATTEND_CURRENT, BLOCK_N) - shared_blocks
+    for step in range(0, diag_blocks):
+        used, a_sum, dq = _query_major_block(
+            q, do, drem, bound, used, a_sum, a_total, dq,
+            K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+            (shared_blocks + diag_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
+            offs_n, offs_d, strict_upper_ones,
+            HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, True,
+        )
+    for step in tl.range(0, shared_blocks, num_stages=NUM_STAGES):
+        used, a_sum, dq = _query_major_block(
+            q, do, drem, bound, used, a_sum, a_total, dq,
+            K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+            (shared_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
+            offs_n, offs_d, strict_upper_ones,
+            HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, True,
+        )
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _key_major_tile(
+    kb, vb, keep, dk, dv, Q, DO, DREM, TOTAL, BOUND, USED_STATE, A_STATE,
+    stride_qt, stride_dot, key_pos, block_end, row_start, Tq, Tk, qk_scale,
+    offs_m, offs_d, strict_lower_ones,
+    HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One key block x BLOCK_M query rows from row_start, tiles [keys, queries]: adds to dk
+    (units of 1 / scale) and dv, and moves the queries' state past the block.
+
+    A query's state (USED_STATE, A_STATE) is valid only if it sees the key block_end (the first
+    key of the nearer block); otherwise no key nearer than this block is visible to it and its
+    state is zero.
+    """
+    rows = row_start + offs_m
+    row_valid = rows < Tq
+    query_pos = Tk - Tq + rows
+    row_mask = row_valid[:, None]
+    if not EVEN_D:
+        row_mask = row_mask & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=row_mask, other=0.0)
+    if DIAGONAL:
+        has_state = row_valid & (query_pos + ATTEND_CURRENT > block_end)
+    else:
+        has_state = row_valid
+    used = tl.load(USED_STATE + rows, mask=has_state, other=0.0)
+    a_after = tl.load(A_STATE + rows, mask=has_state, other=0.0)
+    drem = tl.load(DREM + rows, mask=row_valid, other=0.0)
+    a_total = tl.load(TOTAL + rows, mask=row_valid, other=0.0)
+    bound = tl.load(BOUND + rows, mask=row_valid, other=0.0)
+
+    x = tl.dot(kb, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    sp = softplus2(x, DOT_PRECISION == "ieee")
+    if DIAGONAL:
+        if ATTEND_CURRENT:
+            visible = key_pos[:, None] <= query_pos[None, :]
+        else:
+            visible = key_pos[:, None] < query_pos[None, :]
+        visible = visible & row_valid[None, :]
+        if HAS_KEY_MASK:
+            visible = visible & keep[:, None]
+    elif HAS_KEY_MASK:
+        visible = keep[:, None]
+    if DIAGONAL or HAS_KEY_MASK:
+        sp = tl.where(visible, sp, 0.0)
+
+    used_nearer = _nearer_sum_keys_first(strict_lower_ones, sp, DOT_PRECISION)
+    log_beta = x - sp
+    weights = tl.math.exp2(log_beta - used_nearer - used[None, :])
+    beta = tl.math.exp2(log_beta)
+    if DIAGONAL or HAS_KEY_MASK:
+        weights = tl.where(visible, weights, 0.0)
+        beta = tl.where(visible, beta, 0.0)
+    dp = tl.dot(vb, tl.trans(do), input_precision=DOT_PRECISION)
+    a = weights * (dp - drem[None, :])
+    a_nearer = _nearer_gradient_keys_first(strict_lower_ones, a, bound, DOT_PRECISION)
+    farther = (a_total - a_after)[None, :] - a_nearer
+    limit = weights * bound[None, :]
+    dz = a - tl.minimum(tl.maximum(beta * farther, -limit), limit)
+
+    dv += tl.dot(weights.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dk += tl.dot(dz.to(q.dtype), q, input_precision=DOT_PRECISION)
+    tl.store(USED_STATE + rows, used + tl.sum(sp, 0), mask=row_valid)
+    tl.store(A_STATE + rows, a_after + tl.sum(a, 0), mask=row_valid)
+    return dk, dv
+
+
+@triton.jit
+def stickbreaking_backward_dkv_kernel(
+    Q, K, V, DO, KEY_MASK, DREM, TOTAL, BOUND, USED_SNAP, A_SNAP, DK, DV,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    stride_mb, stride_mt,
+    num_kv_heads, Tq, Tk, group, qk_scale, scale, range_len, num_ranges,
+    ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Pass 3. Grid (num_ranges // 2, B * Hkv): program p owns key ranges p and num_ranges-1-p.
+
+    BLOCK_N keys per block, BLOCK_M queries per step. The snapshots of pass 1 are the starting
+    state of each range and are overwritten as the range is walked.
+    """
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    h_kv = pid_bh % num_kv_heads
+    num_heads = num_kv_heads * group
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    # strict_lower_ones[n, n'] = 1 where n' > n: ones @ x sums each column over the nearer keys.
+    strict_lower_ones = (offs_n[None, :] > offs_n[:, None]).to(tl.float16)
+    K += b * stride_kb + h_kv * stride_kh
+    V += b * stride_vb + h_kv * stride_vh
+    DK += b * stride_dkb + h_kv * stride_dkh
+    DV += b * stride_dvb + h_kv * stride_dvh
+    key_mask_ptr = KEY_MASK + b * stride_mb
+    num_query_blocks = tl.cdiv(Tq, BLOCK_M)
+
+    for pair in range(0, 2):
+        key_range = tl.where(pair == 0, pid_p, num_ranges - 1 - pid_p)
+        range_start = key_range * range_len
+        range_blocks = tl.cdiv(tl.minimum(range_len, Tk - range_start), BLOCK_N)
+        for step in range(0, range_blocks):
+            block_start = range_start + (range_blocks - 1 - step) * BLOCK_N
+            block_end = block_start + BLOCK_N
+            key_pos = block_start + offs_n
+            key_valid = key_pos < Tk
+            kv_mask = key_valid[:, None] & d_valid[None, :]
+            kb = tl.load(K + key_pos[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            vb = tl.load(V + key_pos[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            keep = key_valid
+            if HAS_KEY_MASK:
+                keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=key_valid, other=0) != 0
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+            # Query rows that see key block_start, and those that also see key block_end (all
+            # of this block, and a state from the nearer blocks); rows before the latter mask.
+            first_row = tl.maximum(block_start + 1 - ATTEND_CURRENT - (Tk - Tq), 0)
+            state_row = tl.maximum(block_end + 1 - ATTEND_CURRENT - (Tk - Tq), 0)
+            first_qblock = first_row // BLOCK_M
+            plain_qblock = tl.maximum(tl.minimum(tl.cdiv(state_row, BLOCK_M), num_query_blocks),
+                                      first_qblock)
+            for g in range(0, group):
+                h = h_kv * group + g
+                q_head = Q + b * stride_qb + h * stride_qh
+                do_head = DO + b * stride_dob + h * stride_doh
+                row_base = (b * num_heads + h) * Tq
+                snap_base = ((b * num_heads + h) * num_ranges + key_range) * Tq
+                for qblock in range(first_qblock, plain_qblock):
+                    dk, dv = _key_major_tile(
+                        kb, vb, keep, dk, dv, q_head, do_head, DREM + row_base, TOTAL + row_base,
+                        BOUND + row_base, USED_SNAP + snap_base, A_SNAP + snap_base,
+                        stride_qt, stride_dot, key_pos, block_end, qblock * BLOCK_M, Tq, Tk,
+                        qk_scale, offs_m, offs_d, strict_lower_ones,
+                        HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
+                    )
+                for qblock in tl.range(plain_qblock, num_query_blocks, num_stages=NUM_STAGES):
+                    dk, dv = _key_major_tile(
+                        kb, vb, keep, dk, dv, q_head, do_head, DREM + row_base, TOTAL + row_base,
+                        BOUND + row_base, USED_SNAP + snap_base, A_SNAP + snap_base,
+                        stride_qt, stride_dot, key_pos, block_end, qblock * BLOCK_M, Tq, Tk,
+                        qk_scale, offs_m, offs_d, strict_lower_ones,
+                        HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
+                    )
+            tl.store(DK + key_pos[:, None] * stride_dkt + offs_d[None, :],
+                     (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(DV + key_pos[:, None] * stride_dvt + offs_d[None, :],
+                     dv.to(DV.dtype.element_ty), mask=kv_mask)
+            # The next (farther) key block reads the states this one wrote, from other threads.
+            tl.debug_barrier()
