@@ -3,6 +3,8 @@ fitting and scoring. Imports only the standard library and wonderwords; the toke
 
     from sb_eval.ruler import generate
     samples = generate("niah_single_2", 4096, tokenizer, num_samples=500)
+
+Also MQRAR, the paper's synthetic recall task, as token ids and as text: `sb_eval.ruler.mqrar`.
 """
 
 from . import niah, variable_tracking  # noqa: F401  (register their generators)
