@@ -91,8 +91,9 @@ class StickBreakingLM(HFLM):
         self.attention_stats = str(attention_stats) if attention_stats else None
         self.attention_recorder = None
         if self.attention_stats:
+            source = pretrained if isinstance(pretrained, str) else type(pretrained).__name__
             self.attention_recorder = StatisticsRecorder(
-                self.model, self.attention_stats_path(), {"pretrained": str(pretrained), **self.get_model_info()}
+                self.model, self.attention_stats_path(), {"pretrained": source, **self.get_model_info()}
             )
 
     def attention_stats_path(self) -> Path:
