@@ -170,7 +170,7 @@ def long_document_windows(
         "windows": "sb_ppl",
         "version": WINDOWS_VERSION,
         "documents": _fingerprint(texts),
-        "tokenizer": TokenCounter(encode).fingerprint(),
+        "tokenizer": TokenCounter(tokenizer).fingerprint(),
         "special_tokens": special_tokens,
         "lengths": sorted(lengths),
         "target_tokens": target_tokens,

@@ -111,6 +111,13 @@ def test_windows_reencode_to_exact_lengths_and_identical_targets(name, models, c
     assert all(1 <= count <= 3 for count in per_document) and per_document[2] == 3
 
 
+def test_add_bos_token_from_the_model_args_decides_the_special_tokens(models, corpus):
+    tokenizer = models["bpe_with_bos"].tokenizer
+    docs = perplexity.sb_ppl_dataset(corpus=corpus, tokenizer=tokenizer.name_or_path, add_bos_token=False, **SMALL)["test"]
+    for doc in docs:
+        assert len(tokenizer(doc["context"], add_special_tokens=False)["input_ids"]) == doc["max_length"] - 32
+
+
 def test_sweep_runs_of_one_length_score_the_same_windows(models, corpus):
     tokenizer = models["bpe"].tokenizer.name_or_path
     declared = dict(SMALL, metric_lengths=[64, 128, 256, 512, 1024])
