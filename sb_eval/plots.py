@@ -31,8 +31,9 @@ ERROR_MESSAGE_CHARS = 160
 
 
 def headline_metric(metrics: dict[str, float | None], length: int) -> tuple[str, float | None] | None:
-    """(name, value) of the metric that stands for a task's result at `length`, or None."""
-    for name in (str(length), f"nll_{length}", "acc"):
+    """(name, value) of the metric that stands for a task's result at `length`, or None: accuracy
+    per length (RULER), nll per length (sb_ppl), acc (mqrar), word_perplexity (sb_wikitext)."""
+    for name in (str(length), f"nll_{length}", "acc", "word_perplexity"):
         if name in metrics:
             return name, metrics[name]
     for name, value in metrics.items():
