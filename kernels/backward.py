@@ -34,6 +34,12 @@ the same float32 a values, 2e-6 to 2e-5. Hence three kernels, all walking keys n
    no partial copies, the same bits every run. Ranges are of equal length and a program takes range
    p and range R-1-p, so that every program does the same work (far ranges see more queries).
 
+All three use the forward's tiles, queries as rows and keys as columns, and one piece of tile math.
+Pass 3 accumulates dk^T and dv^T ([head_dim, BLOCK_N]): in registers they cost 2 BLOCK_N D / threads
+per thread, where keys-as-rows tiles would cost D (wgmma splits a tile's rows over warp groups only),
+and the triangle of ones stays a shared-memory operand, as in the forward; keys as rows spilled at
+every block size tried.
+
 Extra memory: total, drem, G as [B, Hq, Tq] float32, and the snapshots, [B, Hq, R, Tq] x 2 float32,
 with R ~ 2 x (multiprocessors / (B Hkv)) ranges: linear in T (about 2 KiB per token and query head
 at 16 heads on an H100, a fraction of what q itself takes at head_dim 128).
@@ -59,37 +65,62 @@ from .forward import saturating_f16, softplus2
 
 @triton.jit
 def _in_block_nearer_sum(x, ones, DOT_PRECISION: tl.constexpr):
-    """x @ ones, float32 result; 16-bit inputs sum in saturating float16 (``ones`` float16)."""
+    """x @ ones (sums each row over the nearer keys of the block), float32; 16-bit inputs sum in
+    saturating float16."""
     if DOT_PRECISION == "ieee":
         return tl.dot(x, ones.to(tl.float32), input_precision="ieee")
     return tl.dot(saturating_f16(x), ones)
 
 
 @triton.jit
-def _nearer_sum_keys_first(ones, x, DOT_PRECISION: tl.constexpr):
-    """ones @ x for key-major tiles (keys are rows)."""
-    if DOT_PRECISION == "ieee":
-        return tl.dot(ones.to(tl.float32), x, input_precision="ieee")
-    return tl.dot(ones, saturating_f16(x))
+def _visible_keys(key_pos, query_pos, keep,
+                  DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    """[queries, keys] visibility for tiles that need a mask (DIAGONAL or HAS_KEY_MASK).
+    keep: [keys] key_mask and key_pos < Tk."""
+    visible = keep[None, :]
+    if DIAGONAL:
+        if ATTEND_CURRENT:
+            visible = visible & (key_pos[None, :] <= query_pos[:, None])
+        else:
+            visible = visible & (key_pos[None, :] < query_pos[:, None])
+    return visible
 
 
 @triton.jit
-def _in_block_nearer_gradient(a, bound, ones, DOT_PRECISION: tl.constexpr):
-    """a @ ones for query-major tiles; 16-bit inputs sum a / G (|a / G| <= A <= 1) in float16,
-    so that neither large nor tiny upstream gradients leave float16's range."""
-    if DOT_PRECISION == "ieee":
-        return tl.dot(a, ones.to(tl.float32), input_precision="ieee")
-    inverse = 1.0 / tl.maximum(bound, 1e-30)  # G = 0 only where a = 0
-    return tl.dot((a * inverse[:, None]).to(tl.float16), ones) * bound[:, None]
+def _weights_and_gradient(x, dp, used, drem, visible, ones,
+                          MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """From logits x (bits) and dp = do . v of one tile: A, log2(beta), a = A (dp - drem), and
+    per row the stick the tile's keys take (bits). used: stick taken by the keys nearer than the
+    tile."""
+    sp = softplus2(x, DOT_PRECISION == "ieee")
+    if MASKED:
+        sp = tl.where(visible, sp, 0.0)
+    used_nearer = _in_block_nearer_sum(sp, ones, DOT_PRECISION)
+    log_beta = x - sp
+    weights = tl.math.exp2(log_beta - used_nearer - used[:, None])
+    if MASKED:
+        weights = tl.where(visible, weights, 0.0)
+    return weights, log_beta, weights * (dp - drem[:, None]), tl.sum(sp, 1)
 
 
 @triton.jit
-def _nearer_gradient_keys_first(ones, a, bound, DOT_PRECISION: tl.constexpr):
-    """ones @ a for key-major tiles, as _in_block_nearer_gradient (bound per column)."""
+def _logit_gradient(a, weights, log_beta, a_farther, bound, visible, ones,
+                    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dz = a - beta S with S_ij = sum_{m <= i} a_mj = a_farther - (a over the tile's keys nearer
+    than i), a_farther = sum of a over this tile's keys and the farther ones, beta S clamped to
+    +-A G. 16-bit inputs sum a / G (|a / G| <= A) in float16, so that neither large nor tiny
+    upstream gradients leave float16's range."""
     if DOT_PRECISION == "ieee":
-        return tl.dot(ones.to(tl.float32), a, input_precision="ieee")
-    inverse = 1.0 / tl.maximum(bound, 1e-30)  # G = 0 only where a = 0
-    return tl.dot(ones, (a * inverse[None, :]).to(tl.float16)) * bound[None, :]
+        a_nearer = tl.dot(a, ones.to(tl.float32), input_precision="ieee")
+    else:
+        inverse = 1.0 / tl.maximum(bound, 1e-30)  # G = 0 only where a = 0
+        a_nearer = tl.dot((a * inverse[:, None]).to(tl.float16), ones) * bound[:, None]
+    beta = tl.math.exp2(log_beta)
+    if MASKED:
+        beta = tl.where(visible, beta, 0.0)
+    farther = a_farther[:, None] - a_nearer
+    limit = weights * bound[:, None]
+    return a - tl.minimum(tl.maximum(beta * farther, -limit), limit)
 
 
 @triton.jit
@@ -102,9 +133,9 @@ def _query_major_block(
     HAS_KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     COMPUTE_DQ: tl.constexpr,
 ):
-    """One block of BLOCK_N keys for BLOCK_M query rows (rows are queries, as in the forward).
+    """Passes 1 and 2: one block of BLOCK_N keys for the program's BLOCK_M query rows.
 
-    used: stick used by the keys already passed (bits); a_sum: sum of a over them. With COMPUTE_DQ,
+    used: stick taken by the keys already passed (bits); a_sum: sum of a over them. With COMPUTE_DQ,
     a_total is sum_i a_ij over all keys and dq gains dz @ k (in units of 1 / scale).
     """
     key_pos = block_start + offs_n
@@ -122,43 +153,21 @@ def _query_major_block(
     else:
         kb = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
         vb = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    keep = key_pos < Tk
+    if HAS_KEY_MASK:
+        keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=keep, other=0) != 0
+    MASKED: tl.constexpr = DIAGONAL or HAS_KEY_MASK
+    visible = _visible_keys(key_pos, query_pos, keep, DIAGONAL, ATTEND_CURRENT, HAS_KEY_MASK)
 
     x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
-    sp = softplus2(x, DOT_PRECISION == "ieee")
-    if DIAGONAL:
-        if ATTEND_CURRENT:
-            visible = key_pos[None, :] <= query_pos[:, None]
-        else:
-            visible = key_pos[None, :] < query_pos[:, None]
-        visible = visible & (key_pos < Tk)[None, :]
-    if HAS_KEY_MASK:
-        keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=key_pos < Tk, other=0) != 0
-        if DIAGONAL:
-            visible = visible & keep[None, :]
-        else:
-            visible = keep[None, :]
-    if DIAGONAL or HAS_KEY_MASK:
-        sp = tl.where(visible, sp, 0.0)
-
-    used_nearer = _in_block_nearer_sum(sp, strict_upper_ones, DOT_PRECISION)
-    log_beta = x - sp
-    weights = tl.math.exp2(log_beta - used_nearer - used[:, None])
-    if DIAGONAL or HAS_KEY_MASK:
-        weights = tl.where(visible, weights, 0.0)
     dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
-    a = weights * (dp - drem[:, None])
-
+    weights, log_beta, a, used_here = _weights_and_gradient(
+        x, dp, used, drem, visible, strict_upper_ones, MASKED, DOT_PRECISION)
     if COMPUTE_DQ:
-        beta = tl.math.exp2(log_beta)
-        if DIAGONAL or HAS_KEY_MASK:
-            beta = tl.where(visible, beta, 0.0)
-        # S_ij = (a over keys farther than this block) + (a over this block's keys <= i)
-        a_nearer = _in_block_nearer_gradient(a, bound, strict_upper_ones, DOT_PRECISION)
-        farther = (a_total - a_sum)[:, None] - a_nearer
-        limit = weights * bound[:, None]
-        dz = a - tl.minimum(tl.maximum(beta * farther, -limit), limit)
+        dz = _logit_gradient(a, weights, log_beta, a_total - a_sum, bound, visible,
+                             strict_upper_ones, MASKED, DOT_PRECISION)
         dq += tl.dot(dz.to(kb.dtype), kb, input_precision=DOT_PRECISION)
-    return used + tl.sum(sp, 1), a_sum + tl.sum(a, 1), dq
+    return used + used_here, a_sum + tl.sum(a, 1), dq
 
 
 @triton.jit
@@ -332,19 +341,18 @@ def stickbreaking_backward_dq_kernel(
 
 
 @triton.jit
-def _key_major_tile(
-    kb, vb, keep, dk, dv, Q, DO, DREM, TOTAL, BOUND, USED_STATE, A_STATE,
+def _key_block_queries(
+    kb, vb, keep, dk_t, dv_t, Q, DO, DREM, TOTAL, BOUND, USED_STATE, A_STATE,
     stride_qt, stride_dot, key_pos, block_end, row_start, Tq, Tk, qk_scale,
-    offs_m, offs_d, strict_lower_ones,
+    offs_m, offs_d, strict_upper_ones,
     HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One key block x BLOCK_M query rows from row_start, tiles [keys, queries]: adds to dk
-    (units of 1 / scale) and dv, and moves the queries' state past the block.
+    """Pass 3: one key block against BLOCK_M query rows from row_start. Adds to dk^T (units of
+    1 / scale) and dv^T, [BLOCK_D, BLOCK_N], and moves the rows' state past the block.
 
-    A query's state (USED_STATE, A_STATE) is valid only if it sees the key block_end (the first
-    key of the nearer block); otherwise no key nearer than this block is visible to it and its
-    state is zero.
+    A row's state (USED_STATE, A_STATE) is valid only if it sees the key block_end (the first key
+    of the nearer block); otherwise it sees no key nearer than this block and its state is zero.
     """
     rows = row_start + offs_m
     row_valid = rows < Tq
@@ -359,45 +367,25 @@ def _key_major_tile(
     else:
         has_state = row_valid
     used = tl.load(USED_STATE + rows, mask=has_state, other=0.0)
-    a_after = tl.load(A_STATE + rows, mask=has_state, other=0.0)
+    a_sum = tl.load(A_STATE + rows, mask=has_state, other=0.0)
     drem = tl.load(DREM + rows, mask=row_valid, other=0.0)
-    a_total = tl.load(TOTAL + rows, mask=row_valid, other=0.0)
     bound = tl.load(BOUND + rows, mask=row_valid, other=0.0)
+    MASKED: tl.constexpr = DIAGONAL or HAS_KEY_MASK
+    visible = _visible_keys(key_pos, query_pos, keep, DIAGONAL, ATTEND_CURRENT, HAS_KEY_MASK)
 
-    x = tl.dot(kb, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-    sp = softplus2(x, DOT_PRECISION == "ieee")
-    if DIAGONAL:
-        if ATTEND_CURRENT:
-            visible = key_pos[:, None] <= query_pos[None, :]
-        else:
-            visible = key_pos[:, None] < query_pos[None, :]
-        visible = visible & row_valid[None, :]
-        if HAS_KEY_MASK:
-            visible = visible & keep[:, None]
-    elif HAS_KEY_MASK:
-        visible = keep[:, None]
-    if DIAGONAL or HAS_KEY_MASK:
-        sp = tl.where(visible, sp, 0.0)
-
-    used_nearer = _nearer_sum_keys_first(strict_lower_ones, sp, DOT_PRECISION)
-    log_beta = x - sp
-    weights = tl.math.exp2(log_beta - used_nearer - used[None, :])
-    beta = tl.math.exp2(log_beta)
-    if DIAGONAL or HAS_KEY_MASK:
-        weights = tl.where(visible, weights, 0.0)
-        beta = tl.where(visible, beta, 0.0)
-    dp = tl.dot(vb, tl.trans(do), input_precision=DOT_PRECISION)
-    a = weights * (dp - drem[None, :])
-    a_nearer = _nearer_gradient_keys_first(strict_lower_ones, a, bound, DOT_PRECISION)
-    farther = (a_total - a_after)[None, :] - a_nearer
-    limit = weights * bound[None, :]
-    dz = a - tl.minimum(tl.maximum(beta * farther, -limit), limit)
-
-    dv += tl.dot(weights.to(do.dtype), do, input_precision=DOT_PRECISION)
-    dk += tl.dot(dz.to(q.dtype), q, input_precision=DOT_PRECISION)
-    tl.store(USED_STATE + rows, used + tl.sum(sp, 0), mask=row_valid)
-    tl.store(A_STATE + rows, a_after + tl.sum(a, 0), mask=row_valid)
-    return dk, dv
+    x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
+    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
+    weights, log_beta, a, used_here = _weights_and_gradient(
+        x, dp, used, drem, visible, strict_upper_ones, MASKED, DOT_PRECISION)
+    tl.store(USED_STATE + rows, used + used_here, mask=row_valid)
+    tl.store(A_STATE + rows, a_sum + tl.sum(a, 1), mask=row_valid)
+    a_farther = tl.load(TOTAL + rows, mask=row_valid, other=0.0) - a_sum
+    dz = _logit_gradient(a, weights, log_beta, a_farther, bound, visible, strict_upper_ones,
+                         MASKED, DOT_PRECISION)
+    # Rows whose q, do, drem, G load as zero (past Tq) add nothing: a = dz = 0 there.
+    dv_t += tl.dot(tl.trans(do), weights.to(do.dtype), input_precision=DOT_PRECISION)
+    dk_t += tl.dot(tl.trans(q), dz.to(q.dtype), input_precision=DOT_PRECISION)
+    return dk_t, dv_t
 
 
 @triton.jit
@@ -431,8 +419,7 @@ def stickbreaking_backward_dkv_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    # strict_lower_ones[n, n'] = 1 where n' > n: ones @ x sums each column over the nearer keys.
-    strict_lower_ones = (offs_n[None, :] > offs_n[:, None]).to(tl.float16)
+    strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
     K += b * stride_kb + h_kv * stride_kh
     V += b * stride_vb + h_kv * stride_vh
     DK += b * stride_dkb + h_kv * stride_dkh
@@ -440,56 +427,66 @@ def stickbreaking_backward_dkv_kernel(
     key_mask_ptr = KEY_MASK + b * stride_mb
     num_query_blocks = tl.cdiv(Tq, BLOCK_M)
 
-    for pair in range(0, 2):
-        key_range = tl.where(pair == 0, pid_p, num_ranges - 1 - pid_p)
-        range_start = key_range * range_len
-        range_blocks = tl.cdiv(tl.minimum(range_len, Tk - range_start), BLOCK_N)
-        for step in range(0, range_blocks):
-            block_start = range_start + (range_blocks - 1 - step) * BLOCK_N
-            block_end = block_start + BLOCK_N
-            key_pos = block_start + offs_n
-            key_valid = key_pos < Tk
-            kv_mask = key_valid[:, None] & d_valid[None, :]
-            kb = tl.load(K + key_pos[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-            vb = tl.load(V + key_pos[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-            keep = key_valid
-            if HAS_KEY_MASK:
-                keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=key_valid, other=0) != 0
-            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # One flat loop over the key blocks of both ranges, nearest-first within each, and flat loops
+    # over (query head, query block): nested loops cost registers (spills at every block size).
+    near_range = num_ranges - 1 - pid_p
+    far_blocks = tl.cdiv(tl.minimum(range_len, Tk - pid_p * range_len), BLOCK_N)
+    near_blocks = tl.cdiv(tl.minimum(range_len, Tk - near_range * range_len), BLOCK_N)
+    for step in range(0, far_blocks + tl.maximum(near_blocks, 0)):
+        in_far = step < far_blocks
+        key_range = tl.where(in_far, pid_p, near_range)
+        range_blocks = tl.where(in_far, far_blocks, near_blocks)
+        range_step = tl.where(in_far, step, step - far_blocks)
+        block_start = key_range * range_len + (range_blocks - 1 - range_step) * BLOCK_N
+        block_end = block_start + BLOCK_N
+        key_pos = block_start + offs_n
+        keep = key_pos < Tk
+        kv_mask = keep[:, None] & d_valid[None, :]
+        kb = tl.load(K + key_pos[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        vb = tl.load(V + key_pos[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if HAS_KEY_MASK:
+            keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=keep, other=0) != 0
+        dk_t = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        dv_t = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
 
-            # Query rows that see key block_start, and those that also see key block_end (all
-            # of this block, and a state from the nearer blocks); rows before the latter mask.
-            first_row = tl.maximum(block_start + 1 - ATTEND_CURRENT - (Tk - Tq), 0)
-            state_row = tl.maximum(block_end + 1 - ATTEND_CURRENT - (Tk - Tq), 0)
-            first_qblock = first_row // BLOCK_M
-            plain_qblock = tl.maximum(tl.minimum(tl.cdiv(state_row, BLOCK_M), num_query_blocks),
-                                      first_qblock)
-            for g in range(0, group):
-                h = h_kv * group + g
-                q_head = Q + b * stride_qb + h * stride_qh
-                do_head = DO + b * stride_dob + h * stride_doh
-                row_base = (b * num_heads + h) * Tq
-                snap_base = ((b * num_heads + h) * num_ranges + key_range) * Tq
-                for qblock in range(first_qblock, plain_qblock):
-                    dk, dv = _key_major_tile(
-                        kb, vb, keep, dk, dv, q_head, do_head, DREM + row_base, TOTAL + row_base,
-                        BOUND + row_base, USED_SNAP + snap_base, A_SNAP + snap_base,
-                        stride_qt, stride_dot, key_pos, block_end, qblock * BLOCK_M, Tq, Tk,
-                        qk_scale, offs_m, offs_d, strict_lower_ones,
-                        HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
-                    )
-                for qblock in tl.range(plain_qblock, num_query_blocks, num_stages=NUM_STAGES):
-                    dk, dv = _key_major_tile(
-                        kb, vb, keep, dk, dv, q_head, do_head, DREM + row_base, TOTAL + row_base,
-                        BOUND + row_base, USED_SNAP + snap_base, A_SNAP + snap_base,
-                        stride_qt, stride_dot, key_pos, block_end, qblock * BLOCK_M, Tq, Tk,
-                        qk_scale, offs_m, offs_d, strict_lower_ones,
-                        HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
-                    )
-            tl.store(DK + key_pos[:, None] * stride_dkt + offs_d[None, :],
-                     (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-            tl.store(DV + key_pos[:, None] * stride_dvt + offs_d[None, :],
-                     dv.to(DV.dtype.element_ty), mask=kv_mask)
-            # The next (farther) key block reads the states this one wrote, from other threads.
-            tl.debug_barrier()
+        # Query rows that see key block_start, and those that also see key block_end (all of this
+        # block, and a state from the nearer blocks); query blocks with rows before the latter run
+        # masked.
+        first_row = tl.maximum(block_start + 1 - ATTEND_CURRENT - (Tk - Tq), 0)
+        state_row = tl.maximum(block_end + 1 - ATTEND_CURRENT - (Tk - Tq), 0)
+        first_qblock = first_row // BLOCK_M
+        plain_qblock = tl.maximum(tl.minimum(tl.cdiv(state_row, BLOCK_M), num_query_blocks),
+                                  first_qblock)
+        diag_count = plain_qblock - first_qblock
+        plain_count = num_query_blocks - plain_qblock
+        for it in range(0, group * diag_count):
+            h = h_kv * group + it // diag_count
+            row_base = (b * num_heads + h) * Tq
+            snap_base = ((b * num_heads + h) * num_ranges + key_range) * Tq
+            dk_t, dv_t = _key_block_queries(
+                kb, vb, keep, dk_t, dv_t, Q + b * stride_qb + h * stride_qh,
+                DO + b * stride_dob + h * stride_doh, DREM + row_base, TOTAL + row_base,
+                BOUND + row_base, USED_SNAP + snap_base, A_SNAP + snap_base, stride_qt,
+                stride_dot, key_pos, block_end, (first_qblock + it % diag_count) * BLOCK_M, Tq, Tk,
+                qk_scale, offs_m, offs_d, strict_upper_ones,
+                HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
+            )
+        for it in tl.range(0, group * plain_count, num_stages=NUM_STAGES):
+            h = h_kv * group + it // plain_count
+            row_base = (b * num_heads + h) * Tq
+            snap_base = ((b * num_heads + h) * num_ranges + key_range) * Tq
+            dk_t, dv_t = _key_block_queries(
+                kb, vb, keep, dk_t, dv_t, Q + b * stride_qb + h * stride_qh,
+                DO + b * stride_dob + h * stride_doh, DREM + row_base, TOTAL + row_base,
+                BOUND + row_base, USED_SNAP + snap_base, A_SNAP + snap_base, stride_qt,
+                stride_dot, key_pos, block_end, (plain_qblock + it % plain_count) * BLOCK_M, Tq, Tk,
+                qk_scale, offs_m, offs_d, strict_upper_ones,
+                HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
+            )
+        kv_mask_t = d_valid[:, None] & (key_pos < Tk)[None, :]
+        tl.store(DK + key_pos[None, :] * stride_dkt + offs_d[:, None],
+                 (dk_t * scale).to(DK.dtype.element_ty), mask=kv_mask_t)
+        tl.store(DV + key_pos[None, :] * stride_dvt + offs_d[:, None],
+                 dv_t.to(DV.dtype.element_ty), mask=kv_mask_t)
+        # The next (farther) key block reads the states this one wrote, from other threads.
+        tl.debug_barrier()

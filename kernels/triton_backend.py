@@ -71,15 +71,23 @@ class BackwardConfig:
 
 
 def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
-    """Block sizes of the backward kernels (small blocks when interpreted). Passes 1 and 2 take
-    the forward's 64 x 32 tiles; pass 3 holds dk and dv [64, head_dim] in float32 registers, which
-    at head_dim 128 needs 8 warps to stay clear of spills (scripts/compile_kernels.py)."""
+    """Block sizes of the backward kernels (small blocks when interpreted), chosen to compile for
+    sm_90 without register spills (scripts/compile_kernels.py), not yet timed: passes 1 and 2 take
+    the forward's 64 x 32 tiles; pass 3 holds dk^T and dv^T [head_dim, block_n] in float32
+    registers, which at head_dim 128 leaves room for 32 keys, 128 query rows and 8 warps without
+    software pipelining (pipelined, it spills). float32 inputs multiply on the FMA units, not the
+    tensor cores, as in the forward: an exact path, not a fast one, and at head_dim 128 its passes
+    1-2 spill 0.5-1 KB per thread (the float32 forward spills too). At head_dim > 128 the dq pass
+    spills ~70 B."""
     if triton_interpreting():
         return BackwardConfig(KernelConfig(16, 16, 1, 1), KernelConfig(16, 16, 1, 1))
-    queries = KernelConfig(64, 32, 4, 2 if dtype == torch.float32 else 3)
-    if dtype == torch.float32 or head_dim > 64:
-        return BackwardConfig(queries, KernelConfig(64, 64, 8, 2))
-    return BackwardConfig(queries, KernelConfig(64, 64, 4, 2))
+    if dtype == torch.float32:
+        return BackwardConfig(KernelConfig(32, 32, 8, 1), KernelConfig(32, 16, 8, 1))
+    if head_dim > 128:
+        return BackwardConfig(KernelConfig(64, 32, 8, 2), KernelConfig(64, 16, 8, 1))
+    if head_dim > 64:
+        return BackwardConfig(KernelConfig(64, 32, 4, 3), KernelConfig(128, 32, 8, 1))
+    return BackwardConfig(KernelConfig(64, 32, 4, 3), KernelConfig(64, 32, 4, 3))
 
 
 def _key_ranges(num_keys: int, block: int, kv_programs: int, pairs: int | None,

@@ -21,16 +21,24 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from sb_eval.kernels.backward import (
+    stickbreaking_backward_dkv_kernel,
+    stickbreaking_backward_dq_kernel,
+    stickbreaking_backward_totals_kernel,
+)
 from sb_eval.kernels.decode import stickbreaking_combine_kernel, stickbreaking_split_kernel
 from sb_eval.kernels.forward import stickbreaking_forward_kernel
-from sb_eval.kernels.triton_backend import forward_config, split_config
+from sb_eval.kernels.triton_backend import backward_config, forward_config, split_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-INPUT_POINTERS = {"Q", "K", "V", "O"}
-FLOAT_ARGS = {"qk_scale", "halt_bits"}
+INPUT_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+FLOAT_ARGS = {"qk_scale", "halt_bits", "scale"}
 # Arguments Triton's launcher would find divisible by 16 for contiguous inputs.
-ALIGNED = re.compile(r"^(Q|K|V|O|REM|DIST|O_PART|USED_PART|DIST_PART|REMAINDER|stride_[qkvo][bht])$")
+ALIGNED = re.compile(
+    r"^(Q|K|V|O|DO|DQ|DK|DV|REM|DIST|O_PART|USED_PART|DIST_PART|REMAINDER|DREM_IN|DREM|TOTAL|BOUND"
+    r"|USED_SNAP|A_SNAP|DR_PART|stride_(?:[qkvo]|do|dq|dk|dv)[bht])$"
+)
 
 
 def compile_kernel(kernel, dtype: torch.dtype, constants: dict, num_warps: int, num_stages: int,
@@ -98,6 +106,25 @@ def main() -> None:
             HAS_REMAINDER=False, RETURN_STATS=False, BLOCK_S=64, BLOCK_D=block_d, HEAD_DIM=head_dim,
         ), 4, 1)
         describe(f"combine d={head_dim}", combine)
+        cfg = backward_config(head_dim, dtype)
+        backward_common = dict(
+            ATTEND_CURRENT=0, HAS_KEY_MASK=False, DOT_PRECISION=precision, BLOCK_D=block_d,
+            HEAD_DIM=head_dim,
+        )
+        queries = dict(backward_common, BLOCK_M=cfg.queries.block_m, BLOCK_N=cfg.queries.block_n,
+                       NUM_STAGES=cfg.queries.num_stages)
+        totals = compile_kernel(stickbreaking_backward_totals_kernel, dtype, dict(
+            queries, HAS_REMAINDER=False,
+        ), cfg.queries.num_warps, cfg.queries.num_stages, cfg.queries.max_registers)
+        describe(f"backward totals d={head_dim} {cfg.queries}", totals)
+        dq = compile_kernel(stickbreaking_backward_dq_kernel, dtype, queries, cfg.queries.num_warps,
+                            cfg.queries.num_stages, cfg.queries.max_registers)
+        describe(f"backward dq     d={head_dim} {cfg.queries}", dq)
+        dkv = compile_kernel(stickbreaking_backward_dkv_kernel, dtype, dict(
+            backward_common, BLOCK_M=cfg.keys.block_m, BLOCK_N=cfg.keys.block_n,
+            NUM_STAGES=cfg.keys.num_stages,
+        ), cfg.keys.num_warps, cfg.keys.num_stages, cfg.keys.max_registers)
+        describe(f"backward dkv    d={head_dim} {cfg.keys}", dkv)
 
 
 if __name__ == "__main__":
