@@ -73,10 +73,9 @@ def _in_block_nearer_sum(x, ones, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _visible_keys(key_pos, query_pos, keep,
-                  DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    """[queries, keys] visibility for tiles that need a mask (DIAGONAL or HAS_KEY_MASK).
-    keep: [keys] key_mask and key_pos < Tk."""
+def _visible_keys(key_pos, query_pos, keep, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr):
+    """[queries, keys] visibility for tiles that need a mask (DIAGONAL or a key_mask).
+    keep: [keys], key_mask and key_pos < Tk."""
     visible = keep[None, :]
     if DIAGONAL:
         if ATTEND_CURRENT:
@@ -157,7 +156,7 @@ def _query_major_block(
     if HAS_KEY_MASK:
         keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=keep, other=0) != 0
     MASKED: tl.constexpr = DIAGONAL or HAS_KEY_MASK
-    visible = _visible_keys(key_pos, query_pos, keep, DIAGONAL, ATTEND_CURRENT, HAS_KEY_MASK)
+    visible = _visible_keys(key_pos, query_pos, keep, DIAGONAL, ATTEND_CURRENT)
 
     x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
     dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
@@ -371,7 +370,7 @@ def _key_block_queries(
     drem = tl.load(DREM + rows, mask=row_valid, other=0.0)
     bound = tl.load(BOUND + rows, mask=row_valid, other=0.0)
     MASKED: tl.constexpr = DIAGONAL or HAS_KEY_MASK
-    visible = _visible_keys(key_pos, query_pos, keep, DIAGONAL, ATTEND_CURRENT, HAS_KEY_MASK)
+    visible = _visible_keys(key_pos, query_pos, keep, DIAGONAL, ATTEND_CURRENT)
 
     x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
     dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)

@@ -55,7 +55,7 @@ SHAPES = [
     # B, Hq, Hkv, Tq, Tk, D, dtype, attend_current
     (1, 1, 1, 1, 1, 16, torch.float32, False),     # one position: no key visible, zero gradients
     (1, 1, 1, 2, 2, 16, torch.float16, True),
-    (1, 2, 1, 63, 63, 32, torch.float32, False),   # GQA
+    (1, 2, 1, 63, 63, 48, torch.float32, False),   # GQA, head_dim padded to 64
     (2, 2, 2, 65, 65, 16, torch.float16, True),
     (1, 4, 2, 40, 130, 16, torch.float32, True),   # queries after a cache, GQA
     (1, 2, 2, 1, 70, 16, torch.float16, False),    # decode (split-key forward)
