@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 
 from .backward import (
     stickbreaking_backward_dkv_kernel,
@@ -65,8 +66,11 @@ class BackwardConfig:
 
     queries: KernelConfig  # passes 1 and 2: block_m query rows per program, block_n keys per step
     keys: KernelConfig  # pass 3: block_n keys per block, block_m query rows per step
-    # Pairs of key ranges per (batch, key head) in pass 3, one program each; None: enough
-    # programs for every multiprocessor.
+    # Pass 3 programs that fit on one multiprocessor at once (registers), and so are launched per
+    # multiprocessor.
+    keys_programs_per_sm: int = 1
+    # Pairs of key ranges per (batch, key head) in pass 3, one program each; None: from the
+    # multiprocessor count and keys_programs_per_sm.
     range_pairs: int | None = None
 
 
@@ -87,19 +91,22 @@ def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
         return BackwardConfig(KernelConfig(64, 32, 8, 2), KernelConfig(64, 16, 8, 1))
     if head_dim > 64:
         return BackwardConfig(KernelConfig(64, 32, 4, 3), KernelConfig(128, 32, 8, 1))
-    return BackwardConfig(KernelConfig(64, 32, 4, 3), KernelConfig(64, 32, 4, 3))
+    # 4 warps x 242 registers: two programs per multiprocessor
+    return BackwardConfig(KernelConfig(64, 32, 4, 3), KernelConfig(64, 32, 4, 3), keys_programs_per_sm=2)
 
 
-def _key_ranges(num_keys: int, block: int, kv_programs: int, pairs: int | None,
+def _key_ranges(num_keys: int, block: int, kv_programs: int, cfg: BackwardConfig,
                 device: torch.device) -> tuple[int, int]:
     """(range length, number of ranges) of pass 3: an even number of ranges of whole key blocks,
-    ``pairs`` pairs per (batch, key head), by default one program per multiprocessor in all."""
+    cfg.range_pairs pairs per (batch, key head), by default as many programs in all as the
+    multiprocessors hold at once (one wave: every program does the same work)."""
+    pairs = cfg.range_pairs
     if pairs is None:
         if triton_interpreting():
             pairs = 2
         else:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-            pairs = max(1, sms // kv_programs)
+            pairs = max(1, sms * cfg.keys_programs_per_sm // kv_programs)
     range_len = triton.cdiv(triton.cdiv(num_keys, 2 * pairs), block) * block
     num_ranges = triton.cdiv(num_keys, range_len)
     # An odd count gets an empty last range: its partner, range 0, sees every query and is a
@@ -242,9 +249,13 @@ def stickbreaking_attention_triton_backward(
     # the error), and amax / amin read v without a float32 copy.
     value_bound = torch.maximum(v.amax(dim=(2, 3)), -v.amin(dim=(2, 3))).float() * math.sqrt(D)
     range_block = max(cfg.queries.block_n, cfg.keys.block_n)
-    range_len, num_ranges = _key_ranges(Tk, range_block, B * Hkv, cfg.range_pairs, q.device)
-    used_snap = torch.empty(B * Hq, num_ranges, Tq, **floats)
-    a_snap = torch.empty_like(used_snap)
+    if want_dkv:
+        range_len, num_ranges = _key_ranges(Tk, range_block, B * Hkv, cfg, q.device)
+        used_snap = torch.empty(B * Hq, num_ranges, Tq, **floats)
+        a_snap = torch.empty_like(used_snap)
+    else:  # one range longer than the keys: pass 1 meets no boundary and stores no snapshot
+        range_len, num_ranges = triton.cdiv(Tk + 1, range_block) * range_block, 1
+        used_snap = a_snap = total
     query_blocks = triton.cdiv(Tq, cfg.queries.block_m)
     dr_part = torch.empty(B * Hq, query_blocks, D, **floats) if remainder is not None else total
     common = dict(
@@ -259,7 +270,7 @@ def stickbreaking_attention_triton_backward(
         Hq, Tq, Tk, group, qk_scale, range_len, num_ranges,
         HAS_REMAINDER=remainder is not None, BLOCK_M=cfg.queries.block_m,
         BLOCK_N=cfg.queries.block_n, NUM_STAGES=cfg.queries.num_stages, **common,
-        num_warps=cfg.queries.num_warps,
+        num_warps=cfg.queries.num_warps, maxnreg=cfg.queries.max_registers,
     )
     dq = dk = dv = None
     if want_dq:
@@ -307,6 +318,7 @@ class StickbreakingTritonFunction(torch.autograd.Function):
         return o, rem, distance
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, drem, _ddistance):
         q, k, v, remainder, key_mask = ctx.saved_tensors
         needs = ctx.needs_input_grad

@@ -125,6 +125,19 @@ def test_gradient_through_rem_alone(kernel_device):
     assert dv_ref is None and not dv.any()  # rem does not depend on v
 
 
+def test_only_the_gradients_asked_for(kernel_device):
+    """q alone runs passes 1 and 2, k alone passes 1 and 3 (without snapshots for q alone); the
+    gradients are those of the full backward."""
+    q, k, v = random_inputs(1, 2, 1, 40, 40, 16, torch.float32, kernel_device, seed=8)
+    do, drem = upstream_gradients(q)
+    full, _ = gradients(q, k, v, "triton", do, drem)
+    for needed in (0, 1):
+        leaves = [x.detach().clone().requires_grad_(i == needed) for i, x in enumerate((q, k, v))]
+        o, rem = stickbreaking_attention(*leaves, backend="triton")
+        ((o.double() * do).sum() + (rem.double() * drem).sum()).backward()
+        assert torch.equal(leaves[needed].grad, full[needed])
+
+
 def test_distance_statistics_are_not_differentiable(kernel_device):
     q, k, v = random_inputs(1, 2, 1, 20, 20, 16, torch.float32, kernel_device)
     q.requires_grad_(True)
