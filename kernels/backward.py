@@ -10,49 +10,59 @@ upstream gradients do_j and drem_j, and a remainder r folded in as drem_j += do_
     dq_j  = scale sum_i dz_ij k_i        dk_i = scale sum_j dz_ij q_j        dv_i = sum_j A_ij do_j
 
 Two directions meet here. A_ij needs the stick used by the keys *nearer* than i, a running sum from
-the diagonal back (taking it as the total minus a sum from key 0 cancels catastrophically: with
-saturated logits the total is ~10^6 bits and float32 keeps a quarter of a bit of it). S_ij is a sum
-over the keys *farther* than i. Walking nearest-first, S_ij = total_j - sum_{m > i} a_mj, and the
-total must be consistent with the a values of the walk itself: taken from the forward's bfloat16 o
-(do . o - drem (1 - rem), as flash attention takes its delta), its rounding error is multiplied by
-beta ~ 1 at every key behind the one that broke the stick. In a float64 simulation at T = 2048 that
-put 12% (logits ~ N(0, 1)) to 100% (saturated logits) of error into dq; with the total summed from
-the same float32 a values, 2e-6 to 2e-5. Hence three kernels, all walking keys nearest-first:
+the diagonal back; taking it as the total (log rem) minus a running sum from key 0, as a walk from
+key 0 would, cancels catastrophically: with saturated logits the total is ~10^6 bits and float32
+keeps a quarter of a bit of it. S_ij is a sum over the keys *farther* than i. Walking
+nearest-first, S_ij = total_j - sum_{m > i} a_mj, and the total must be consistent with the a
+values of the walk itself: taken from the forward's bfloat16 o (do . o - drem (1 - rem), as flash
+attention takes its delta), its rounding error is multiplied by beta ~ 1 at every key behind the
+one that broke the stick. In a float64 simulation at T = 2048 that put 12% (logits ~ N(0, 1)) to
+100% (saturated logits) of error into dq; with the total summed from the same float32 a values,
+2e-6 to 2e-5. Hence three kernels, all walking keys nearest-first:
 
-1. ``stickbreaking_backward_totals_kernel`` (one program per query block, like the forward): for
-   each query, total_j = sum_i a_ij with the backward's own a, the remainder-folded drem_j, a bound
-   G_j >= |g_ij| (below), and d(remainder) partial sums; and at every key-range boundary k (see 3)
-   a snapshot of the query's state there: the stick used by keys >= k (bits) and sum_{m >= k} a_mj.
+1. ``stickbreaking_backward_totals_kernel``, one program per query block as in the forward: for
+   each query, total_j = sum_i a_ij from the backward's own a, drem_j with the remainder folded in,
+   a bound G_j >= |g_ij| (see Precision) and d(remainder) partial sums; and at every key-range
+   boundary k (see 3) a snapshot of the query's state there: the stick taken by the keys >= k
+   (bits) and sum_{m >= k} a_mj.
 2. ``stickbreaking_backward_dq_kernel``: the same walk again, now with dz and dq.
-3. ``stickbreaking_backward_dkv_kernel``: dk and dv for one key block need, for every later query,
-   that query's state at the block (per-query, not local to any tile). The keys are cut into ranges;
-   one program owns a range (and every query head of its key head, so GQA needs no reduction) and
-   walks its key blocks nearest-first. For each key block it loops over all later query blocks with
-   dk and dv in registers, reading each query's state from the snapshot of its range, updating it
-   with this block, and writing it back (a read-modify-write of two floats per query, separated
-   from the next key block by a barrier). Each dk/dv row is written once by its owner: no atomics,
-   no partial copies, the same bits every run. Ranges are of equal length and a program takes range
-   p and range R-1-p, so that every program does the same work (far ranges see more queries).
+3. ``stickbreaking_backward_dkv_kernel``: dk and dv of a key block need, for every later query,
+   that query's state at the block: per query, not local to any tile. The keys are cut into
+   ranges; one program owns a range (and every query head of its key head, so GQA needs no
+   reduction) and walks its key blocks nearest-first. For each key block it loops over all later
+   query blocks with dk and dv in registers, reading each query's state (the range's snapshot at
+   first), moving it past the block and writing it back: a read-modify-write of two floats per
+   query, separated from the next key block by a barrier. Each dk/dv row is written once, by its
+   owner: no atomics, no partial copies, the same bits every run. Ranges are of equal length and
+   a program takes ranges p and R-1-p, so that all do the same work (far ranges see more queries)
+   and R/2 programs per key head fill the GPU in one wave.
 
-All three use the forward's tiles, queries as rows and keys as columns, and one piece of tile math.
-Pass 3 accumulates dk^T and dv^T ([head_dim, BLOCK_N]): in registers they cost 2 BLOCK_N D / threads
-per thread, where keys-as-rows tiles would cost D (wgmma splits a tile's rows over warp groups only),
-and the triangle of ones stays a shared-memory operand, as in the forward; keys as rows spilled at
-every block size tried.
+Alternatives: fla-core 0.6.0 snapshots the state at every (query, key block of 64), O(T^2 / 64)
+memory (two float32 [T, H, T/64] arrays: 8 GiB at 64K x 16 heads); the official kernel adds dk/dv partials under a spin lock, which
+hangs on Hopper; a launch per key block carrying the state from key 0 has the cancellation above
+and hundreds of launches. The backward has no early halting yet: it walks every key even where the
+forward stopped (short-range heads, where passes 1 and 2 could stop as the forward does).
 
-Extra memory: total, drem, G as [B, Hq, Tq] float32, and the snapshots, [B, Hq, R, Tq] x 2 float32,
-with R ~ 2 x (multiprocessors / (B Hkv)) ranges: linear in T (about 2 KiB per token and query head
-at 16 heads on an H100, a fraction of what q itself takes at head_dim 128).
+All three passes use the forward's tiles, queries as rows and keys as columns, and one piece of
+tile math. Pass 3 accumulates dk^T and dv^T, [head_dim, BLOCK_N]: 2 BLOCK_N D / threads registers
+per thread. With keys as rows, dk and dv would cost D registers per thread whatever the block
+(Triton's wgmma layouts split rows over warp groups) and the triangle of ones would be a register
+operand; that spilled at every block size tried.
+
+Extra memory, float32: drem, total and G per query row, [B, Hq, Tq], and two snapshots per row
+and key range, [B, Hq, R, Tq]: (2R + 3) floats per row, linear in T. On a 132-SM card with 16 key
+heads R = 16: 140 bytes per row, 150 MiB at 64K tokens x 16 heads (q takes 256 bytes per row at
+head_dim 128).
 
 Precision: dz_ij = beta_ij (W_ij g_ij - S_ij) and |S_ij| <= (W_ij - rem_j) max|g|, so
 |beta_ij S_ij| <= A_ij G_j; clamping beta S to that bound makes any error of the running sums vanish
 with A behind a broken stick (the error summed over keys grows with log(G / error), not with T; in
-the simulation above it took dq's error from 2e-6 - 2e-5 to 2e-7 - 3e-7). The
-in-block sums over nearer keys run as matmuls with a triangle of ones, as in the forward: softplus
-in saturating float16 (an absolute error, which is what the exponent needs), a as a_ij / G_j in
-float16 (a scales with the upstream gradient; divided by G it lies in [-A, A]). dz goes to the
-tensor cores in the inputs' dtype, as flash attention's dS does: with float16 inputs, upstream
-gradients far below 1e-3 lose precision there (train with loss scaling, or in bfloat16).
+the simulation above it took dq's error from 2e-6 - 2e-5 to 2e-7 - 3e-7). The in-block sums over
+nearer keys run as matmuls with a triangle of ones, as in the forward: softplus in saturating
+float16 (an absolute error, which is what the exponent needs), a as a_ij / G_j in float16 (a scales
+with the upstream gradient; divided by G it lies in [-A, A]). dz goes to the tensor cores in the
+inputs' dtype, as flash attention's dS does: with float16 inputs, upstream gradients far below
+1e-3 lose precision there (train with loss scaling, or in bfloat16).
 """
 
 from __future__ import annotations
