@@ -460,7 +460,7 @@ def stickbreaking_backward_dkv_kernel(
 
         # Query rows that see key block_start, and those that also see key block_end (all of this
         # block, and a state from the nearer blocks); query blocks with rows before the latter run
-        # masked.
+        # masked, after the others (before them, the pipelined loop spilled registers).
         first_row = tl.maximum(block_start + 1 - ATTEND_CURRENT - (Tk - Tq), 0)
         state_row = tl.maximum(block_end + 1 - ATTEND_CURRENT - (Tk - Tq), 0)
         first_qblock = first_row // BLOCK_M
@@ -468,18 +468,6 @@ def stickbreaking_backward_dkv_kernel(
                                   first_qblock)
         diag_count = plain_qblock - first_qblock
         plain_count = num_query_blocks - plain_qblock
-        for it in range(0, group * diag_count):
-            h = h_kv * group + it // diag_count
-            row_base = (b * num_heads + h) * Tq
-            snap_base = ((b * num_heads + h) * num_ranges + key_range) * Tq
-            dk_t, dv_t = _key_block_queries(
-                kb, vb, keep, dk_t, dv_t, Q + b * stride_qb + h * stride_qh,
-                DO + b * stride_dob + h * stride_doh, DREM + row_base, TOTAL + row_base,
-                BOUND + row_base, USED_SNAP + snap_base, A_SNAP + snap_base, stride_qt,
-                stride_dot, key_pos, block_end, (first_qblock + it % diag_count) * BLOCK_M, Tq, Tk,
-                qk_scale, offs_m, offs_d, strict_upper_ones,
-                HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
-            )
         for it in tl.range(0, group * plain_count, num_stages=NUM_STAGES):
             h = h_kv * group + it // plain_count
             row_base = (b * num_heads + h) * Tq
@@ -491,6 +479,18 @@ def stickbreaking_backward_dkv_kernel(
                 stride_dot, key_pos, block_end, (plain_qblock + it % plain_count) * BLOCK_M, Tq, Tk,
                 qk_scale, offs_m, offs_d, strict_upper_ones,
                 HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
+            )
+        for it in range(0, group * diag_count):
+            h = h_kv * group + it // diag_count
+            row_base = (b * num_heads + h) * Tq
+            snap_base = ((b * num_heads + h) * num_ranges + key_range) * Tq
+            dk_t, dv_t = _key_block_queries(
+                kb, vb, keep, dk_t, dv_t, Q + b * stride_qb + h * stride_qh,
+                DO + b * stride_dob + h * stride_doh, DREM + row_base, TOTAL + row_base,
+                BOUND + row_base, USED_SNAP + snap_base, A_SNAP + snap_base, stride_qt,
+                stride_dot, key_pos, block_end, (first_qblock + it % diag_count) * BLOCK_M, Tq, Tk,
+                qk_scale, offs_m, offs_d, strict_upper_ones,
+                HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
             )
         kv_mask_t = d_valid[:, None] & (key_pos < Tk)[None, :]
         tl.store(DK + key_pos[None, :] * stride_dkt + offs_d[:, None],

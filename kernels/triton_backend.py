@@ -74,12 +74,13 @@ class BackwardConfig:
     range_pairs: int | None = None
 
 
-def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
+def backward_config(head_dim: int, dtype: torch.dtype, key_mask: bool = False) -> BackwardConfig:
     """Block sizes of the backward kernels (small blocks when interpreted), chosen to compile for
     sm_90 without register spills (scripts/compile_kernels.py), not yet timed: passes 1 and 2 take
     the forward's 64 x 32 tiles; pass 3 holds dk^T and dv^T [head_dim, block_n] in float32
-    registers, which at head_dim 128 leaves room for 32 keys, 128 query rows and 8 warps without
-    software pipelining (pipelined, it spills). float32 inputs multiply on the FMA units, not the
+    registers, which at head_dim 128 leaves room for 32 keys with 128 query rows and 8 warps
+    (64 keys spill at every size tried), pipelined without a key_mask, not with one. float32
+    inputs multiply on the FMA units, not the
     tensor cores, as in the forward: an exact path, not a fast one, and at head_dim 128 its passes
     1-2 spill 0.5-1 KB per thread (the float32 forward spills too). At head_dim > 128 the dq pass
     spills ~70 B."""
@@ -90,7 +91,7 @@ def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
     if head_dim > 128:
         return BackwardConfig(KernelConfig(64, 32, 8, 2), KernelConfig(64, 16, 8, 1))
     if head_dim > 64:
-        return BackwardConfig(KernelConfig(64, 32, 4, 3), KernelConfig(128, 32, 8, 1))
+        return BackwardConfig(KernelConfig(64, 32, 4, 3), KernelConfig(128, 32, 8, 1 if key_mask else 2))
     # 4 warps x 242 registers: two programs per multiprocessor
     return BackwardConfig(KernelConfig(64, 32, 4, 3), KernelConfig(64, 32, 4, 3), keys_programs_per_sm=2)
 
@@ -234,7 +235,7 @@ def stickbreaking_attention_triton_backward(
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    cfg = config or backward_config(D, q.dtype)
+    cfg = config or backward_config(D, q.dtype, key_mask is not None)
     block_d = max(16, triton.next_power_of_2(D))
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     qk_scale = scale * math.log2(math.e)

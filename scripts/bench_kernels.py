@@ -44,10 +44,11 @@ SHAPES = [(16, 128), (24, 64)]  # heads x head_dim
 BACKWARD_SWEEP = [
     {"queries": KernelConfig(64, 32, 4, 2)},
     {"queries": KernelConfig(128, 32, 8, 2)},
-    {"keys": KernelConfig(64, 16, 4, 3)},
+    {"keys": KernelConfig(128, 32, 8, 1)},
+    {"keys": KernelConfig(128, 32, 8, 3)},
     {"keys": KernelConfig(64, 32, 4, 2)},
-    {"keys": KernelConfig(128, 32, 8, 2)},
-    {"keys": KernelConfig(128, 64, 8, 1)},
+    {"keys": KernelConfig(64, 16, 4, 3)},
+    {"keys": KernelConfig(128, 64, 8, 1)},  # spills at head_dim 128, halves pass 3's q/do reads
 ]
 
 

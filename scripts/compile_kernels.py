@@ -1,6 +1,6 @@
 """Compiles the Triton kernels for a Hopper GPU (sm_90) on any machine, no GPU needed.
 
-    python scripts/compile_kernels.py [--dtype bf16] [--head-dims 64,128]
+    python scripts/compile_kernels.py [--dtype bf16] [--head-dims 64,128] [--key-mask] [--attend-current]
 
 For each kernel at the block sizes the launcher picks, prints shared memory, registers and
 spills (from the ptxas that ships with triton) and the count of the instructions that matter:
@@ -83,10 +83,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--key-mask", action="store_true", help="the kernels' key_mask variants")
+    parser.add_argument("--attend-current", action="store_true", help="their attend_current variants")
     args = parser.parse_args()
     dtype = {v: k for k, v in TRITON_TYPES.items()}[args.dtype]
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    common = dict(ATTEND_CURRENT=0, HAS_KEY_MASK=False, RETURN_STATS=False, DOT_PRECISION=precision)
+    common = dict(ATTEND_CURRENT=int(args.attend_current), HAS_KEY_MASK=args.key_mask,
+                  RETURN_STATS=False, DOT_PRECISION=precision)
     for head_dim in (int(d) for d in args.head_dims.split(",")):
         block_d = max(16, triton.next_power_of_2(head_dim))
         cfg = forward_config(head_dim, dtype)
@@ -106,15 +109,15 @@ def main() -> None:
             HAS_REMAINDER=False, RETURN_STATS=False, BLOCK_S=64, BLOCK_D=block_d, HEAD_DIM=head_dim,
         ), 4, 1)
         describe(f"combine d={head_dim}", combine)
-        cfg = backward_config(head_dim, dtype)
+        cfg = backward_config(head_dim, dtype, args.key_mask)
         backward_common = dict(
-            ATTEND_CURRENT=0, HAS_KEY_MASK=False, DOT_PRECISION=precision, BLOCK_D=block_d,
-            HEAD_DIM=head_dim,
+            ATTEND_CURRENT=int(args.attend_current), HAS_KEY_MASK=args.key_mask,
+            DOT_PRECISION=precision, BLOCK_D=block_d, HEAD_DIM=head_dim,
         )
         queries = dict(backward_common, BLOCK_M=cfg.queries.block_m, BLOCK_N=cfg.queries.block_n,
                        NUM_STAGES=cfg.queries.num_stages)
         totals = compile_kernel(stickbreaking_backward_totals_kernel, dtype, dict(
-            queries, HAS_REMAINDER=False,
+            queries, HAS_REMAINDER=True,
         ), cfg.queries.num_warps, cfg.queries.num_stages, cfg.queries.max_registers)
         describe(f"backward totals d={head_dim} {cfg.queries}", totals)
         dq = compile_kernel(stickbreaking_backward_dq_kernel, dtype, queries, cfg.queries.num_warps,
