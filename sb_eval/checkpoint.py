@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .configuration import StickBreakingConfig
 from .modeling import StickBreakingForCausalLM
@@ -204,11 +205,18 @@ def write_random_checkpoint(
     torch.manual_seed(seed)
     with torch.device(device):
         model = StickBreakingForCausalLM(config).to(dtype)
+    return save_checkpoint(model, byte_level_tokenizer(), folder)
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike) -> Path:
+    """The model (safetensors) and its tokenizer, written beside `folder` and renamed into place
+    (replacing what was there), so a crash leaves nothing half-written. Returns the folder."""
+    folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        byte_level_tokenizer().save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)

@@ -24,6 +24,12 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
+    return _with_end_of_text(tokenizer)
+
+
+def _with_end_of_text(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer around `tokenizer`, whose last id must be <|endoftext|>: it is
+    bos, eos and pad, and lengths are unlimited (no position embedding bounds them)."""
     tokenizer.add_special_tokens([END_OF_TEXT])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -59,11 +65,4 @@ def word_level_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=END_OF_TEXT))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="\u0000", cleanup=False)  # joins words with spaces
-    tokenizer.add_special_tokens([END_OF_TEXT])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=END_OF_TEXT,
-        eos_token=END_OF_TEXT,
-        pad_token=END_OF_TEXT,
-        model_max_length=1 << 20,
-    )
+    return _with_end_of_text(tokenizer)
