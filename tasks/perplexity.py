@@ -34,18 +34,16 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from functools import cache
 from typing import Any
 
 import datasets
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from sb_eval.data import DocumentSourceError, documents
 from sb_eval.ruler import cache as sample_cache
 from sb_eval.ruler.corpora import LONG_DOCUMENTS, MissingCorpusError, data_dir, fetch_command
 from sb_eval.ruler.tokens import TokenCounter
-from sb_eval.tasks.ruler_tasks import TOKENIZER_KEYS
+from sb_eval.tasks.ruler_tasks import load_tokenizer, positive_int, tokenizer_name
 
 logger = logging.getLogger(__name__)
 
@@ -84,21 +82,21 @@ def sb_ppl_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     """
     declared = kwargs.get("metric_lengths")
     lengths = _lengths(kwargs.get("max_seq_lengths", DEFAULT_MAX_SEQ_LENGTHS), declared)
-    target_tokens = _positive_int(kwargs.get("target_tokens", DEFAULT_TARGET_TOKENS), "target_tokens")
+    target_tokens = positive_int(kwargs.get("target_tokens", DEFAULT_TARGET_TOKENS), "metadata target_tokens")
     if target_tokens >= min(lengths):
         raise ValueError(f"metadata target_tokens={target_tokens} must be below the smallest of max_seq_lengths={lengths}")
-    max_context = _positive_int(kwargs.get("max_context", DEFAULT_MAX_CONTEXT), "max_context")
+    max_context = positive_int(kwargs.get("max_context", DEFAULT_MAX_CONTEXT), "metadata max_context")
     if max(lengths) > max_context:
         raise ValueError(
             f"metadata max_seq_lengths={lengths} exceeds max_context={max_context}, the window every "
             "window leaves room for; raise max_context (the windows then change, and fewer documents are long enough)"
         )
     cut_lengths = sorted(set(lengths) | {length for length in declared or [] if target_tokens < length <= max_context})
-    per_document = _positive_int(kwargs.get("windows_per_document", DEFAULT_WINDOWS_PER_DOCUMENT), "windows_per_document")
-    tokenizer_name = _tokenizer_name(kwargs)
+    per_document = positive_int(kwargs.get("windows_per_document", DEFAULT_WINDOWS_PER_DOCUMENT), "metadata windows_per_document")
+    tokenizer_source = tokenizer_name(kwargs, "sb_ppl cuts windows in the model's tokens and needs its tokenizer")
     corpus = kwargs.get("corpus", LONG_DOCUMENTS)
     texts = documents(corpus)
-    tokenizer = _load_tokenizer(tokenizer_name)
+    tokenizer = load_tokenizer(tokenizer_source)
     special_tokens = {} if kwargs.get("add_bos_token") is None else {"add_special_tokens": bool(kwargs["add_bos_token"])}
     windows = long_document_windows(texts, tokenizer, cut_lengths, target_tokens, per_document, max_context, special_tokens)
     if not windows:
@@ -297,7 +295,7 @@ def _lengths(value: Any, declared: list[int] | None) -> list[int]:
     if not isinstance(lengths, list) or not lengths:
         raise ValueError(f"metadata max_seq_lengths={value!r} must be a list of token counts, e.g. [4096, 8192]")
     for length in lengths:
-        _positive_int(length, "max_seq_lengths")
+        positive_int(length, "metadata max_seq_lengths")
         if declared is not None and length not in declared:
             raise ValueError(
                 f"metadata max_seq_lengths: this task declares metrics for the lengths {declared}, not "
@@ -305,24 +303,3 @@ def _lengths(value: Any, declared: list[int] | None) -> list[int]:
                 "its nll_L, bits_per_byte_L and windows_L to metric_list"
             )
     return sorted(set(lengths))
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"metadata {name}={value!r} must be a positive integer")
-    return value
-
-
-def _tokenizer_name(kwargs: dict) -> str:
-    for key in TOKENIZER_KEYS:
-        if isinstance(kwargs.get(key), str) and kwargs[key]:
-            return kwargs[key]
-    raise ValueError(
-        "sb_ppl cuts windows in the model's tokens and needs its tokenizer: pass --model_args "
-        "pretrained=PATH, or --metadata '{\"tokenizer\": \"PATH\"}'"
-    )
-
-
-@cache
-def _load_tokenizer(name: str):
-    return AutoTokenizer.from_pretrained(name)

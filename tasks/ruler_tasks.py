@@ -29,11 +29,12 @@ def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     1, ...) so that `--limit N` takes about N / len(max_seq_lengths) samples of every length."""
     spec = _task_spec(kwargs)
     lengths = _max_seq_lengths(kwargs.get("max_seq_lengths", DEFAULT_MAX_SEQ_LENGTHS))
-    num_samples = _positive_int(kwargs.get("num_samples", DEFAULT_NUM_SAMPLES), "num_samples")
+    num_samples = positive_int(kwargs.get("num_samples", DEFAULT_NUM_SAMPLES), "num_samples")
     seed = kwargs.get("seed", 42)
     if not isinstance(seed, int):
         raise ValueError(f"metadata seed={seed!r} must be an integer")
-    tokenizer = _load_tokenizer(_tokenizer_name(kwargs))
+    needed_for = "RULER tasks fit each sample to a length in tokens and need the model's tokenizer"
+    tokenizer = load_tokenizer(tokenizer_name(kwargs, needed_for))
     label = kwargs.get("ruler_task") or spec.generator
     per_length = [
         generate(
@@ -73,32 +74,33 @@ def _task_spec(kwargs: dict) -> TaskSpec:
             f"{sorted(TASKS)}) or generator and tokens_to_generate plus the generator's parameters"
         )
     params = dict(kwargs.get("generator_params") or {})
-    return TaskSpec(kwargs["generator"], _positive_int(kwargs["tokens_to_generate"], "tokens_to_generate"), params)
+    return TaskSpec(kwargs["generator"], positive_int(kwargs["tokens_to_generate"], "tokens_to_generate"), params)
 
 
 def _max_seq_lengths(value: Any) -> list[int]:
     lengths = [value] if isinstance(value, int) else value
     if not isinstance(lengths, list) or not lengths:
         raise ValueError(f"metadata max_seq_lengths={value!r} must be a list of token counts, e.g. [4096, 8192]")
-    return [_positive_int(length, "max_seq_lengths") for length in lengths]
+    return [positive_int(length, "max_seq_lengths") for length in lengths]
 
 
-def _positive_int(value: Any, name: str) -> int:
+def positive_int(value: Any, name: str) -> int:
+    """`value`, checked to be a positive integer; `name` is what the error calls it."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive integer")
     return value
 
 
-def _tokenizer_name(kwargs: dict) -> str:
+def tokenizer_name(kwargs: dict, needed_for: str) -> str:
+    """The tokenizer lm-eval's metadata names: `tokenizer`, else `pretrained` or `model`.
+    `needed_for` opens the error when none is named: what the task needs the tokenizer for."""
     for key in TOKENIZER_KEYS:
         if isinstance(kwargs.get(key), str) and kwargs[key]:
             return kwargs[key]
-    raise ValueError(
-        "RULER tasks fit each sample to a length in tokens and need the model's tokenizer: pass "
-        "--model_args pretrained=PATH, or --metadata '{\"tokenizer\": \"PATH\"}'"
-    )
+    raise ValueError(f"{needed_for}: pass --model_args pretrained=PATH, or --metadata '{{\"tokenizer\": \"PATH\"}}'")
 
 
 @cache
-def _load_tokenizer(name: str):
+def load_tokenizer(name: str):
+    """One tokenizer per name for the whole process, however many tasks ask for it."""
     return AutoTokenizer.from_pretrained(name)
