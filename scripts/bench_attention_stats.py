@@ -16,36 +16,24 @@ multiple of SDPA's time: they are an analysis tool, not part of evaluation).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import statistics
 
 import torch
-import transformers
-import triton
-from bench_model import elapsed_ms, llama_model, stick_breaking_model
+from bench_model import llama_model, median_ms_and_peak, run_header, stick_breaking_model
 
 from sb_eval.attention_stats import collect_attention_statistics, stop_collecting
 
 
-@torch.no_grad()
-def forward_ms_and_peak(model, ids: torch.Tensor, repeats: int) -> tuple[float, int]:
-    model.base_model(input_ids=ids[:, :1024], use_cache=False)  # warm-up: kernels compiled
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    times = [elapsed_ms(lambda: model.base_model(input_ids=ids, use_cache=False)) for _ in range(repeats)]
-    return statistics.median(times), torch.cuda.max_memory_allocated() - base
-
-
 def measure(model, name: str, lengths: list[int], repeats: int) -> list[dict]:
+    def decoder_forward(ids: torch.Tensor) -> None:
+        model.base_model(input_ids=ids, use_cache=False)
+
     rows = []
     for t in lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, t), device="cuda")
-        plain_ms, plain_peak = forward_ms_and_peak(model, ids, repeats)
+        plain_ms, plain_peak = median_ms_and_peak(decoder_forward, ids, repeats)
         collected = collect_attention_statistics(model, "all")
-        stats_ms, stats_peak = forward_ms_and_peak(model, ids, repeats)
+        stats_ms, stats_peak = median_ms_and_peak(decoder_forward, ids, repeats)
         stop_collecting(model)
         row = {
             "model": name, "T": t, "ms": plain_ms, "ms_with_stats": stats_ms,
@@ -71,10 +59,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
-    header = {
-        "card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-        "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
-    }
+    header = run_header()
     print(json.dumps(header))
     builds = {"sb-random": stick_breaking_model, "sb-long-range": lambda: stick_breaking_model(long_range=True)}
     if args.softmax:

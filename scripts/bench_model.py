@@ -73,6 +73,28 @@ def elapsed_ms(fn) -> float:
 
 
 @torch.no_grad()
+def median_ms_and_peak(forward, ids: torch.Tensor, repeats: int) -> tuple[float, int]:
+    """forward(ids) timed: the median of `repeats` runs in ms, and the most the CUDA allocator
+    held beyond what was allocated before them, in bytes. A warm-up on the first 1024 tokens
+    compiles the kernels and primes the allocator first."""
+    forward(ids[:, :1024])
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = [elapsed_ms(lambda: forward(ids)) for _ in range(repeats)]
+    return statistics.median(times), torch.cuda.max_memory_allocated() - base
+
+
+def run_header() -> dict:
+    """The card, library versions and date a result was measured with."""
+    return {
+        "card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+        "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
+    }
+
+
+@torch.no_grad()
 def prefill(model, ids: torch.Tensor):
     cache = DynamicCache()
     model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache})
@@ -85,14 +107,8 @@ def measure(model, name: str, lengths: list[int], decode_cache: int, repeats: in
     vocab = model.config.vocab_size
     for t in lengths:
         ids = torch.randint(0, vocab, (1, t), device="cuda")
-        prefill(model, ids[:, :1024])  # warm-up: kernels compiled, allocator primed
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        times = [elapsed_ms(lambda: prefill(model, ids)) for _ in range(repeats)]
-        peak = torch.cuda.max_memory_allocated() - base
-        rows.append({"model": name, "kind": "prefill", "T": t, "ms": statistics.median(times), "peak_extra_bytes": peak})
+        ms, peak = median_ms_and_peak(lambda x: prefill(model, x), ids, repeats)
+        rows.append({"model": name, "kind": "prefill", "T": t, "ms": ms, "peak_extra_bytes": peak})
         print(f"{name:14s} prefill T={t:<6d} {rows[-1]['ms']:9.1f} ms  peak extra {peak / 2**30:6.2f} GiB", flush=True)
         del ids
         torch.cuda.empty_cache()
@@ -119,10 +135,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
-    header = {
-        "card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-        "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
-    }
+    header = run_header()
     print(json.dumps(header))
     rows = []
     builds = {
