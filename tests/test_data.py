@@ -157,15 +157,6 @@ def test_bad_sources_list_what_is_valid(tmp_path, monkeypatch):
             data.documents(source)
 
 
-@pytest.fixture
-def offline_datasets(tmp_path, monkeypatch):
-    """`datasets` with an empty cache and no network."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-home" / "datasets"))
-    monkeypatch.setattr("datasets.config.HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-
-
 def test_a_dataset_that_cannot_be_loaded_is_named_with_the_offline_alternatives(offline_datasets):
     source = "hf:EleutherAI/wikitext_document_level:wikitext-2-raw-v1"
     with pytest.raises(data.DocumentSourceError) as raised:

@@ -203,15 +203,6 @@ def test_lm_eval_runs_sb_ppl_with_sb_hf(models, corpus):
         assert results[f"bits_per_byte_{length},none"] == pytest.approx(sum(n for n, _ in sums) / total_bytes / math.log(2), rel=1e-4)
 
 
-@pytest.fixture
-def offline_datasets(tmp_path, monkeypatch):
-    """`datasets` with an empty cache and no network."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-home" / "datasets"))
-    monkeypatch.setattr("datasets.config.HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-
-
 def test_sb_wikitext_without_wikitext_names_the_offline_alternative(offline_datasets):
     with pytest.raises(data.DocumentSourceError) as raised:
         perplexity.wikitext_dataset()
