@@ -85,6 +85,32 @@ def left_padded_batch(lengths, vocab, seed):
     return ids, mask
 
 
+def record_stick_breaking_inputs(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (q, k) of every stick-breaking attention call from now on, one per layer and pass."""
+    calls = []
+    original = sb_eval.modeling.stickbreaking_attention
+
+    def recording(q, k, v, **kwargs):
+        calls.append((q, k))
+        return original(q, k, v, **kwargs)
+
+    monkeypatch.setattr(sb_eval.modeling, "stickbreaking_attention", recording)
+    return calls
+
+
+def record_sdpa_inputs(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (query, key) of every call of transformers' SDPA attention from now on."""
+    calls = []
+    original = sdpa_module.sdpa_attention_forward
+
+    def recording(module, query, key, *args, **kwargs):
+        calls.append((query, key))
+        return original(module, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", recording)
+    return calls
+
+
 # ---------------------------------------------------------------------------------------------
 # Stick-breaking models: the kernel's fused statistics through the model's attention.
 
@@ -107,14 +133,7 @@ def test_stick_breaking_statistics_match_explicit_matrices(variant, positions, m
     with torch.no_grad():
         for block in model.transformer.h:
             block.attn.c_attn.weight.mul_(6.0)
-    calls = []
-    original = sb_eval.modeling.stickbreaking_attention
-
-    def recording(q, k, v, **kwargs):
-        calls.append((q, k))
-        return original(q, k, v, **kwargs)
-
-    monkeypatch.setattr(sb_eval.modeling, "stickbreaking_attention", recording)
+    calls = record_stick_breaking_inputs(monkeypatch)
     # "all": a left-padded batch (padding queries are not counted); "last": whole windows.
     lengths = (37, 24, 31) if positions == "all" else (37, 37)
     ids, mask = left_padded_batch(lengths, config.vocab_size, seed=1)
@@ -181,14 +200,7 @@ def test_softmax_statistics_match_explicit_matrices(llama, positions, monkeypatc
     with torch.no_grad():
         reference_logits = llama(ids, attention_mask=mask).logits
 
-    calls = []
-    original = sdpa_module.sdpa_attention_forward
-
-    def recording(module, query, key, value, attention_mask, **kwargs):
-        calls.append((query, key))
-        return original(module, query, key, value, attention_mask, **kwargs)
-
-    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", recording)
+    calls = record_sdpa_inputs(monkeypatch)
     statistics = collect_attention_statistics(llama, positions)
     try:
         with torch.no_grad():
@@ -225,12 +237,7 @@ def test_softmax_statistics_without_padding_and_while_decoding(llama, monkeypatc
     assert found["forward_passes"] == 3
     assert found["queries"][0] == [3] * 4  # positions 17 (prefill), 18 and 19 (steps)
 
-    calls = []
-    original = sdpa_module.sdpa_attention_forward
-    monkeypatch.setattr(
-        sdpa_module, "sdpa_attention_forward",
-        lambda module, query, key, *args, **kwargs: calls.append((query, key)) or original(module, query, key, *args, **kwargs),
-    )
+    calls = record_sdpa_inputs(monkeypatch)
     with torch.no_grad():
         llama(generated[:, :20])
     T = 20

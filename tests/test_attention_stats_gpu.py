@@ -3,17 +3,17 @@ dtypes and lengths they run at, against explicit float64 matrices; and their mem
 
 import pytest
 import torch
-import transformers.integrations.sdpa_attention as sdpa_module
 from test_attention_stats import (
     assert_statistics_match,
     explicit_statistics,
     left_padded_batch,
+    record_sdpa_inputs,
+    record_stick_breaking_inputs,
     softmax_matrix,
     stick_breaking_matrix,
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import sb_eval.modeling
 from sb_eval.attention_stats import collect_attention_statistics, stop_collecting
 from sb_eval.checkpoint import tiny_config
 from sb_eval.modeling import StickBreakingForCausalLM
@@ -43,14 +43,7 @@ def test_stick_breaking_statistics_from_the_kernels(dtype, monkeypatch):
         for block in model.transformer.h:
             block.attn.c_attn.weight.mul_(4.0)  # a stick that lasts for more than a few keys
     model = model.to("cuda", dtype)
-    calls = []
-    original = sb_eval.modeling.stickbreaking_attention
-
-    def recording(q, k, v, **kwargs):
-        calls.append((q, k))
-        return original(q, k, v, **kwargs)
-
-    monkeypatch.setattr(sb_eval.modeling, "stickbreaking_attention", recording)
+    calls = record_stick_breaking_inputs(monkeypatch)
     ids, mask = left_padded_batch((1500, 1100, 700), config.vocab_size, seed=1)
     ids, mask = ids.cuda(), mask.cuda()
     statistics = collect_attention_statistics(model, "all")
@@ -81,12 +74,7 @@ def test_softmax_statistics_beside_sdpa(dtype, monkeypatch):
     real = mask.bool()  # padding rows see no key; compare the real ones
     with torch.no_grad():
         reference = model(ids, attention_mask=mask).logits[real]
-    calls = []
-    original = sdpa_module.sdpa_attention_forward
-    monkeypatch.setattr(
-        sdpa_module, "sdpa_attention_forward",
-        lambda module, query, key, *args, **kwargs: calls.append((query, key)) or original(module, query, key, *args, **kwargs),
-    )
+    calls = record_sdpa_inputs(monkeypatch)
     statistics = collect_attention_statistics(model, "all")
     try:
         with torch.no_grad():
