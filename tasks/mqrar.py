@@ -18,6 +18,7 @@ import datasets
 from tqdm import tqdm
 
 from sb_eval.ruler import mqrar
+from sb_eval.tasks.ruler_tasks import positive_int
 
 DEFAULT_NUM_SAMPLES = 100
 DEFAULT_QUERIES_PER_SEQUENCE = 4
@@ -29,12 +30,12 @@ def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     instance 1, ...) so that `--limit N` takes about N / len(num_pairs) instances of each."""
     pair_counts = _int_list(kwargs.get("num_pairs", list(mqrar.PAPER_NUM_PAIRS)), "num_pairs")
     seq_length = _seq_length(kwargs)
-    num_samples = _positive_int(kwargs.get("num_samples", DEFAULT_NUM_SAMPLES), "num_samples")
-    queries = _positive_int(kwargs.get("queries_per_sequence", DEFAULT_QUERIES_PER_SEQUENCE), "queries_per_sequence")
+    num_samples = positive_int(kwargs.get("num_samples", DEFAULT_NUM_SAMPLES), "metadata num_samples")
+    queries = positive_int(kwargs.get("queries_per_sequence", DEFAULT_QUERIES_PER_SEQUENCE), "metadata queries_per_sequence")
     seed = kwargs.get("seed", DEFAULT_SEED)
     vocabulary = mqrar.Vocabulary(
-        _positive_int(kwargs.get("num_keys", mqrar.DEFAULT_NUM_KEYS), "num_keys"),
-        _positive_int(kwargs.get("num_values", mqrar.DEFAULT_NUM_VALUES), "num_values"),
+        positive_int(kwargs.get("num_keys", mqrar.DEFAULT_NUM_KEYS), "metadata num_keys"),
+        positive_int(kwargs.get("num_values", mqrar.DEFAULT_NUM_VALUES), "metadata num_values"),
     )
     per_count = [
         mqrar.instances(num_samples, seq_length, num_pairs, vocabulary, seed, queries)
@@ -67,21 +68,15 @@ def _seq_length(kwargs: dict) -> int:
                 f"metadata max_seq_lengths={kwargs['max_seq_lengths']!r}: mqrar takes one sequence length "
                 "per run (its metrics are named by pair count); run it once per length, e.g. with sb-eval sweep"
             )
-        length = _positive_int(lengths[0], "max_seq_lengths")
+        length = positive_int(lengths[0], "metadata max_seq_lengths")
         if seq_length is not None and seq_length != length:
             raise ValueError(f"metadata seq_length={seq_length!r} and max_seq_lengths={lengths!r} disagree; give one")
         return length
-    return _positive_int(mqrar.PAPER_SEQ_LENGTH if seq_length is None else seq_length, "seq_length")
+    return positive_int(mqrar.PAPER_SEQ_LENGTH if seq_length is None else seq_length, "metadata seq_length")
 
 
 def _int_list(value: Any, name: str) -> list[int]:
     values = [value] if isinstance(value, int) else value
     if not isinstance(values, list) or not values:
         raise ValueError(f"metadata {name}={value!r} must be a positive integer or a list of them, e.g. [32, 64]")
-    return [_positive_int(item, name) for item in values]
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"metadata {name}={value!r} must be a positive integer")
-    return value
+    return [positive_int(item, f"metadata {name}") for item in values]
