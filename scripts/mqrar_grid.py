@@ -1,14 +1,16 @@
 """The paper's MQRAR experiment (Figure 3): stick-breaking vs softmax+RoPE as the number of
 key-value pairs grows, best learning rate per point.
 
-    python scripts/mqrar_grid.py --output runs/mqrar --steps 2000 --parallel 8
+    python scripts/mqrar_grid.py --output runs/mqrar --steps 2000
 
 Both models: 2 layers, hidden 256, 1 head, sequences of 768 tokens; pairs 32..192 in steps of 32;
 learning rates {1e-4, 10^(-10/3), 10^(-8/3), 1e-2}. Each run is `scripts/train.py` in its own
-process (several share one GPU: the models are tiny); a run whose model exists is not redone.
+process (several at once; on an H100 they shared the GPU without adding up to more throughput);
+runs go to OUTPUT/steps{S}-batch{B}-pool{P}-warmup{W}-seed{N}/, and a finished run there is not
+redone, so an interrupted grid resumes and other settings never reuse its models.
 The best model of each point is then evaluated through lm-eval's `mqrar` task (`sb_hf` or `hf`)
-on fresh sequences. Writes OUTPUT/grid.json (every run's final held-out accuracy), OUTPUT/mqrar.md
-(best accuracy per pair count, and lm-eval's) and OUTPUT/mqrar.png.
+on fresh sequences. The settings folder gets grid.json (every run's final held-out accuracy),
+mqrar.md (best accuracy per pair count, and lm-eval's) and mqrar.png.
 """
 
 from __future__ import annotations
@@ -86,8 +88,11 @@ def harness_accuracy(output: Path, row: dict, samples: int) -> float | str:
         finished = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
     if finished.returncode != 0:
         return "failed: " + " | ".join((folder / "harness.out").read_text().strip().splitlines()[-2:])
-    results = json.loads(max(results_folder.rglob("results_*.json"), key=os.path.getmtime).read_text())
-    return results["results"]["mqrar"]["acc,none"]
+    try:
+        results = json.loads(max(results_folder.rglob("results_*.json"), key=os.path.getmtime).read_text())
+        return results["results"]["mqrar"]["acc,none"]
+    except (ValueError, KeyError, OSError) as error:  # no results file, or not the expected metric
+        return f"failed: lm-eval's results in {results_folder} are unreadable ({type(error).__name__}: {error})"
 
 
 def best_per_point(rows: list[dict]) -> dict[tuple[str, int], dict]:
@@ -113,7 +118,9 @@ def write_report(rows: list[dict], output: Path, steps: int, pairs: list[int], l
                 cells.append("failed")
                 continue
             harness = row.get("harness_accuracy")
-            through_harness = f", lm-eval {harness:.3f}" if isinstance(harness, float) else ""
+            through_harness = (
+                "" if harness is None else f", lm-eval {harness:.3f}" if isinstance(harness, float) else ", lm-eval failed"
+            )
             cells.append(f"{row['accuracy']:.3f} (lr {row['lr']:.1e}{through_harness})")
         lines.append(f"| {count} | {' | '.join(cells)} |")
     errors = [row for row in rows if "error" in row]
@@ -149,7 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--pool-size", type=int, default=20000)
-    parser.add_argument("--parallel", type=int, default=8, help="training processes at once")
+    parser.add_argument("--parallel", type=int, default=2, help="training processes at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pairs", type=int, nargs="+", default=PAIRS, help="a subset of the pair counts")
     parser.add_argument("--learning-rates", type=float, nargs="+", default=LEARNING_RATES)
@@ -158,22 +165,26 @@ def main(argv=None) -> None:
     parser.add_argument("--harness-samples", type=int, default=50,
                         help="sequences per best model for lm-eval's mqrar task (0: skip)")
     args = parser.parse_args(argv)
-    args.output.mkdir(parents=True, exist_ok=True)
+    # Runs of other settings (a longer --steps, ...) go to their own folder: a finished run is
+    # never reused for settings it was not trained with.
+    runs = args.output / f"steps{args.steps}-batch{args.batch_size}-pool{args.pool_size}-warmup{args.warmup_steps}-seed{args.seed}"
+    runs.mkdir(parents=True, exist_ok=True)
     grid = [(a, p, lr) for p in args.pairs for a in ATTENTIONS for lr in args.learning_rates]
     with ThreadPoolExecutor(args.parallel) as pool:
-        futures = [pool.submit(train_one, args.output, *point, args) for point in grid]
+        futures = [pool.submit(train_one, runs, *point, args) for point in grid]
         rows = [future.result() for future in tqdm(as_completed(futures), total=len(futures), desc="MQRAR grid", unit="run")]
     rows.sort(key=lambda row: (row["attention"], row["pairs"], row["lr"]))
+    write_atomically(runs / "grid.json", json.dumps(rows, indent=1).encode())  # kept if what follows fails
     if args.harness_samples:
         best = list(best_per_point(rows).values())
         with ThreadPoolExecutor(args.parallel) as pool:
-            accuracies = list(tqdm(pool.map(lambda row: harness_accuracy(args.output, row, args.harness_samples), best),
+            accuracies = list(tqdm(pool.map(lambda row: harness_accuracy(runs, row, args.harness_samples), best),
                                    total=len(best), desc="lm-eval mqrar", unit="model"))
         for row, accuracy in zip(best, accuracies):
             row["harness_accuracy"] = accuracy
-    write_atomically(args.output / "grid.json", json.dumps(rows, indent=1).encode())
-    write_report(rows, args.output, args.steps, args.pairs, args.learning_rates)
-    print((args.output / "mqrar.md").read_text())
+    write_atomically(runs / "grid.json", json.dumps(rows, indent=1).encode())
+    write_report(rows, runs, args.steps, args.pairs, args.learning_rates)
+    print((runs / "mqrar.md").read_text())
 
 
 if __name__ == "__main__":
