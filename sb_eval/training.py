@@ -234,6 +234,7 @@ def train(
         lr=settings.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
     )
     step = _resume(model, optimizer, settings, output / STATE_FILE, device)
+    _drop_log_rows_after(output / LOG_FILE, step)
     log = (output / LOG_FILE).open("a")
     model.train()
     tokens_since, time_since = 0, time.perf_counter()
@@ -244,8 +245,10 @@ def train(
                 group["lr"] = settings.lr_at(step)
             batch = _to_device(train_source.batch(step), device)
             with _autocast(device):
-                loss, _, _ = position_loss(model, batch)
+                loss, _, scored = position_loss(model, batch)
             if not torch.isfinite(loss):
+                if scored.item() == 0:
+                    raise ValueError(f"batch {step} of the training data has no scored position (every target is IGNORE)")
                 raise FloatingPointError(f"the loss is {loss.item()} at step {step}; try a lower lr than {settings.lr}")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -292,6 +295,19 @@ def _resume(model, optimizer, settings: TrainSettings, path: Path, device: torch
     optimizer.load_state_dict(state["optimizer"])
     print(f"resuming from {path} at step {state['step']}")
     return state["step"]
+
+
+def _drop_log_rows_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its saved state: their rows, logged before the
+    interruption, go (rewritten atomically), so that each step is logged once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_text("".join(kept))
+        os.replace(staging, path)
 
 
 def _save_state(model, optimizer, settings: TrainSettings, step: int, path: Path) -> None:

@@ -1,6 +1,7 @@
 """The trainer: both model kinds learn, a resumed run equals an uninterrupted one, checkpoints load."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,22 +64,29 @@ def test_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, toke
         torch.testing.assert_close(loaded(input_ids=batch.inputs).logits, model(input_ids=batch.inputs).logits)
 
 
+def logged_steps(run: Path) -> list[tuple[int, bool]]:
+    """(step, whether it is an evaluation) of every row of a run's log."""
+    return [(row["step"], "eval_loss" in row) for row in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+
+
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tokenizer):
     def fresh_model():
         torch.manual_seed(0)
         return build_model("stickbreaking", size(tokenizer), tokenizer)
 
     train_source, eval_source = recall_pool(32, 16, seed=1), recall_pool(8, 16, seed=2)
-    whole = train(fresh_model(), tokenizer, train_source, eval_source, settings(), tmp_path / "whole", device="cpu")
+    every_step = dict(log_every=1, save_every=2)  # the cut (step 3's evaluation) is a step after the saved state
+    whole = train(fresh_model(), tokenizer, train_source, eval_source, settings(**every_step), tmp_path / "whole", device="cpu")
 
     def stop_at_first_evaluation(step, metrics):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(fresh_model(), tokenizer, train_source, eval_source, settings(), tmp_path / "cut", device="cpu", on_eval=stop_at_first_evaluation)
+        train(fresh_model(), tokenizer, train_source, eval_source, settings(**every_step), tmp_path / "cut", device="cpu", on_eval=stop_at_first_evaluation)
     assert not (tmp_path / "cut" / "model").exists()
-    resumed = train(fresh_model(), tokenizer, train_source, eval_source, settings(), tmp_path / "cut", device="cpu")
+    resumed = train(fresh_model(), tokenizer, train_source, eval_source, settings(**every_step), tmp_path / "cut", device="cpu")
 
+    assert logged_steps(tmp_path / "cut") == logged_steps(tmp_path / "whole")  # steps after the saved state logged once
     whole_weights = AutoModelForCausalLM.from_pretrained(whole).state_dict()
     resumed_weights = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
     for name, tensor in whole_weights.items():
@@ -126,3 +134,11 @@ def test_word_level_tokenizer_round_trips_symbols():
     assert tokenizer.eos_token_id == len(SYMBOLS)
     with pytest.raises(ValueError, match="duplicates"):
         word_level_tokenizer(["a", "a"])
+
+
+def test_a_batch_with_nothing_to_score_is_named(tmp_path, tokenizer):
+    inputs = [[1, 2, 3, 4]] * 4
+    nothing = SequencePool(inputs, [[IGNORE] * 4] * 4, batch_size=2, seed=0)
+    model = build_model("softmax", size(tokenizer), tokenizer)
+    with pytest.raises(ValueError, match="batch 0 of the training data has no scored position"):
+        train(model, tokenizer, nothing, nothing, settings(), tmp_path, device="cpu")
