@@ -23,10 +23,10 @@ stick-breaking models hand it the kernel's fused per-query distance, and softmax
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -405,9 +405,14 @@ class StatisticsRecorder:
     """Collects the statistics of every forward pass of a model and keeps a JSON file of them.
 
     The file is rewritten (atomically) when ``write`` is called, after a forward pass once
-    ``flush_seconds`` have passed since the last write, and at interpreter exit. Writing after
-    every pass would add a device-to-host copy and a file write to each decoded token; this way
-    a crash loses at most the last ``flush_seconds`` of statistics.
+    ``flush_seconds`` have passed since the last write, and a last time by ``close``, or, when
+    the recorder is never closed, when it is garbage-collected or the interpreter exits. Writing
+    after every pass would add a device-to-host copy and a file write to each decoded token; this
+    way a crash loses at most the last ``flush_seconds`` of statistics.
+
+    The last write is a ``weakref.finalize`` that holds the statistics, path and info but not
+    the recorder or the model: an atexit callback bound to the recorder would keep the model's
+    weights alive (on the GPU) until the interpreter exits.
     """
 
     def __init__(self, model: nn.Module, path: str | Path, info: dict, flush_seconds: float = 60.0) -> None:
@@ -419,27 +424,34 @@ class StatisticsRecorder:
         self._hook = model.base_model.register_forward_hook(self._after_forward)
         self._written_at = time.monotonic()
         self.write()
-        atexit.register(self._write_at_exit)
+        self._last_write = weakref.finalize(self, _write_last_time, self.path, self.info, self.statistics)
 
     def _after_forward(self, module, args, output) -> None:
         if time.monotonic() - self._written_at >= self.flush_seconds:
             self.write()
 
     def write(self) -> None:
-        document = {**self.info, "statistics": self.statistics.to_dict()}
-        # default=str: the model info holds a few non-JSON values (torch dtypes)
-        write_atomically(self.path, (json.dumps(document, indent=1, default=str) + "\n").encode())
+        _write_statistics(self.path, self.info, self.statistics)
         self._written_at = time.monotonic()
 
-    def _write_at_exit(self) -> None:
-        try:
-            self.write()
-        except OSError as error:
-            logger.warning("could not write attention statistics to %s at exit: %s", self.path, error)
-
     def close(self) -> None:
-        """Writes the file a last time and stops collecting."""
+        """Writes the file a last time and stops collecting; the model is left as it was."""
         self.write()
-        atexit.unregister(self._write_at_exit)
+        self._last_write.detach()
         self._hook.remove()
         stop_collecting(self.model)
+
+
+def _write_statistics(path: Path, info: dict, statistics: AttentionStatistics) -> None:
+    document = {**info, "statistics": statistics.to_dict()}
+    # default=str: the model info holds a few non-JSON values (torch dtypes)
+    write_atomically(path, (json.dumps(document, indent=1, default=str) + "\n").encode())
+
+
+def _write_last_time(path: Path, info: dict, statistics: AttentionStatistics) -> None:
+    """The write of a recorder that was never closed: at exit or when it is collected, where an
+    error can only be reported."""
+    try:
+        _write_statistics(path, info, statistics)
+    except OSError as error:
+        logger.warning("could not write attention statistics to %s: %s", path, error)

@@ -11,7 +11,7 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
   request kind that gives the lengths;
 - max_length defaults to 65536: stick-breaking has no position embedding to outgrow;
 - with attention_stats=PATH, every forward pass adds its attention statistics (how far back each
-  head looks, sb_eval.attention_stats) to a JSON file at PATH.
+  head looks, sb_eval.attention_stats) to a JSON file at PATH; `close()` writes it a last time.
 
 Own model args (popped before HFLM sees them, recorded in the results' model info):
 attention_backend (auto | triton | torch | reference), logprob_chunk_size, allow_pickle,
@@ -100,6 +100,14 @@ class StickBreakingLM(HFLM):
         """attention_stats, with .rankN before the suffix when several processes evaluate."""
         path = Path(self.attention_stats)
         return path if self.world_size == 1 else path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
+
+    def close(self) -> None:
+        """Ends attention_stats recording: writes its file a last time and stops collecting. Call
+        it when done with the model; without it the file is still written when the model is
+        garbage-collected or the interpreter exits."""
+        if self.attention_recorder is not None:
+            self.attention_recorder.close()
+            self.attention_recorder = None
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()

@@ -446,16 +446,19 @@ def run_sweep(points: list[Point], rows: list[dict], loader: TaskLoader, setting
                     progress.update(point.length)
                 free_memory()
                 continue
-            for point in model_points:
-                progress.set_postfix_str(f"{model.name} {point.task} {point.length}")
-                row = evaluate_point(lm, point, loader, settings, versions)
-                if row is not None and is_error(row):
-                    failed.append(point)
-                if row is not None and writer:
-                    append_row(results_path, row)
-                progress.update(point.length)
-            del lm
-            free_memory()
+            try:
+                for point in model_points:
+                    progress.set_postfix_str(f"{model.name} {point.task} {point.length}")
+                    row = evaluate_point(lm, point, loader, settings, versions)
+                    if row is not None and is_error(row):
+                        failed.append(point)
+                    if row is not None and writer:
+                        append_row(results_path, row)
+                    progress.update(point.length)
+            finally:
+                close_model(lm)
+                del lm
+                free_memory()
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -476,6 +479,14 @@ def run_sweep(points: list[Point], rows: list[dict], loader: TaskLoader, setting
 def load_model(model: ModelSpec, settings: Settings):
     additional = {"batch_size": settings.batch_size, "max_batch_size": settings.max_batch_size, "device": settings.device}
     return model_class(model.name).create_from_arg_string(model.args, additional)
+
+
+def close_model(lm) -> None:
+    """Lets a model that holds resources beyond its weights release them (sb_hf: its
+    attention_stats file is written a last time); lm-eval's own models have nothing to close."""
+    close = getattr(lm, "close", None)
+    if callable(close):
+        close()
 
 
 def evaluate_point(lm, point: Point, loader: TaskLoader, settings: Settings, versions: dict) -> dict | None:

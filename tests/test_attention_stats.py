@@ -1,7 +1,9 @@
 """Attention statistics against explicit float64 attention matrices, for stick-breaking and softmax
 models; recording during lm-eval runs; and that collection changes nothing when off."""
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -365,3 +367,26 @@ def test_sb_hf_records_statistics_of_every_forward_pass(tmp_path):
     assert after["forward_passes"] > 2
     assert after["queries"][0][0] > tokens - len(pairs)
     recording.attention_recorder.close()
+
+
+def test_sb_hf_with_attention_stats_frees_its_model(tmp_path):
+    # The last write must not keep the recorder, and so the model's weights, alive until exit.
+    folder = write_random_checkpoint(tmp_path / "ckpt", tiny_config(n_layer=1, n_embd=32, n_inner=64), seed=11)
+    path = tmp_path / "attention.json"
+    lm = StickBreakingLM(pretrained=str(folder), device="cpu", batch_size=1, attention_stats=str(path))
+    lm.loglikelihood(instances("loglikelihood", [("Once upon", " a time")]))
+    model = weakref.ref(lm.model)
+    path.unlink()
+    del lm
+    gc.collect()
+    assert model() is None
+    assert json.loads(path.read_text())["statistics"]["forward_passes"] == 1  # written when collected
+
+    closed = StickBreakingLM(pretrained=str(folder), device="cpu", batch_size=1, attention_stats=str(path))
+    closed.close()
+    assert all(block.attn.statistics is None for block in closed.model.transformer.h)
+    path.unlink()
+    model = weakref.ref(closed.model)
+    del closed
+    gc.collect()
+    assert model() is None and not path.exists()  # closed: not written again

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,21 @@ def test_two_models_give_rows_table_and_plots_and_a_failure_becomes_a_row(models
     (retried,) = read_lines(output / "results.jsonl")[4:]
     assert (retried["model"], retried["length"], "error" in retried) == ("sb_hf", 2048, False)
     assert "error (" not in (output / "summary.md").read_text()
+
+
+def test_the_sweep_closes_each_model_and_lets_it_go(models, data_dir, tmp_path, monkeypatch):
+    # sb_hf with attention_stats: the sweep closes it (the file is complete) and, once the sweep
+    # is done with it, nothing keeps its weights alive.
+    stats = tmp_path / "attention.json"
+    command = ["--model_args", f"{models['sb']},attention_stats={stats}", "--tasks", "sb_niah_single_1",
+               "--lengths", "1024", "--output", str(tmp_path / "out"), *FAST]
+    weights = []
+    evaluate_point = sweep.evaluate_point
+    monkeypatch.setattr(sweep, "evaluate_point", lambda lm, *args: weights.append(weakref.ref(lm.model)) or evaluate_point(lm, *args))
+    assert sweep.main(command) == 0
+    assert len(weights) == 1 and weights[0]() is None
+    statistics = json.loads(stats.read_text())["statistics"]
+    assert statistics["forward_passes"] > 0
 
 
 def run_sweep_until(command: list[str], results: Path, env: dict, stop: signal.Signals) -> subprocess.CompletedProcess:
