@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sb_eval.checkpoint import released_3b_config, write_random_checkpoint
+from sb_eval.ruler.cache import write_atomically
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -50,8 +51,7 @@ def worker(args: argparse.Namespace) -> None:
             for task, samples in results["samples"].items() for sample in samples
         }
         run = {"world_size": lm.world_size, "evaluate_s": elapsed, "results": results["results"], "answers": answers}
-        args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / "run.json").write_text(json.dumps(run, indent=1, default=str))
+        write_atomically(args.output / "run.json", json.dumps(run, indent=1, default=str).encode())
 
 
 def run_worker(launcher: list[str], args: argparse.Namespace, output: Path, gpus: str) -> dict:
@@ -61,6 +61,7 @@ def run_worker(launcher: list[str], args: argparse.Namespace, output: Path, gpus
         "--output", str(output),
     ]
     log = output.with_suffix(".log")
+    (output / "run.json").unlink(missing_ok=True)  # a run that writes none must not report the last one's
     started = time.perf_counter()
     with log.open("w") as out:
         finished = subprocess.run(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus}, stdout=out, stderr=subprocess.STDOUT)
@@ -82,6 +83,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.mode == "worker":
+        if args.model is None or not args.model.is_dir():
+            sys.exit(f"worker: --model must be a checkpoint folder, got {args.model}")
         worker(args)
         return
     if not 2 <= args.gpus <= torch.cuda.device_count():
@@ -113,7 +116,7 @@ def main(argv=None) -> None:
         "single_wall_s": single["wall_s"], "parallel_wall_s": parallel["wall_s"],
         "torch": torch.__version__,
     }
-    (args.output / "report.json").write_text(json.dumps(report, indent=1))
+    write_atomically(args.output / "report.json", json.dumps(report, indent=1).encode())
     print(json.dumps(report, indent=1))
 
 
