@@ -142,3 +142,24 @@ def test_a_batch_with_nothing_to_score_is_named(tmp_path, tokenizer):
     model = build_model("softmax", size(tokenizer), tokenizer)
     with pytest.raises(ValueError, match="batch 0 of the training data has no scored position"):
         train(model, tokenizer, nothing, nothing, settings(), tmp_path, device="cpu")
+
+
+def test_the_training_script_trains_mqrar_and_writes_a_checkpoint_sb_hf_loads(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parents[1] / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main([
+        "--attention", "stickbreaking", "--data", "mqrar", "--num-pairs", "4", "--seq-length", "24",
+        "--pool-size", "16", "--batch-size", "4", "--hidden", "32", "--heads", "2", "--steps", "2",
+        "--eval-batches", "1", "--attention-backend", "torch", "--device", "cpu", "--output", str(tmp_path),
+    ])
+    check_checkpoint_folder(tmp_path / "model")
+    from transformers import AutoTokenizer
+
+    from sb_eval.ruler import mqrar
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    sequence = mqrar.sequences(1, 24, 4, seed=5)[0]
+    assert tokenizer(mqrar.Vocabulary().text(sequence.inputs), add_special_tokens=False).input_ids == sequence.inputs
