@@ -27,7 +27,9 @@ DEFAULT_SEED = 42
 
 def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     """The test split: every pair count's instances, interleaved (instance 0 of each count, then
-    instance 1, ...) so that `--limit N` takes about N / len(num_pairs) instances of each."""
+    instance 1, ...) so that `--limit N` takes about N / len(num_pairs) instances of each. Counts
+    can have fewer instances than others (many pairs leave a short sequence fewer queries than
+    queries_per_sequence): a count that runs out drops out of the rotation."""
     pair_counts = _int_list(kwargs.get("num_pairs", list(mqrar.PAPER_NUM_PAIRS)), "num_pairs")
     seq_length = _seq_length(kwargs)
     num_samples = positive_int(kwargs.get("num_samples", DEFAULT_NUM_SAMPLES), "metadata num_samples")
@@ -37,11 +39,13 @@ def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
         positive_int(kwargs.get("num_keys", mqrar.DEFAULT_NUM_KEYS), "metadata num_keys"),
         positive_int(kwargs.get("num_values", mqrar.DEFAULT_NUM_VALUES), "metadata num_values"),
     )
+    _check_room_for_queries(pair_counts, seq_length)
     per_count = [
         mqrar.instances(num_samples, seq_length, num_pairs, vocabulary, seed, queries)
         for num_pairs in tqdm(pair_counts, desc=f"mqrar sequences of {seq_length} symbols", leave=False)
     ]
-    interleaved = [instances[i] for i in range(len(per_count[0])) for instances in per_count]
+    longest = max(len(instances) for instances in per_count)
+    interleaved = [instances[i] for i in range(longest) for instances in per_count if i < len(instances)]
     return {"test": datasets.Dataset.from_list(interleaved)}
 
 
@@ -73,6 +77,18 @@ def _seq_length(kwargs: dict) -> int:
             raise ValueError(f"metadata seq_length={seq_length!r} and max_seq_lengths={lengths!r} disagree; give one")
         return length
     return positive_int(mqrar.PAPER_SEQ_LENGTH if seq_length is None else seq_length, "metadata seq_length")
+
+
+def _check_room_for_queries(pair_counts: list[int], seq_length: int) -> None:
+    """Every count's 2 * num_pairs assignment symbols must leave at least one query symbol; checked
+    before any count's sequences are generated."""
+    too_many = [num_pairs for num_pairs in pair_counts if 2 * num_pairs >= seq_length]
+    if too_many:
+        raise ValueError(
+            f"metadata num_pairs={pair_counts!r}: {too_many[0]} pairs take {2 * too_many[0]} of the "
+            f"seq_length={seq_length} symbols and leave no query; at this length num_pairs can be at "
+            f"most {(seq_length - 1) // 2} (seq_length >= 2 * num_pairs + 1)"
+        )
 
 
 def _int_list(value: Any, name: str) -> list[int]:

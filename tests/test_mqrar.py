@@ -167,6 +167,18 @@ def test_custom_dataset_reads_the_metadata():
     assert len(mqrar_task.custom_dataset(num_pairs=32, num_samples=1)["test"]) == 4  # paper length 768
 
 
+@pytest.mark.parametrize("pair_counts", [[32, 190], [190, 32]])
+def test_custom_dataset_keeps_every_instance_of_counts_with_fewer_queries(pair_counts):
+    # 190 pairs leave 4 of 384 symbols: 2 queries per sequence, fewer than queries_per_sequence
+    docs = mqrar_task.custom_dataset(num_pairs=pair_counts, seq_length=384, num_samples=5)["test"]
+    fewer = mqrar.instances(5, 384, 190, seed=mqrar_task.DEFAULT_SEED)
+    assert len(fewer) == 10
+    assert [d["context"] for d in docs if d["num_pairs"] == 190] == [i["context"] for i in fewer]
+    assert docs["num_pairs"].count(32) == 20
+    # round-robin while both counts last, then the rest of the count with more
+    assert docs["num_pairs"] == pair_counts * 10 + [32] * 10
+
+
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
@@ -174,7 +186,9 @@ def test_custom_dataset_reads_the_metadata():
         (dict(max_seq_lengths=[1024], seq_length=768), "seq_length=768 and max_seq_lengths=\\[1024\\] disagree"),
         (dict(num_pairs="32"), "num_pairs='32' must be a positive integer or a list"),
         (dict(num_pairs=[32, 0]), "num_pairs=0 must be a positive integer"),
-        (dict(num_pairs=[400]), "num_pairs=400 needs as many distinct keys, but num_keys=256"),
+        (dict(num_pairs=[400], seq_length=1024), "num_pairs=400 needs as many distinct keys, but num_keys=256"),
+        (dict(num_pairs=[32, 192], seq_length=384),
+         r"num_pairs=\[32, 192\]: 192 pairs take 384 of the seq_length=384 symbols and leave no query; .* at most 191"),
     ],
 )
 def test_custom_dataset_errors_name_the_setting(metadata, message):
