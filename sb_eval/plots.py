@@ -2,10 +2,11 @@
 a table of the headline metric (rows task x model, columns context lengths), and one PNG per task
 with the headline metric against length, one line per model.
 
-The headline metric of a task at length L is, by contract with the task authors: the metric named
-str(L) (RULER tasks score each length under its own name, "4096"), else "nll_{L}" (long-document
-perplexity), else "acc", else the first metric whose name starts with "acc" (MQRAR reports "acc"
-and "acc_<pairs>"). Groups are read from the group's own row.
+The headline metric of a task at length L is, by contract with the task authors (HEADLINE_RULE,
+also written into summary.md): the metric named str(L) (RULER tasks score each length under its
+own name, "4096"), else "nll_{L}" (sb_ppl), else "acc" (mqrar, which also reports "acc_<pairs>"),
+else "word_perplexity" (sb_wikitext), else the first metric whose name starts with "acc". Groups
+are read from the group's own row.
 
 Of several rows for one point (an error, retried later), a result wins over errors, and the latest
 row wins otherwise.
@@ -28,11 +29,16 @@ LENGTH_METRIC_TITLE = "score (the metric named by each length)"
 PLOTS_FOLDER = "plots"
 # Characters of an error message shown in summary.md (the row in results.jsonl keeps it all).
 ERROR_MESSAGE_CHARS = 160
+# headline_metric's order, as summary.md states it.
+HEADLINE_RULE = (
+    "the metric named by the length (RULER), else nll_<length> (sb_ppl), else acc (mqrar), "
+    "else word_perplexity (sb_wikitext), else the first metric whose name starts with acc"
+)
 
 
 def headline_metric(metrics: dict[str, float | None], length: int) -> tuple[str, float | None] | None:
-    """(name, value) of the metric that stands for a task's result at `length`, or None: accuracy
-    per length (RULER), nll per length (sb_ppl), acc (mqrar), word_perplexity (sb_wikitext)."""
+    """(name, value) of the metric that stands for a task's result at `length`, or None; the
+    first of HEADLINE_RULE that the metrics have."""
     for name in (str(length), f"nll_{length}", "acc", "word_perplexity"):
         if name in metrics:
             return name, metrics[name]
@@ -97,8 +103,7 @@ def summary_markdown(outcomes: dict[tuple[str, str, int], dict], row_count: int)
         "# Sweep results",
         "",
         f"{len(outcomes) - len(errors)} points with results and {len(errors)} with errors, from {row_count} rows "
-        "of results.jsonl. Each cell is the task's headline metric at that context length (tokens): the "
-        "metric named by the length (RULER), else nll_<length>, else acc, else the first acc... metric.",
+        f"of results.jsonl. Each cell is the task's headline metric at that context length (tokens): {HEADLINE_RULE}.",
         "",
         "| task | model | metric | " + " | ".join(str(length) for length in lengths) + " |",
         "|---|---|---|" + "---:|" * len(lengths),

@@ -245,6 +245,9 @@ def test_headline_metric_follows_the_task_authors_contract():
     assert plots.headline_metric({"tokens": 4096.0, "nll_4096": 2.31, "acc": 0.1}, 4096) == ("nll_4096", 2.31)
     assert plots.headline_metric({"acc_16": 0.3, "acc": 0.5}, 4096) == ("acc", 0.5)
     assert plots.headline_metric({"exact": 1.0, "acc_norm": 0.4, "acc_16": 0.5}, 4096) == ("acc_norm", 0.4)
+    assert plots.headline_metric({"bits_per_byte": 1.1, "word_perplexity": 30.0}, 4096) == ("word_perplexity", 30.0)
+    assert plots.headline_metric({"word_perplexity": 30.0, "acc": 0.5}, 4096) == ("acc", 0.5)
+    assert plots.headline_metric({"acc_norm": 0.4, "word_perplexity": 30.0}, 4096) == ("word_perplexity", 30.0)
     assert plots.headline_metric({"exact": 1.0}, 4096) is None
 
 
@@ -265,6 +268,7 @@ def test_report_shows_each_tasks_headline_latest_outcomes_and_errors(tmp_path):
     assert written == [tmp_path / "summary.md", tmp_path / "plots" / "mqrar.png",
                        tmp_path / "plots" / "ruler_niah.png", tmp_path / "plots" / "sb_ppl.png"]
     table = (tmp_path / "summary.md").read_text().splitlines()
+    assert any(plots.HEADLINE_RULE in line for line in table)
     assert "| mqrar | sb_hf:a | acc | 0.75 | 0.5 |" in table
     assert "| mqrar | hf:b |  |  | error (ValueError) |" in table
     assert "| sb_ppl | sb_hf:a | nll_<length> | 2.5 | error (OutOfMemoryError) |" in table
