@@ -52,6 +52,11 @@ SOFTMAX_TILE_ELEMENTS = 1 << 24
 SOFTMAX_KEY_BLOCK = 1024
 
 
+class UnsupportedArchitectureError(ValueError):
+    """A model whose attention these statistics cannot observe; the message names the model's
+    class and what is supported."""
+
+
 def query_distances(
     tokens_back: torch.Tensor, mass: torch.Tensor, farthest_gap: torch.Tensor | None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -281,7 +286,7 @@ def softmax_query_layout(
         if num_queries == 1:
             return torch.tensor([num_keys - 1], device=device), None
         if not is_causal:
-            raise ValueError("attention statistics cover causal decoders; this attention is not causal")
+            raise UnsupportedArchitectureError("attention statistics cover causal decoders; this attention is not causal")
         return torch.arange(num_queries, device=device), None
     if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
         raise ValueError(
@@ -312,7 +317,9 @@ def stats_attention_forward(
     statistics: AttentionStatistics | None = getattr(module, STATISTICS_ATTRIBUTE, None)
     if statistics is not None:
         if kwargs.get("s_aux") is not None:
-            raise ValueError("attention statistics cover plain softmax; this model has attention sinks (s_aux)")
+            raise UnsupportedArchitectureError(
+                f"{type(module).__name__}: attention statistics cover plain softmax; this model has attention sinks (s_aux)"
+            )
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         Tq, Tk = query.shape[2], key.shape[2]
@@ -389,10 +396,11 @@ def softmax_attention_modules(model: nn.Module) -> list[nn.Module]:
     ]
     layers = model.config.num_hidden_layers
     if len(modules) != layers or sorted(m.layer_idx for m in modules) != list(range(layers)):
-        raise ValueError(
+        raise UnsupportedArchitectureError(
             f"{type(model).__name__}: found {len(modules)} attention modules with layer_idx, scaling "
             f"and num_key_value_groups for {layers} layers; attention statistics support "
-            "transformers decoders that attend through AttentionInterface (Llama-family models)"
+            "stick-breaking checkpoints (sb_hf) and transformers decoders that attend through "
+            "AttentionInterface (Llama-family models)"
         )
     return modules
 

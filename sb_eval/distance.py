@@ -11,6 +11,9 @@ forward pass per batch of windows collects, for every layer and head, the attent
 distance in tokens back and the attended mass, averaged over the chosen query positions
 (sb_eval.attention_stats has the definitions). Writes OUTPUT/<label>.json and OUTPUT/<label>.png
 (layers x heads) per model, OUTPUT/summary.md, and with two models OUTPUT/comparison.png.
+A model that cannot be measured (an architecture the statistics do not cover, a checkpoint that
+is not what --model expects) is reported and skipped: the other model's files and the summary of
+what was measured are still written, and the exit status is 2.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from .attention_stats import (
     REMAINDER_CONVENTIONS,
     SIGN_NOTE,
     AttentionStatistics,
+    UnsupportedArchitectureError,
     collect_attention_statistics,
     stop_collecting,
 )
+from .checkpoint import CheckpointError
 from .data import DocumentSourceError, documents
 
 MODELS = ("sb_hf", "hf")
@@ -115,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """Runs `sb-eval distance ARGS`; returns 0, or 2 for arguments or a corpus that cannot work."""
+    """Runs `sb-eval distance ARGS`; returns 0, or 2 for arguments, a corpus or a model that
+    cannot work."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -130,23 +136,31 @@ def main(argv: list[str]) -> int:
         print(f"sb-eval distance: error: {error}", file=sys.stderr)
         return 2
 
-    results = []
-    for model, model_args, label in zip(models, arguments, labels(models)):
-        try:
-            result = measure_model(model, model_args, label, texts, args)
-        except DistanceArgumentError as error:
-            print(f"sb-eval distance: error: {error}", file=sys.stderr)
-            return 2
-        path = args.output / f"{label}.json"
-        write_atomically(path, (json.dumps(result, indent=1) + "\n").encode())
-        write_atomically(args.output / f"{label}.png", heatmap_png([result], args.remainder))
-        print(f"wrote {path}", file=sys.stderr)
-        results.append(result)
-    if len(results) == 2:
-        write_atomically(args.output / COMPARISON_FILE, heatmap_png(results, args.remainder))
-    write_atomically(args.output / SUMMARY_FILE, summary_markdown(results, args).encode())
-    print(f"wrote {args.output / SUMMARY_FILE}", file=sys.stderr)
-    return 0
+    results, failures = [], {}
+    try:
+        for model, model_args, label in zip(models, arguments, labels(models)):
+            try:
+                result = measure_model(model, model_args, label, texts, args)
+            except (DistanceArgumentError, UnsupportedArchitectureError, CheckpointError) as error:
+                failures[label] = str(error)
+                print(f"sb-eval distance: error: {model.name} with {model.args}: {error}", file=sys.stderr)
+                continue
+            except BaseException as error:  # reported in the summary, then raised as it is
+                failures[label] = f"{type(error).__name__}: {error}"
+                raise
+            path = args.output / f"{label}.json"
+            write_atomically(path, (json.dumps(result, indent=1) + "\n").encode())
+            write_atomically(args.output / f"{label}.png", heatmap_png([result], args.remainder))
+            print(f"wrote {path}", file=sys.stderr)
+            results.append(result)
+    finally:
+        # what was measured is kept even when a later model fails
+        if results:
+            if len(results) == 2:
+                write_atomically(args.output / COMPARISON_FILE, heatmap_png(results, args.remainder))
+            write_atomically(args.output / SUMMARY_FILE, summary_markdown(results, args, failures).encode())
+            print(f"wrote {args.output / SUMMARY_FILE}", file=sys.stderr)
+    return 2 if failures else 0
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -327,7 +341,9 @@ def heatmap_png(results: list[dict], remainder: str) -> bytes:
     return buffer.getvalue()
 
 
-def summary_markdown(results: list[dict], args) -> str:
+def summary_markdown(results: list[dict], args, failures: dict[str, str] | None = None) -> str:
+    """results: the measured models (at least one); failures: label -> error of the models that
+    could not be measured."""
     first = results[0]
     lines = [
         "# Attention distance",
@@ -351,6 +367,8 @@ def summary_markdown(results: list[dict], args) -> str:
             + " / ".join(_number(by_convention[c]) for c in REMAINDER_CONVENTIONS)
             + " |"
         )
+    if failures:
+        lines += ["", "Not measured:", ""] + [f"- {label}: {' '.join(error.split())}" for label, error in failures.items()]
     if len(results) == 2:
         lines += ["", f"![tokens back per layer and head, side by side]({COMPARISON_FILE})"]
     for result in results:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from sb_eval.kernels import BACKENDS
 
-from .attention_stats import StatisticsRecorder
+from .attention_stats import StatisticsRecorder, UnsupportedArchitectureError
 from .checkpoint import check_checkpoint_folder, check_tokenizer_folder
 from .modeling import StickBreakingForCausalLM
 
@@ -83,7 +83,7 @@ class StickBreakingLM(HFLM):
             **kwargs,
         )
         if not isinstance(self.model, StickBreakingForCausalLM):
-            raise ValueError(
+            raise UnsupportedArchitectureError(
                 f"sb_hf loaded a {type(self.model).__name__}, not a stick-breaking model; use "
                 "--model hf for other architectures"
             )

@@ -136,3 +136,30 @@ def test_bad_arguments_are_named(folders, tmp_path, capsys, arguments, message):
     ]
     assert main(argv + arguments) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_unsupported_architecture_is_named_and_the_other_model_still_reported(folders, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    torch.manual_seed(13)
+    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=256, eos_token_id=256)).save_pretrained(gpt2)
+    byte_level_tokenizer().save_pretrained(gpt2)
+    common = ["--corpus", str(folders["corpus"]), "--length", str(LENGTH), "--windows", "2", "--device", "cpu"]
+
+    alone = tmp_path / "alone"
+    assert main(["--model", "hf", "--model_args", f"pretrained={gpt2}", *common, "--output", str(alone)]) == 2
+    error = capsys.readouterr().err
+    assert f"sb-eval distance: error: hf with pretrained={gpt2}: GPT2LMHeadModel:" in error
+    assert "support stick-breaking checkpoints (sb_hf) and transformers decoders" in error
+    assert "Traceback" not in error and not (alone / "summary.md").exists()
+
+    out = tmp_path / "out"
+    code = main(["--model_args", f"pretrained={folders['sb']}", "--compare", f"hf:pretrained={gpt2}",
+                 *common, "--output", str(out)])
+    assert code == 2
+    assert sorted(p.name for p in out.iterdir()) == ["sb_hf-sb.json", "sb_hf-sb.png", "summary.md"]
+    summary = (out / "summary.md").read_text()
+    assert "| sb_hf-sb | 2 |" in summary
+    assert "- hf-gpt2: GPT2LMHeadModel: found 0 attention modules" in summary
