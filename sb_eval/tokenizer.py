@@ -1,14 +1,15 @@
 """Tokenizers that need no download, for the small checkpoints the package writes and trains.
 
-A byte-level one (one token per UTF-8 byte plus end-of-text) for text, and a word-level one over
-a fixed list of symbols for synthetic tasks; real checkpoints ship their own tokenizer.
+A byte-level one (one token per UTF-8 byte plus end-of-text) and a byte-level BPE learnt from
+offline text, for text; a word-level one over a fixed list of symbols for synthetic tasks. Real
+checkpoints ship their own tokenizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 END_OF_TEXT = "<|endoftext|>"
@@ -24,6 +25,23 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
+    return _with_end_of_text(tokenizer)
+
+
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2's scheme: every byte is a token, merges learnt from `texts`) of
+    `vocab_size` ids (fewer when the texts run out of pairs to merge), then <|endoftext|> as bos,
+    eos and pad (the last id). Any text round-trips exactly. Deterministic for the same texts."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet):
+        raise ValueError(f"vocab_size must be at least the {len(alphabet)} byte tokens, got {vocab_size}")
+    if not texts:
+        raise ValueError("train_bpe_tokenizer needs at least one text to learn merges from")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
     return _with_end_of_text(tokenizer)
 
 

@@ -16,7 +16,7 @@ import json
 import torch
 
 from sb_eval.ruler import mqrar
-from sb_eval.tokenizer import byte_level_tokenizer, word_level_tokenizer
+from sb_eval.tokenizer import byte_level_tokenizer, train_bpe_tokenizer, word_level_tokenizer
 from sb_eval.training import (
     ATTENTION_KINDS, ModelSize, SequencePool, TokenWindows, TrainSettings, build_model, token_stream, train,
 )
@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     mqrar_args.add_argument("--pool-size", type=int, default=20000, help="training sequences, reshuffled every epoch")
     text_args = parser.add_argument_group("text")
     text_args.add_argument("--corpus", default="aa-lcr", help="anything sb_eval.data.documents accepts")
-    text_args.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer folder")
+    text_args.add_argument("--tokenizer", default="byte",
+                           help="'byte', 'bpe:N' (a byte-level BPE of N ids learnt from the training documents) or a tokenizer folder")
     text_args.add_argument("--eval-documents", type=int, default=2, help="documents held out for evaluation")
     size = parser.add_argument_group("model")
     size.add_argument("--layers", type=int, default=2)
@@ -60,6 +61,20 @@ def mqrar_pool(args: argparse.Namespace, count: int, seed: int) -> SequencePool:
     return SequencePool([s.inputs for s in generated], [s.targets for s in generated], batch_size=args.batch_size, seed=seed)
 
 
+def text_tokenizer(choice: str, training_texts: list[str]):
+    """--tokenizer: 'byte', 'bpe:N' learnt from the training documents only, or a folder."""
+    if choice == "byte":
+        return byte_level_tokenizer()
+    if choice.startswith("bpe:"):
+        size = choice.removeprefix("bpe:")
+        if not size.isdigit():
+            raise SystemExit(f"--tokenizer {choice}: the BPE size must be a number of ids, e.g. bpe:8192")
+        return train_bpe_tokenizer(training_texts, int(size))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(choice)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.data == "mqrar":
@@ -70,9 +85,7 @@ def main(argv=None) -> None:
         data = {"data": "mqrar", "num_pairs": args.num_pairs, "pool_size": args.pool_size}
     else:
         from sb_eval.data import documents
-        from transformers import AutoTokenizer
 
-        tokenizer = byte_level_tokenizer() if args.tokenizer == "byte" else AutoTokenizer.from_pretrained(args.tokenizer)
         try:
             texts = documents(args.corpus)
         except (OSError, ValueError) as error:  # a corpus not fetched yet, a bad path or source
@@ -80,6 +93,7 @@ def main(argv=None) -> None:
         if len(texts) <= args.eval_documents:
             raise SystemExit(f"--corpus {args.corpus} has {len(texts)} documents; --eval-documents {args.eval_documents} leaves none to train on")
         held_out = args.eval_documents
+        tokenizer = text_tokenizer(args.tokenizer, texts[held_out:])
         train_source = TokenWindows(token_stream(texts[held_out:], tokenizer), args.seq_length, args.batch_size, args.seed)
         eval_source = TokenWindows(token_stream(texts[:held_out], tokenizer), args.seq_length, args.batch_size, args.seed + 1)
         data = {"data": "text", "corpus": args.corpus, "tokenizer": args.tokenizer, "eval_documents": held_out}

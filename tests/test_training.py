@@ -163,3 +163,16 @@ def test_the_training_script_trains_mqrar_and_writes_a_checkpoint_sb_hf_loads(tm
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
     sequence = mqrar.sequences(1, 24, 4, seed=5)[0]
     assert tokenizer(mqrar.Vocabulary().text(sequence.inputs), add_special_tokens=False).input_ids == sequence.inputs
+
+
+def test_a_learnt_bpe_round_trips_text_and_ends_with_end_of_text():
+    from sb_eval.tokenizer import train_bpe_tokenizer
+
+    texts = ["the stick breaks nearest first, and the stick is what remains"] * 20
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=300)
+    assert 256 < len(tokenizer) <= 301 and tokenizer.eos_token_id == len(tokenizer) - 1
+    text = "the stick breaks: ünïcode too"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(ids) < len(text.encode()) and tokenizer.decode(ids) == text
+    with pytest.raises(ValueError, match="at least the 256 byte tokens"):
+        train_bpe_tokenizer(texts, vocab_size=100)
