@@ -25,7 +25,6 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +48,7 @@ from .attention_stats import (
 )
 from .checkpoint import CheckpointError
 from .data import DocumentSourceError, documents
+from .sweep import ModelSpec, model_class, split_model_spec
 
 MODELS = ("sb_hf", "hf")
 SUMMARY_FILE = "summary.md"
@@ -68,21 +68,15 @@ class DistanceArgumentError(ValueError):
     """An argument of `sb-eval distance` that cannot work; the message says what is valid."""
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """An lm-eval model name (sb_hf or hf) and its model_args string, as on lm_eval's command line."""
-
-    name: str
-    args: str
-
-    def arguments(self) -> dict:
-        try:
-            parsed = simple_parse_args_string(self.args)
-        except ValueError as error:
-            raise DistanceArgumentError(f"model arguments {self.args!r} of {self.name}: {error}") from None
-        if "pretrained" not in parsed:
-            raise DistanceArgumentError(f"model arguments {self.args!r} of {self.name} need pretrained=PATH")
-        return parsed
+def parsed_model_args(model: ModelSpec) -> dict:
+    """The model's model_args as a dict, which must name a pretrained folder."""
+    try:
+        parsed = simple_parse_args_string(model.args)
+    except ValueError as error:
+        raise DistanceArgumentError(f"model arguments {model.args!r} of {model.name}: {error}") from None
+    if "pretrained" not in parsed:
+        raise DistanceArgumentError(f"model arguments {model.args!r} of {model.name} need pretrained=PATH")
+    return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,18 +167,18 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def parse_model_spec(spec: str) -> ModelSpec:
-    name, colon, args = spec.partition(":")
-    if not colon or name.strip() not in MODELS or "=" not in args:
+    model = split_model_spec(spec)
+    if model is None or model.name not in MODELS:
         raise DistanceArgumentError(
             f"--compare {spec!r} must be NAME:ARGS with NAME one of {', '.join(MODELS)}, e.g. "
             "hf:pretrained=/path/to/llama or sb_hf:pretrained=/path/to/checkpoint"
         )
-    return ModelSpec(name.strip(), args.strip())
+    return model
 
 
 def model_arguments(model: ModelSpec, args: argparse.Namespace) -> dict:
     """The model's constructor arguments: its model_args, with --device and --dtype applied."""
-    arguments = model.arguments()
+    arguments = parsed_model_args(model)
     folder = Path(str(arguments["pretrained"])).expanduser()
     if not folder.is_dir():
         raise DistanceArgumentError(
@@ -202,7 +196,7 @@ def labels(models: list[ModelSpec]) -> list[str]:
     """File-name labels NAME-FOLDER, numbered where two models would share one."""
     names = []
     for model in models:
-        folder = Path(str(model.arguments()["pretrained"])).expanduser().resolve().name
+        folder = Path(str(parsed_model_args(model)["pretrained"])).expanduser().resolve().name
         label = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model.name}-{folder}").strip("-")
         names.append(label if label not in names else f"{label}-{len(names) + 1}")
     return names
@@ -210,11 +204,7 @@ def labels(models: list[ModelSpec]) -> list[str]:
 
 def load_model(model: ModelSpec, arguments: dict):
     """An lm-eval model object, built as `lm_eval --model NAME --model_args ...` would build it."""
-    if model.name == "sb_hf":
-        from .lm_eval_model import StickBreakingLM as model_class
-    else:
-        from lm_eval.models.huggingface import HFLM as model_class
-    return model_class(**arguments)
+    return model_class(model.name)(**arguments)
 
 
 def token_windows(texts: list[str], tokenizer, length: int, count: int, join: bool = False) -> list[list[int]]:

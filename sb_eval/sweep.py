@@ -175,14 +175,23 @@ def main(argv: list[str]) -> int:
     return run_sweep(points, rows, loader, settings)
 
 
-def parse_model_spec(spec: str) -> ModelSpec:
+def split_model_spec(spec: str) -> ModelSpec | None:
+    """NAME:ARGS (an lm-eval model name and its model_args) as a ModelSpec; None when `spec` is
+    not of that form."""
     name, colon, args = spec.partition(":")
     if not colon or not name.strip() or "=" not in args:
+        return None
+    return ModelSpec(name.strip(), args.strip())
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    model = split_model_spec(spec)
+    if model is None:
         raise SweepArgumentError(
             f"--compare {spec!r} must be NAME:ARGS, an lm-eval model name and its model_args, "
             "e.g. hf:pretrained=/path/to/model or sb_hf:pretrained=/path/to/checkpoint"
         )
-    return ModelSpec(name.strip(), args.strip())
+    return model
 
 
 def check_models(models: list[ModelSpec]) -> None:
