@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from sb_eval.ruler.cache import write_atomically
+
 from .checkpoint import save_checkpoint
 from .configuration import StickBreakingConfig
 from .modeling import StickBreakingForCausalLM
@@ -305,9 +307,7 @@ def _drop_log_rows_after(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
-        staging = path.with_name(f".{path.name}.tmp")
-        staging.write_text("".join(kept))
-        os.replace(staging, path)
+        write_atomically(path, "".join(kept).encode())
 
 
 def _save_state(model, optimizer, settings: TrainSettings, step: int, path: Path) -> None:

@@ -16,6 +16,7 @@ mqrar.md (best accuracy per pair count, and lm-eval's) and mqrar.png.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -24,13 +25,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from sb_eval.ruler.cache import write_atomically  # noqa: E402
+from sb_eval.ruler.cache import write_atomically
 
 PAIRS = (32, 64, 96, 128, 160, 192)
 LEARNING_RATES = (1e-4, 10 ** (-10 / 3), 10 ** (-8 / 3), 1e-2)
@@ -131,7 +129,8 @@ def write_report(rows: list[dict], output: Path, steps: int, pairs: list[int], l
     )
     write_atomically(output / "mqrar.md", text.encode())
 
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure = Figure(figsize=(5, 3.5))
+    axis = figure.subplots()
     for attention in ATTENTIONS:
         points = [(count, best[(attention, count)]["accuracy"]) for count in pairs if (attention, count) in best]
         if points:
@@ -144,9 +143,9 @@ def write_report(rows: list[dict], output: Path, steps: int, pairs: list[int], l
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    staging = output / ".mqrar.png.tmp"
-    figure.savefig(staging, format="png", dpi=150)
-    os.replace(staging, output / "mqrar.png")
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=150)
+    write_atomically(output / "mqrar.png", png.getvalue())
 
 
 def main(argv=None) -> None:
