@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers.integrations.sdpa_attention as sdpa_module
 from test_attention_stats import assert_statistics_match, explicit_statistics, softmax_matrix, stick_breaking_matrix
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import write_tiny_llama
 
 import sb_eval.modeling
 from sb_eval.checkpoint import tiny_config, write_random_checkpoint
@@ -25,14 +25,10 @@ DOCUMENTS = {
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("distance")
     sb = write_random_checkpoint(root / "sb", tiny_config(n_layer=2, n_embd=64, n_inner=96), seed=11)
-    torch.manual_seed(12)
-    config = LlamaConfig(
-        vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    write_tiny_llama(
+        root / "llama", seed=12, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=256, eos_token_id=256, pad_token_id=256,
     )
-    LlamaForCausalLM(config).save_pretrained(root / "llama")
-    byte_level_tokenizer().save_pretrained(root / "llama")
     corpus = root / "corpus"
     corpus.mkdir()
     for name, text in DOCUMENTS.items():

@@ -21,8 +21,8 @@ from lm_eval.models.huggingface import HFLM
 from sb_eval import plots, sweep
 from sb_eval.checkpoint import tiny_config, write_random_checkpoint
 from sb_eval.lm_eval_model import StickBreakingLM
-from sb_eval.tokenizer import byte_level_tokenizer
 from test_ruler_helpers import write_standin_essays
+from tiny_models import write_tiny_llama
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # One sample per point and four generated tokens: the sweep, not the models, is under test.
@@ -33,19 +33,12 @@ FAST = ["--metadata", '{"num_samples": 1}', "--gen_kwargs", "max_gen_toks=4", "-
 def models(tmp_path_factory) -> dict[str, str]:
     """Model specs: a one-layer random stick-breaking checkpoint (sb_hf) and a tiny random Llama
     (lm-eval's hf), both with the byte-level tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path_factory.mktemp("models")
     sb = write_random_checkpoint(folder / "sb", tiny_config(n_layer=1, n_head=2, n_embd=32, n_inner=64, attention_multiplier=1 / 16))
-    tokenizer = byte_level_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    write_tiny_llama(
+        folder / "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8192,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder / "llama")
-    tokenizer.save_pretrained(folder / "llama")
     return {"sb": f"pretrained={sb},attention_backend=torch", "llama": f"pretrained={folder / 'llama'}"}
 
 

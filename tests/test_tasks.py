@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lm_eval.tasks
 import pytest
-import torch
 import yaml
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import TaskIndex
@@ -20,6 +19,7 @@ from sb_eval import ruler
 from sb_eval.tasks import ruler_tasks
 from sb_eval.tokenizer import byte_level_tokenizer
 from test_ruler_helpers import write_standin_essays
+from tiny_models import write_tiny_llama
 
 TASKS_DIR = Path(ruler_tasks.__file__).parent
 DOCS = Path(__file__).parents[1] / "docs" / "adding-tasks.md"
@@ -43,19 +43,10 @@ def _task_config(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random Llama with the byte-level tokenizer, saved like any local checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("checkpoint")
-    tokenizer = byte_level_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    return write_tiny_llama(
+        tmp_path_factory.mktemp("checkpoint"), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture
