@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import _key_block
+from .forward import _key_block, key_head, row_tile_mask, walk_start
 
 
 @triton.jit
@@ -50,18 +50,11 @@ def stickbreaking_split_kernel(
     query_pos = Tk - Tq + t
 
     q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :]
-    q_mask = row_valid[:, None]
-    if not EVEN_D:
-        q_mask = q_mask & (offs_d < HEAD_DIM)[None, :]
+    q_mask = row_tile_mask(row_valid, offs_d, HEAD_DIM, EVEN_D)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    K += b * stride_kb + h_kv * stride_kh
-    V += b * stride_vb + h_kv * stride_vh
-    key_mask_ptr = KEY_MASK + b * stride_mb
-
-    strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
-    o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    used = tl.zeros([BLOCK_M], dtype=tl.float32)
-    distance = tl.zeros([BLOCK_M], dtype=tl.float32)
+    K, V, key_mask_ptr = key_head(K, V, KEY_MASK, b, h_kv, stride_kb, stride_kh, stride_vb,
+                                  stride_vh, stride_mb)
+    strict_upper_ones, o, used, distance = walk_start(offs_n, BLOCK_M, BLOCK_D)
 
     split_start = pid_s * split_len
     num_blocks = tl.cdiv(tl.minimum(split_len, Tk - split_start), BLOCK_N)

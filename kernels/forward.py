@@ -11,6 +11,10 @@ breaks nearest-first), carrying ``used``: the stick spent by the keys already pa
 
 The blocks that straddle the diagonal, and a window of blocks behind them, run masked; then, unless
 every row's stick is below 2^-20 (early halting), the rest run unmasked and software-pipelined.
+
+The pieces of this walk that the split-key kernel (decode.py) and the backward (backward.py) share
+live here once, as @triton.jit helpers that Triton inlines: a program's start, the key block
+loads, the visibility mask and the tile math from logits to weights.
 """
 
 from __future__ import annotations
@@ -65,16 +69,74 @@ def softplus2(x, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _key_block(
-    q, o, used, distance,
-    K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
-    block_start, query_pos, Tk, qk_scale,
-    offs_n, offs_d, strict_upper_ones,
-    HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    RETURN_STATS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Adds one block of keys [block_start, block_start + BLOCK_N) to o, used and distance."""
-    key_pos = block_start + offs_n
+def row_tile_mask(row_valid, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
+    """[rows, BLOCK_D] mask of a tile of query rows: the valid rows' head_dim columns."""
+    mask = row_valid[:, None]
+    if not EVEN_D:
+        mask = mask & (offs_d < HEAD_DIM)[None, :]
+    return mask
+
+
+@triton.jit
+def query_block_setup(Q, pid_m, pid_bh, stride_qb, stride_qh, stride_qt, num_heads, Tq, Tk, group,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
+    """The start of a program over query block pid_m of row pid_bh = batch x query head (the
+    forward, backward passes 1 and 2): (b, h, h_kv, offs_m, offs_n, offs_d, row_valid, query_pos,
+    row_mask, q), q [BLOCK_M, BLOCK_D] with zeros outside row_mask."""
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    h_kv = h // group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < Tq
+    query_pos = Tk - Tq + offs_m
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    row_mask = row_tile_mask(row_valid, offs_d, HEAD_DIM, EVEN_D)
+    q = tl.load(q_ptrs, mask=row_mask, other=0.0)
+    return b, h, h_kv, offs_m, offs_n, offs_d, row_valid, query_pos, row_mask, q
+
+
+@triton.jit
+def key_head(K, V, KEY_MASK, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh, stride_mb):
+    """K, V and KEY_MASK moved to batch b, key head h_kv."""
+    K += b * stride_kb + h_kv * stride_kh
+    V += b * stride_vb + h_kv * stride_vh
+    return K, V, KEY_MASK + b * stride_mb
+
+
+@triton.jit
+def walk_start(offs_n, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(strict_upper_ones, o, used, distance) at the start of a forward walk: the triangle
+    strict_upper_ones[n', n] = 1 where n' > n (sp @ it sums each row over the nearer keys) and
+    zeros."""
+    strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
+    o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    used = tl.zeros([BLOCK_M], dtype=tl.float32)
+    distance = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return strict_upper_ones, o, used, distance
+
+
+@triton.jit
+def diagonal_blocks(pid_m, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    ATTEND_CURRENT: tl.constexpr):
+    """(shared_blocks, diag_blocks) of query block pid_m: key blocks [0, shared_blocks) are visible
+    to every row of the block; the diag_blocks after them only to some rows (the diagonal)."""
+    first_row_pos = Tk - Tq + pid_m * BLOCK_M
+    last_row_pos = Tk - Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
+    shared_end = first_row_pos + ATTEND_CURRENT  # keys [0, shared_end) are visible to every row
+    diag_end = last_row_pos + ATTEND_CURRENT
+    shared_blocks = shared_end // BLOCK_N  # blocks [0, shared_blocks) lie entirely below shared_end
+    return shared_blocks, tl.cdiv(diag_end, BLOCK_N) - shared_blocks
+
+
+@triton.jit
+def load_key_block(K, V, key_pos, offs_d, stride_kt, stride_vt, Tk,
+                   HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, EVEN_D: tl.constexpr):
+    """k and v of the keys key_pos, [BLOCK_N, BLOCK_D] each. Only a DIAGONAL block can reach past
+    Tk; its keys there load as zeros."""
     k_ptrs = K + key_pos[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + key_pos[:, None] * stride_vt + offs_d[None, :]
     if DIAGONAL:
@@ -89,35 +151,78 @@ def _key_block(
     else:
         kb = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
         vb = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return kb, vb
 
-    x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
-    sp = softplus2(x, DOT_PRECISION == "ieee")
+
+@triton.jit
+def kept_keys(key_mask_ptr, key_pos, stride_mt, Tk, HAS_KEY_MASK: tl.constexpr):
+    """[keys] bool: key_pos < Tk and, with a key_mask, not padding."""
+    keep = key_pos < Tk
+    if HAS_KEY_MASK:
+        keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=keep, other=0) != 0
+    return keep
+
+
+@triton.jit
+def visible_tile(key_pos, query_pos, keep, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr):
+    """[queries, keys] visibility for tiles that need a mask (DIAGONAL or a key_mask).
+    keep: [keys], from kept_keys."""
     if DIAGONAL:
         if ATTEND_CURRENT:
             visible = key_pos[None, :] <= query_pos[:, None]
         else:
             visible = key_pos[None, :] < query_pos[:, None]
-        visible = visible & (key_pos < Tk)[None, :]
-    if HAS_KEY_MASK:
-        keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=key_pos < Tk, other=0) != 0
-        if DIAGONAL:
-            visible = visible & keep[None, :]
-        else:
-            visible = keep[None, :]
-    if DIAGONAL or HAS_KEY_MASK:
-        sp = tl.where(visible, sp, 0.0)
-
-    if DOT_PRECISION == "ieee":
-        used_nearer = tl.dot(sp, strict_upper_ones.to(tl.float32), input_precision="ieee")
+        visible = visible & keep[None, :]
     else:
-        # float16 operands, float32 sums: relative error ~2^-11 of each softplus, far below the
-        # 16-bit inputs' own; the clamp keeps saturated logits finite (their A is 0 anyway).
-        sp16 = saturating_f16(sp)
-        used_nearer = tl.dot(sp16, strict_upper_ones)
-    weights = tl.math.exp2(x - sp - used_nearer - used[:, None])
-    if DIAGONAL or HAS_KEY_MASK:
-        weights = tl.where(visible, weights, 0.0)
+        visible = keep[None, :]
+    return visible
 
+
+@triton.jit
+def in_block_nearer_sum(x, ones, DOT_PRECISION: tl.constexpr):
+    """x @ ones, ones = strict_upper_ones: sums each row over the nearer keys of the block, in
+    float32. 16-bit inputs sum in float16 operands, float32 sums: relative error ~2^-11 of each
+    term, far below the 16-bit inputs' own; the clamp keeps saturated logits finite (their A is 0
+    anyway)."""
+    if DOT_PRECISION == "ieee":
+        return tl.dot(x, ones.to(tl.float32), input_precision="ieee")
+    return tl.dot(saturating_f16(x), ones)
+
+
+@triton.jit
+def tile_weights(x, sp, visible, used, ones, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """From the logits x (bits) of one [queries, keys] tile and sp = softplus2(x): A, log2(beta)
+    and sp, 0 where not visible (the stick each key takes, bits). used: the stick taken by the
+    keys nearer than the tile; visible (from visible_tile) applies where MASKED."""
+    if MASKED:
+        sp = tl.where(visible, sp, 0.0)
+    used_nearer = in_block_nearer_sum(sp, ones, DOT_PRECISION)
+    log_beta = x - sp
+    weights = tl.math.exp2(log_beta - used_nearer - used[:, None])
+    if MASKED:
+        weights = tl.where(visible, weights, 0.0)
+    return weights, log_beta, sp
+
+
+@triton.jit
+def _key_block(
+    q, o, used, distance,
+    K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+    block_start, query_pos, Tk, qk_scale,
+    offs_n, offs_d, strict_upper_ones,
+    HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    RETURN_STATS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Adds one block of keys [block_start, block_start + BLOCK_N) to o, used and distance."""
+    key_pos = block_start + offs_n
+    kb, vb = load_key_block(K, V, key_pos, offs_d, stride_kt, stride_vt, Tk,
+                            HEAD_DIM, DIAGONAL, EVEN_D)
+    x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
+    sp = softplus2(x, DOT_PRECISION == "ieee")
+    keep = kept_keys(key_mask_ptr, key_pos, stride_mt, Tk, HAS_KEY_MASK)
+    visible = visible_tile(key_pos, query_pos, keep, DIAGONAL, ATTEND_CURRENT)
+    weights, _, sp = tile_weights(x, sp, visible, used, strict_upper_ones,
+                                  DIAGONAL or HAS_KEY_MASK, DOT_PRECISION)
     o += tl.dot(weights.to(vb.dtype), vb, input_precision=DOT_PRECISION)
     used += tl.sum(sp, 1)
     if RETURN_STATS:
@@ -144,39 +249,14 @@ def stickbreaking_forward_kernel(
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    h_kv = h // group
+    b, h, h_kv, offs_m, offs_n, offs_d, row_valid, query_pos, q_mask, q = query_block_setup(
+        Q, pid_m, pid_bh, stride_qb, stride_qh, stride_qt, num_heads, Tq, Tk, group,
+        BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, EVEN_D)
+    K, V, key_mask_ptr = key_head(K, V, KEY_MASK, b, h_kv, stride_kb, stride_kh, stride_vb,
+                                  stride_vh, stride_mb)
+    strict_upper_ones, o, used, distance = walk_start(offs_n, BLOCK_M, BLOCK_D)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_valid = offs_m < Tq
-    query_pos = Tk - Tq + offs_m
-
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q_mask = row_valid[:, None]
-    if not EVEN_D:
-        q_mask = q_mask & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    K += b * stride_kb + h_kv * stride_kh
-    V += b * stride_vb + h_kv * stride_vh
-    key_mask_ptr = KEY_MASK + b * stride_mb
-
-    # strict_upper_ones[n', n] = 1 where n' > n: sp @ it sums each row over the nearer keys.
-    strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
-    o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    used = tl.zeros([BLOCK_M], dtype=tl.float32)
-    distance = tl.zeros([BLOCK_M], dtype=tl.float32)
-
-    # Keys [0, shared_end) are visible to every row of this block; keys [shared_end, diag_end)
-    # only to some of them (the diagonal).
-    first_row_pos = Tk - Tq + pid_m * BLOCK_M
-    last_row_pos = Tk - Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
-    shared_end = first_row_pos + ATTEND_CURRENT
-    diag_end = last_row_pos + ATTEND_CURRENT
-    shared_blocks = shared_end // BLOCK_N  # blocks [0, shared_blocks) lie entirely below shared_end
-    diag_blocks = tl.cdiv(diag_end, BLOCK_N) - shared_blocks
+    shared_blocks, diag_blocks = diagonal_blocks(pid_m, Tq, Tk, BLOCK_M, BLOCK_N, ATTEND_CURRENT)
 
     # The nearest blocks, masked: the diagonal, and with early halting the HALTING_WINDOW shared
     # blocks behind it, after which a row block whose every row has less than 2^-halt_bits of its
