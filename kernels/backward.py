@@ -70,45 +70,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import saturating_f16, softplus2
+from .forward import (
+    diagonal_blocks,
+    in_block_nearer_sum,
+    kept_keys,
+    key_head,
+    load_key_block,
+    query_block_setup,
+    row_tile_mask,
+    softplus2,
+    tile_weights,
+    visible_tile,
+)
 
 
 @triton.jit
-def _in_block_nearer_sum(x, ones, DOT_PRECISION: tl.constexpr):
-    """x @ ones (sums each row over the nearer keys of the block), float32; 16-bit inputs sum in
-    saturating float16."""
-    if DOT_PRECISION == "ieee":
-        return tl.dot(x, ones.to(tl.float32), input_precision="ieee")
-    return tl.dot(saturating_f16(x), ones)
-
-
-@triton.jit
-def _visible_keys(key_pos, query_pos, keep, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr):
-    """[queries, keys] visibility for tiles that need a mask (DIAGONAL or a key_mask).
-    keep: [keys], key_mask and key_pos < Tk."""
-    visible = keep[None, :]
-    if DIAGONAL:
-        if ATTEND_CURRENT:
-            visible = visible & (key_pos[None, :] <= query_pos[:, None])
-        else:
-            visible = visible & (key_pos[None, :] < query_pos[:, None])
-    return visible
-
-
-@triton.jit
-def _weights_and_gradient(x, dp, used, drem, visible, ones,
-                          MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """From logits x (bits) and dp = do . v of one tile: A, log2(beta), a = A (dp - drem), and
+def _tile_gradient(q, do, kb, vb, used, drem, visible, qk_scale, ones,
+                   MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of query rows q, do against keys kb, vb: A, log2(beta), a = A (do . v - drem) and
     per row the stick the tile's keys take (bits). used: stick taken by the keys nearer than the
     tile."""
-    sp = softplus2(x, DOT_PRECISION == "ieee")
-    if MASKED:
-        sp = tl.where(visible, sp, 0.0)
-    used_nearer = _in_block_nearer_sum(sp, ones, DOT_PRECISION)
-    log_beta = x - sp
-    weights = tl.math.exp2(log_beta - used_nearer - used[:, None])
-    if MASKED:
-        weights = tl.where(visible, weights, 0.0)
+    x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
+    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
+    weights, log_beta, sp = tile_weights(x, softplus2(x, DOT_PRECISION == "ieee"), visible, used,
+                                         ones, MASKED, DOT_PRECISION)
     return weights, log_beta, weights * (dp - drem[:, None]), tl.sum(sp, 1)
 
 
@@ -120,7 +105,7 @@ def _logit_gradient(a, weights, log_beta, a_farther, bound, visible, ones,
     +-A G. 16-bit inputs sum a / G (|a / G| <= A) in float16, so that neither large nor tiny
     upstream gradients leave float16's range."""
     if DOT_PRECISION == "ieee":
-        a_nearer = tl.dot(a, ones.to(tl.float32), input_precision="ieee")
+        a_nearer = in_block_nearer_sum(a, ones, DOT_PRECISION)
     else:
         inverse = 1.0 / tl.maximum(bound, 1e-30)  # G = 0 only where a = 0
         a_nearer = tl.dot((a * inverse[:, None]).to(tl.float16), ones) * bound[:, None]
@@ -148,35 +133,131 @@ def _query_major_block(
     a_total is sum_i a_ij over all keys and dq gains dz @ k (in units of 1 / scale).
     """
     key_pos = block_start + offs_n
-    k_ptrs = K + key_pos[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + key_pos[:, None] * stride_vt + offs_d[None, :]
-    if DIAGONAL:
-        in_range = (key_pos < Tk)[:, None]
-        if not EVEN_D:
-            in_range = in_range & (offs_d < HEAD_DIM)[None, :]
-        kb = tl.load(k_ptrs, mask=in_range, other=0.0)
-        vb = tl.load(v_ptrs, mask=in_range, other=0.0)
-    elif EVEN_D:
-        kb = tl.load(k_ptrs)
-        vb = tl.load(v_ptrs)
-    else:
-        kb = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-        vb = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-    keep = key_pos < Tk
-    if HAS_KEY_MASK:
-        keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=keep, other=0) != 0
+    kb, vb = load_key_block(K, V, key_pos, offs_d, stride_kt, stride_vt, Tk,
+                            HEAD_DIM, DIAGONAL, EVEN_D)
+    keep = kept_keys(key_mask_ptr, key_pos, stride_mt, Tk, HAS_KEY_MASK)
     MASKED: tl.constexpr = DIAGONAL or HAS_KEY_MASK
-    visible = _visible_keys(key_pos, query_pos, keep, DIAGONAL, ATTEND_CURRENT)
-
-    x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
-    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
-    weights, log_beta, a, used_here = _weights_and_gradient(
-        x, dp, used, drem, visible, strict_upper_ones, MASKED, DOT_PRECISION)
+    visible = visible_tile(key_pos, query_pos, keep, DIAGONAL, ATTEND_CURRENT)
+    weights, log_beta, a, used_here = _tile_gradient(
+        q, do, kb, vb, used, drem, visible, qk_scale, strict_upper_ones, MASKED, DOT_PRECISION)
     if COMPUTE_DQ:
         dz = _logit_gradient(a, weights, log_beta, a_total - a_sum, bound, visible,
                              strict_upper_ones, MASKED, DOT_PRECISION)
         dq += tl.dot(dz.to(kb.dtype), kb, input_precision=DOT_PRECISION)
     return used + used_here, a_sum + tl.sum(a, 1), dq
+
+
+@triton.jit
+def _query_major_blocks(
+    q, do, drem, bound, used, a_sum, a_total, dq,
+    K, V, key_mask_ptr, USED_SNAP, A_SNAP, stride_kt, stride_vt, stride_mt,
+    end_block, num_blocks, query_pos, Tk, Tq, qk_scale, snap_ptrs, row_valid, range_len,
+    offs_n, offs_d, strict_upper_ones,
+    HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DQ: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):
+    """Passes 1 and 2: the num_blocks key blocks before block end_block, nearest-first. Pass 1
+    (not COMPUTE_DQ) stores the rows' state at every key-range boundary it passes. LOOP_STAGES:
+    the loop's software-pipelining depth (None: the compiler's default)."""
+    for step in tl.range(0, num_blocks, num_stages=LOOP_STAGES):
+        block_start = (end_block - 1 - step) * BLOCK_N
+        used, a_sum, dq = _query_major_block(
+            q, do, drem, bound, used, a_sum, a_total, dq,
+            K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
+            block_start, query_pos, Tk, qk_scale, offs_n, offs_d, strict_upper_ones,
+            HEAD_DIM, DIAGONAL, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, COMPUTE_DQ,
+        )
+        if not COMPUTE_DQ:
+            at_boundary = (block_start % range_len == 0) & (block_start > 0)
+            snap = snap_ptrs + (block_start // range_len - 1) * Tq
+            tl.store(USED_SNAP + snap, used, mask=row_valid & at_boundary)
+            tl.store(A_SNAP + snap, a_sum, mask=row_valid & at_boundary)
+    return used, a_sum, dq
+
+
+@triton.jit
+def _query_major_pass(
+    Q, K, V, DO, KEY_MASK, DREM_IN, REMAINDER, VALUE_BOUND,
+    DREM, TOTAL, BOUND, USED_SNAP, A_SNAP, DR_PART, DQ,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    stride_mb, stride_mt,
+    num_heads, Tq, Tk, group, qk_scale, scale, range_len, num_ranges,
+    ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_REMAINDER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    COMPUTE_DQ: tl.constexpr,
+):
+    """One program of pass 1 (not COMPUTE_DQ) or pass 2 (COMPUTE_DQ): both walk the same keys in
+    the same blocks, so pass 2 sees the a values pass 1 summed. The kernels below say what each
+    reads and writes; a pass ignores the other's arguments."""
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+    pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, h_kv, offs_m, offs_n, offs_d, row_valid, query_pos, row_mask, q = query_block_setup(
+        Q, pid_m, pid_bh, stride_qb, stride_qh, stride_qt, num_heads, Tq, Tk, group,
+        BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, EVEN_D)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_mask, other=0.0)
+    rows = pid_bh * Tq + offs_m
+    if COMPUTE_DQ:
+        drem = tl.load(DREM + rows, mask=row_valid, other=0.0)
+        a_total = tl.load(TOTAL + rows, mask=row_valid, other=0.0)
+        bound = tl.load(BOUND + rows, mask=row_valid, other=0.0)
+    else:
+        drem = tl.load(DREM_IN + rows, mask=row_valid, other=0.0)
+        if HAS_REMAINDER:
+            r = tl.load(REMAINDER + h * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+            drem += tl.sum(do.to(tl.float32) * r[None, :], 1)
+        do_norm = tl.sqrt(tl.sum(do.to(tl.float32) * do.to(tl.float32), 1))
+        bound = do_norm * tl.load(VALUE_BOUND + b * (num_heads // group) + h_kv) + tl.abs(drem)
+    K, V, key_mask_ptr = key_head(K, V, KEY_MASK, b, h_kv, stride_kb, stride_kh, stride_vb,
+                                  stride_vh, stride_mb)
+    snap_ptrs = pid_bh * num_ranges * Tq + offs_m
+
+    strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
+    used = tl.zeros([BLOCK_M], dtype=tl.float32)
+    a_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if COMPUTE_DQ:
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    else:
+        a_total = a_sum  # not read without COMPUTE_DQ
+        dq = tl.zeros([1, 1], dtype=tl.float32)
+
+    shared_blocks, diag_blocks = diagonal_blocks(pid_m, Tq, Tk, BLOCK_M, BLOCK_N, ATTEND_CURRENT)
+    used, a_sum, dq = _query_major_blocks(
+        q, do, drem, bound, used, a_sum, a_total, dq,
+        K, V, key_mask_ptr, USED_SNAP, A_SNAP, stride_kt, stride_vt, stride_mt,
+        shared_blocks + diag_blocks, diag_blocks, query_pos, Tk, Tq, qk_scale, snap_ptrs,
+        row_valid, range_len, offs_n, offs_d, strict_upper_ones,
+        HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, COMPUTE_DQ,
+        BLOCK_N, None,
+    )
+    used, a_sum, dq = _query_major_blocks(
+        q, do, drem, bound, used, a_sum, a_total, dq,
+        K, V, key_mask_ptr, USED_SNAP, A_SNAP, stride_kt, stride_vt, stride_mt,
+        shared_blocks, shared_blocks, query_pos, Tk, Tq, qk_scale, snap_ptrs,
+        row_valid, range_len, offs_n, offs_d, strict_upper_ones,
+        HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, COMPUTE_DQ,
+        BLOCK_N, NUM_STAGES,
+    )
+
+    if COMPUTE_DQ:
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+        tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+    else:
+        tl.store(DREM + rows, drem, mask=row_valid)
+        tl.store(TOTAL + rows, a_sum, mask=row_valid)
+        tl.store(BOUND + rows, bound, mask=row_valid)
+        if HAS_REMAINDER:
+            rem = tl.where(row_valid, tl.math.exp2(-used), 0.0)
+            part = tl.sum(rem[:, None] * do.to(tl.float32), 0)
+            tl.store(DR_PART + (pid_bh * tl.cdiv(Tq, BLOCK_M) + pid_m) * HEAD_DIM + offs_d, part,
+                     mask=offs_d < HEAD_DIM)
 
 
 @triton.jit
@@ -201,79 +282,19 @@ def stickbreaking_backward_totals_kernel(
     [B*Hq, num_ranges, Tq]: entry r holds the state after the keys >= (r + 1) * range_len; and with
     a remainder DR_PART [B*Hq, cdiv(Tq, BLOCK_M), D]: sum over the block's rows of rem_j do_j.
     """
-    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
-    pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    h_kv = h // group
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_valid = offs_m < Tq
-    query_pos = Tk - Tq + offs_m
-    row_mask = row_valid[:, None]
-    if not EVEN_D:
-        row_mask = row_mask & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_mask, other=0.0)
-    rows = pid_bh * Tq + offs_m
-    drem = tl.load(DREM_IN + rows, mask=row_valid, other=0.0)
-    if HAS_REMAINDER:
-        r = tl.load(REMAINDER + h * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-        drem += tl.sum(do.to(tl.float32) * r[None, :], 1)
-    do_norm = tl.sqrt(tl.sum(do.to(tl.float32) * do.to(tl.float32), 1))
-    bound = do_norm * tl.load(VALUE_BOUND + b * (num_heads // group) + h_kv) + tl.abs(drem)
-    K += b * stride_kb + h_kv * stride_kh
-    V += b * stride_vb + h_kv * stride_vh
-    key_mask_ptr = KEY_MASK + b * stride_mb
-    snap_ptrs = pid_bh * num_ranges * Tq + offs_m
-
-    strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
-    used = tl.zeros([BLOCK_M], dtype=tl.float32)
-    a_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    unused_dq = tl.zeros([1, 1], dtype=tl.float32)
-
-    first_row_pos = Tk - Tq + pid_m * BLOCK_M
-    last_row_pos = Tk - Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
-    shared_blocks = (first_row_pos + ATTEND_CURRENT) // BLOCK_N
-    diag_blocks = tl.cdiv(last_row_pos + ATTEND_CURRENT, BLOCK_N) - shared_blocks
-    for step in range(0, diag_blocks):
-        block_start = (shared_blocks + diag_blocks - 1 - step) * BLOCK_N
-        used, a_sum, unused_dq = _query_major_block(
-            q, do, drem, bound, used, a_sum, a_sum, unused_dq,
-            K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
-            block_start, query_pos, Tk, qk_scale, offs_n, offs_d, strict_upper_ones,
-            HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, False,
-        )
-        at_boundary = (block_start % range_len == 0) & (block_start > 0)
-        snap = snap_ptrs + (block_start // range_len - 1) * Tq
-        tl.store(USED_SNAP + snap, used, mask=row_valid & at_boundary)
-        tl.store(A_SNAP + snap, a_sum, mask=row_valid & at_boundary)
-    for step in tl.range(0, shared_blocks, num_stages=NUM_STAGES):
-        block_start = (shared_blocks - 1 - step) * BLOCK_N
-        used, a_sum, unused_dq = _query_major_block(
-            q, do, drem, bound, used, a_sum, a_sum, unused_dq,
-            K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
-            block_start, query_pos, Tk, qk_scale, offs_n, offs_d, strict_upper_ones,
-            HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, False,
-        )
-        at_boundary = (block_start % range_len == 0) & (block_start > 0)
-        snap = snap_ptrs + (block_start // range_len - 1) * Tq
-        tl.store(USED_SNAP + snap, used, mask=row_valid & at_boundary)
-        tl.store(A_SNAP + snap, a_sum, mask=row_valid & at_boundary)
-
-    tl.store(DREM + rows, drem, mask=row_valid)
-    tl.store(TOTAL + rows, a_sum, mask=row_valid)
-    tl.store(BOUND + rows, bound, mask=row_valid)
-    if HAS_REMAINDER:
-        rem = tl.where(row_valid, tl.math.exp2(-used), 0.0)
-        part = tl.sum(rem[:, None] * do.to(tl.float32), 0)
-        tl.store(DR_PART + (pid_bh * tl.cdiv(Tq, BLOCK_M) + pid_m) * HEAD_DIM + offs_d, part,
-                 mask=offs_d < HEAD_DIM)
+    _query_major_pass(
+        Q, K, V, DO, KEY_MASK, DREM_IN, REMAINDER, VALUE_BOUND,
+        DREM, TOTAL, BOUND, USED_SNAP, A_SNAP, DR_PART, None,
+        stride_qb, stride_qh, stride_qt,
+        stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt,
+        stride_dob, stride_doh, stride_dot,
+        None, None, None,
+        stride_mb, stride_mt,
+        num_heads, Tq, Tk, group, qk_scale, None, range_len, num_ranges,
+        ATTEND_CURRENT, HAS_KEY_MASK, HAS_REMAINDER, BLOCK_M, BLOCK_N, BLOCK_D,
+        HEAD_DIM, DOT_PRECISION, NUM_STAGES, False,
+    )
 
 
 @triton.jit
@@ -292,61 +313,19 @@ def stickbreaking_backward_dq_kernel(
 ):
     """Pass 2. Grid (cdiv(Tq, BLOCK_M), B * Hq); the same walk as pass 1 (same block sizes, so
     the same a values), now computing dz and dq = scale * sum_i dz_ij k_i."""
-    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
-    pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    h_kv = h // group
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_valid = offs_m < Tq
-    query_pos = Tk - Tq + offs_m
-    row_mask = row_valid[:, None]
-    if not EVEN_D:
-        row_mask = row_mask & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_mask, other=0.0)
-    rows = pid_bh * Tq + offs_m
-    drem = tl.load(DREM + rows, mask=row_valid, other=0.0)
-    a_total = tl.load(TOTAL + rows, mask=row_valid, other=0.0)
-    bound = tl.load(BOUND + rows, mask=row_valid, other=0.0)
-    K += b * stride_kb + h_kv * stride_kh
-    V += b * stride_vb + h_kv * stride_vh
-    key_mask_ptr = KEY_MASK + b * stride_mb
-
-    strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
-    used = tl.zeros([BLOCK_M], dtype=tl.float32)
-    a_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    first_row_pos = Tk - Tq + pid_m * BLOCK_M
-    last_row_pos = Tk - Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
-    shared_blocks = (first_row_pos + ATTEND_CURRENT) // BLOCK_N
-    diag_blocks = tl.cdiv(last_row_pos + ATTEND_CURRENT, BLOCK_N) - shared_blocks
-    for step in range(0, diag_blocks):
-        used, a_sum, dq = _query_major_block(
-            q, do, drem, bound, used, a_sum, a_total, dq,
-            K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
-            (shared_blocks + diag_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
-            offs_n, offs_d, strict_upper_ones,
-            HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, True,
-        )
-    for step in tl.range(0, shared_blocks, num_stages=NUM_STAGES):
-        used, a_sum, dq = _query_major_block(
-            q, do, drem, bound, used, a_sum, a_total, dq,
-            K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
-            (shared_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
-            offs_n, offs_d, strict_upper_ones,
-            HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, True,
-        )
-
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+    _query_major_pass(
+        Q, K, V, DO, KEY_MASK, None, None, None,
+        DREM, TOTAL, BOUND, None, None, None, DQ,
+        stride_qb, stride_qh, stride_qt,
+        stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt,
+        stride_dob, stride_doh, stride_dot,
+        stride_dqb, stride_dqh, stride_dqt,
+        stride_mb, stride_mt,
+        num_heads, Tq, Tk, group, qk_scale, scale, 0, 0,
+        ATTEND_CURRENT, HAS_KEY_MASK, False, BLOCK_M, BLOCK_N, BLOCK_D,
+        HEAD_DIM, DOT_PRECISION, NUM_STAGES, True,
+    )
 
 
 @triton.jit
@@ -366,9 +345,7 @@ def _key_block_queries(
     rows = row_start + offs_m
     row_valid = rows < Tq
     query_pos = Tk - Tq + rows
-    row_mask = row_valid[:, None]
-    if not EVEN_D:
-        row_mask = row_mask & (offs_d < HEAD_DIM)[None, :]
+    row_mask = row_tile_mask(row_valid, offs_d, HEAD_DIM, EVEN_D)
     q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=row_mask, other=0.0)
     if DIAGONAL:
@@ -380,12 +357,9 @@ def _key_block_queries(
     drem = tl.load(DREM + rows, mask=row_valid, other=0.0)
     bound = tl.load(BOUND + rows, mask=row_valid, other=0.0)
     MASKED: tl.constexpr = DIAGONAL or HAS_KEY_MASK
-    visible = _visible_keys(key_pos, query_pos, keep, DIAGONAL, ATTEND_CURRENT)
-
-    x = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
-    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
-    weights, log_beta, a, used_here = _weights_and_gradient(
-        x, dp, used, drem, visible, strict_upper_ones, MASKED, DOT_PRECISION)
+    visible = visible_tile(key_pos, query_pos, keep, DIAGONAL, ATTEND_CURRENT)
+    weights, log_beta, a, used_here = _tile_gradient(
+        q, do, kb, vb, used, drem, visible, qk_scale, strict_upper_ones, MASKED, DOT_PRECISION)
     tl.store(USED_STATE + rows, used + used_here, mask=row_valid)
     tl.store(A_STATE + rows, a_sum + tl.sum(a, 1), mask=row_valid)
     a_farther = tl.load(TOTAL + rows, mask=row_valid, other=0.0) - a_sum
@@ -394,6 +368,34 @@ def _key_block_queries(
     # Rows whose q, do, drem, G load as zero (past Tq) add nothing: a = dz = 0 there.
     dv_t += tl.dot(tl.trans(do), weights.to(do.dtype), input_precision=DOT_PRECISION)
     dk_t += tl.dot(tl.trans(q), dz.to(q.dtype), input_precision=DOT_PRECISION)
+    return dk_t, dv_t
+
+
+@triton.jit
+def _key_block_query_blocks(
+    kb, vb, keep, dk_t, dv_t, Q, DO, DREM, TOTAL, BOUND, USED_SNAP, A_SNAP,
+    stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot,
+    b, h_kv, group, num_heads, num_ranges, key_range, first_qblock, num_qblocks,
+    key_pos, block_end, Tq, Tk, qk_scale, offs_m, offs_d, strict_upper_ones,
+    HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):
+    """Pass 3: one key block against num_qblocks query blocks from first_qblock, of every query
+    head of key head h_kv, in one flat loop over (query head, query block). LOOP_STAGES: the
+    loop's software-pipelining depth (None: the compiler's default)."""
+    for it in tl.range(0, group * num_qblocks, num_stages=LOOP_STAGES):
+        h = h_kv * group + it // num_qblocks
+        row_base = (b * num_heads + h) * Tq
+        snap_base = ((b * num_heads + h) * num_ranges + key_range) * Tq
+        dk_t, dv_t = _key_block_queries(
+            kb, vb, keep, dk_t, dv_t, Q + b * stride_qb + h * stride_qh,
+            DO + b * stride_dob + h * stride_doh, DREM + row_base, TOTAL + row_base,
+            BOUND + row_base, USED_SNAP + snap_base, A_SNAP + snap_base, stride_qt,
+            stride_dot, key_pos, block_end, (first_qblock + it % num_qblocks) * BLOCK_M, Tq, Tk,
+            qk_scale, offs_m, offs_d, strict_upper_ones,
+            HEAD_DIM, DIAGONAL, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
+        )
     return dk_t, dv_t
 
 
@@ -429,11 +431,10 @@ def stickbreaking_backward_dkv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     strict_upper_ones = (offs_n[:, None] > offs_n[None, :]).to(tl.float16)
-    K += b * stride_kb + h_kv * stride_kh
-    V += b * stride_vb + h_kv * stride_vh
+    K, V, key_mask_ptr = key_head(K, V, KEY_MASK, b, h_kv, stride_kb, stride_kh, stride_vb,
+                                  stride_vh, stride_mb)
     DK += b * stride_dkb + h_kv * stride_dkh
     DV += b * stride_dvb + h_kv * stride_dvh
-    key_mask_ptr = KEY_MASK + b * stride_mb
     num_query_blocks = tl.cdiv(Tq, BLOCK_M)
 
     # One flat loop over the key blocks of both ranges, nearest-first within each, and flat loops
@@ -449,12 +450,10 @@ def stickbreaking_backward_dkv_kernel(
         block_start = key_range * range_len + (range_blocks - 1 - range_step) * BLOCK_N
         block_end = block_start + BLOCK_N
         key_pos = block_start + offs_n
-        keep = key_pos < Tk
-        kv_mask = keep[:, None] & d_valid[None, :]
+        kv_mask = (key_pos < Tk)[:, None] & d_valid[None, :]
         kb = tl.load(K + key_pos[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         vb = tl.load(V + key_pos[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        if HAS_KEY_MASK:
-            keep = tl.load(key_mask_ptr + key_pos * stride_mt, mask=keep, other=0) != 0
+        keep = kept_keys(key_mask_ptr, key_pos, stride_mt, Tk, HAS_KEY_MASK)
         dk_t = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         dv_t = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
 
@@ -468,30 +467,22 @@ def stickbreaking_backward_dkv_kernel(
                                   first_qblock)
         diag_count = plain_qblock - first_qblock
         plain_count = num_query_blocks - plain_qblock
-        for it in tl.range(0, group * plain_count, num_stages=NUM_STAGES):
-            h = h_kv * group + it // plain_count
-            row_base = (b * num_heads + h) * Tq
-            snap_base = ((b * num_heads + h) * num_ranges + key_range) * Tq
-            dk_t, dv_t = _key_block_queries(
-                kb, vb, keep, dk_t, dv_t, Q + b * stride_qb + h * stride_qh,
-                DO + b * stride_dob + h * stride_doh, DREM + row_base, TOTAL + row_base,
-                BOUND + row_base, USED_SNAP + snap_base, A_SNAP + snap_base, stride_qt,
-                stride_dot, key_pos, block_end, (plain_qblock + it % plain_count) * BLOCK_M, Tq, Tk,
-                qk_scale, offs_m, offs_d, strict_upper_ones,
-                HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
-            )
-        for it in range(0, group * diag_count):
-            h = h_kv * group + it // diag_count
-            row_base = (b * num_heads + h) * Tq
-            snap_base = ((b * num_heads + h) * num_ranges + key_range) * Tq
-            dk_t, dv_t = _key_block_queries(
-                kb, vb, keep, dk_t, dv_t, Q + b * stride_qb + h * stride_qh,
-                DO + b * stride_dob + h * stride_doh, DREM + row_base, TOTAL + row_base,
-                BOUND + row_base, USED_SNAP + snap_base, A_SNAP + snap_base, stride_qt,
-                stride_dot, key_pos, block_end, (first_qblock + it % diag_count) * BLOCK_M, Tq, Tk,
-                qk_scale, offs_m, offs_d, strict_upper_ones,
-                HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION,
-            )
+        dk_t, dv_t = _key_block_query_blocks(
+            kb, vb, keep, dk_t, dv_t, Q, DO, DREM, TOTAL, BOUND, USED_SNAP, A_SNAP,
+            stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot,
+            b, h_kv, group, num_heads, num_ranges, key_range, plain_qblock, plain_count,
+            key_pos, block_end, Tq, Tk, qk_scale, offs_m, offs_d, strict_upper_ones,
+            HEAD_DIM, False, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, BLOCK_M,
+            NUM_STAGES,
+        )
+        dk_t, dv_t = _key_block_query_blocks(
+            kb, vb, keep, dk_t, dv_t, Q, DO, DREM, TOTAL, BOUND, USED_SNAP, A_SNAP,
+            stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot,
+            b, h_kv, group, num_heads, num_ranges, key_range, first_qblock, diag_count,
+            key_pos, block_end, Tq, Tk, qk_scale, offs_m, offs_d, strict_upper_ones,
+            HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, EVEN_D, DOT_PRECISION, BLOCK_M,
+            None,
+        )
         kv_mask_t = d_valid[:, None] & (key_pos < Tk)[None, :]
         tl.store(DK + key_pos[None, :] * stride_dkt + offs_d[:, None],
                  (dk_t * scale).to(DK.dtype.element_ty), mask=kv_mask_t)
