@@ -36,14 +36,20 @@ def fetch_command(name: str) -> str:
     return f"sb-eval data fetch {name}"
 
 
-def essay_sentences() -> list[str]:
-    """The essay corpus as a list of sentences, in RULER's order (the essays concatenated)."""
-    path = data_dir() / ESSAY_SENTENCES_FILE
-    if not path.is_file():
-        raise MissingCorpusError(
-            f"The essay haystack needs the Paul Graham essay corpus, which is not in {path.parent}. "
-            f"Fetch it once with: {fetch_command(ESSAYS)}"
-        )
+def essay_sentences(path: str | os.PathLike | None = None) -> list[str]:
+    """The essay corpus as a list of sentences, in RULER's order (the essays concatenated); or the
+    sentences of another file of the same format, {"sentences": [...]}, at `path`."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"essay_file={path}: no such file (a JSON object {{\"sentences\": [...]}})")
+    else:
+        path = data_dir() / ESSAY_SENTENCES_FILE
+        if not path.is_file():
+            raise MissingCorpusError(
+                f"The essay haystack needs the Paul Graham essay corpus, which is not in {path.parent}. "
+                f"Fetch it once with: {fetch_command(ESSAYS)}"
+            )
     stat = path.stat()
     return _read_sentences(str(path), stat.st_size, stat.st_mtime_ns)
 

@@ -2,14 +2,13 @@
 
 A haystack hands out the longest run of units that fits a token budget. Each unit appears in the
 prompt as `separator + unit` (the first one without the separator), and its token count is the
-memoised count of that piece, so fitting a 64K context costs a bisection over cached counts
+memoised count of that piece, so fitting a 64K context costs a walk over cached counts
 rather than re-tokenizing the context.
 """
 
 from __future__ import annotations
 
 import random
-from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -39,33 +38,56 @@ class RepeatedText:
 
 
 class TextRun:
-    """A fixed sequence of units, always taken from its start: the essay haystack (sentences).
+    """A fixed sequence of units, taken from its start (RULER's essay haystack of sentences) or
+    from a given unit.
 
-    Token counts are summed lazily, as far as the largest budget asked so far needs, and shared by
-    every sample that uses the same run with the same counter.
+    Units are counted lazily, a chunk at a time, as far as the budgets asked so far reach, and the
+    counts are shared by every sample that uses the same run with the same counter.
     """
+
+    CHUNK = 256  # units counted at a time
 
     def __init__(self, units: Sequence[str], separator: str, name: str):
         self.units = units
         self.separator = separator
         self.name = name
         self._counter: TokenCounter | None = None
-        self._prefix_tokens = [0]  # tokens of the first i units
+        self._unit_tokens: list[int | None] = []
+
+    def fill(self, budget: int, counter: TokenCounter, start: int = 0) -> list[str]:
+        """The longest run from unit `start` on that fits `budget` (the run's first unit is then
+        counted with its separator, a token or so more than it costs at the very start)."""
+        if not 0 <= start < len(self.units):
+            raise ValueError(f"start={start} is not a unit of the {self.name} haystack (0 .. {len(self.units) - 1})")
+        if counter is not self._counter:
+            self._counter, self._unit_tokens = counter, [None] * len(self.units)
+        end, total = start, 0
+        while end < len(self.units):
+            if self._unit_tokens[end] is None:
+                chunk = range(end, min(end + self.CHUNK, len(self.units)))
+                for index, tokens in zip(chunk, counter.pieces(self.separator + self.units[i] for i in chunk)):
+                    self._unit_tokens[index] = tokens
+            if total + self._unit_tokens[end] > budget:
+                return list(self.units[start:end])
+            total += self._unit_tokens[end]
+            end += 1
+        raise ValueError(
+            f"The {self.name} haystack holds {total} tokens from unit {start} on, no more than the "
+            f"{budget} this max_seq_length needs"
+        )
+
+
+class TextRunFrom:
+    """A `TextRun` entered at unit `start` rather than at its beginning: a training haystack that
+    differs from sample to sample while its token counts stay shared."""
+
+    def __init__(self, run: TextRun, start: int):
+        self.run = run
+        self.start = start
+        self.separator = run.separator
 
     def fill(self, budget: int, counter: TokenCounter) -> list[str]:
-        if counter is not self._counter:
-            self._counter, self._prefix_tokens = counter, [0]
-        while self._prefix_tokens[-1] <= budget and len(self._prefix_tokens) <= len(self.units):
-            start = len(self._prefix_tokens) - 1
-            chunk = self.units[start : start + max(256, start)]
-            for tokens in counter.pieces(self.separator + unit for unit in chunk):
-                self._prefix_tokens.append(self._prefix_tokens[-1] + tokens)
-        if self._prefix_tokens[-1] <= budget:
-            raise ValueError(
-                f"The {self.name} haystack holds {self._prefix_tokens[-1]} tokens, fewer than the "
-                f"{budget} this max_seq_length needs"
-            )
-        return list(self.units[: max(0, bisect_right(self._prefix_tokens, budget) - 1)])
+        return self.run.fill(budget, counter, self.start)
 
 
 class DistractorPool:

@@ -2,7 +2,10 @@
 
 Parameters keep RULER's names, so a line of RULER's synthetic.yaml is a valid parameter set:
 type_haystack (repeat | essay | needle), type_needle_k and type_needle_v (words | numbers |
-uuids), num_needle_k, num_needle_v, num_needle_q.
+uuids), num_needle_k, num_needle_v, num_needle_q. Three more make training samples that share
+nothing with the evaluation sets but their form: key_words (RULER's adjective-noun pairs, or
+verb-noun), essay_file (another text's sentences as the essay haystack) and essay_start
+(RULER's beginning of the text, or a random sentence per sample).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import random
 
 from .corpora import essay_sentences
 from .fitting import Draft
-from .haystacks import NOISE, DistractorPool, PoolSample, RepeatedText, TextRun, depth_positions, evenly_spaced_depths
+from .haystacks import NOISE, DistractorPool, PoolSample, RepeatedText, TextRun, TextRunFrom, depth_positions, evenly_spaced_depths
 from .registry import DrawSample, register_generator
 from .values import value_drawer
 
@@ -26,6 +29,9 @@ ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the
 # Depths (percent of the essay) that RULER draws essay needle positions from.
 DEPTHS = evenly_spaced_depths(40)
 HAYSTACKS = ("repeat", "essay", "needle")
+ESSAY_STARTS = ("beginning", "random")
+# A random essay start leaves at least this share of the text after it, for the longest contexts.
+RANDOM_START_SHARE = 0.8
 
 
 @register_generator("niah")
@@ -38,9 +44,14 @@ def niah(
     num_needle_k: int = 1,
     num_needle_v: int = 1,
     num_needle_q: int = 1,
+    key_words: str = "adjective-noun",
+    essay_file: str | None = None,
+    essay_start: str = "beginning",
 ) -> DrawSample:
-    draw_key = value_drawer(type_needle_k, "type_needle_k")
+    draw_key = value_drawer(type_needle_k, "type_needle_k", key_words)
     draw_value = value_drawer(type_needle_v, "type_needle_v")
+    if essay_start not in ESSAY_STARTS:
+        raise ValueError(f"essay_start={essay_start!r} is not one of {list(ESSAY_STARTS)}")
     for name, count in (("num_needle_k", num_needle_k), ("num_needle_v", num_needle_v), ("num_needle_q", num_needle_q)):
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"{name}={count!r} must be a positive integer")
@@ -51,7 +62,7 @@ def niah(
     head, tail, answer_prefix = _prompt_parts(type_needle_v, singular=num_needle_q * num_needle_v == 1)
 
     if type_haystack == "essay":
-        essay = TextRun(essay_sentences(), " ", "essay")
+        essay = TextRun(essay_sentences(essay_file), " ", "essay")
     elif type_haystack == "needle":
         pool = DistractorPool(
             lambda rng: NEEDLE.format(type_needle_v=type_needle_v, key=draw_key(rng), value=draw_value(rng)),
@@ -79,7 +90,10 @@ def niah(
         )
         if type_haystack == "essay":
             depths = rng.sample(DEPTHS, num_needles)
-            return Draft(**prompt, haystack=essay, place=lambda units: depth_positions(units, depths), keep_empty_gaps=True)
+            haystack = essay
+            if essay_start == "random":
+                haystack = TextRunFrom(essay, rng.randrange(max(1, int(len(essay.units) * RANDOM_START_SHARE))))
+            return Draft(**prompt, haystack=haystack, place=lambda units: depth_positions(units, depths), keep_empty_gaps=True)
         haystack = RepeatedText(NOISE, "\n") if type_haystack == "repeat" else PoolSample(pool, random.Random(rng.getrandbits(64)), "\n")
         position_seed = rng.getrandbits(64)
         return Draft(

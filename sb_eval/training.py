@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,6 +135,20 @@ class TokenWindows:
         return Batch(rows[:, :-1], rows[:, 1:])
 
 
+class ConcatenatedBatches:
+    """Each batch is the rows of one batch of every source, in order: a fixed mixture (text
+    windows and packed retrieval samples, say) whose shares are the sources' batch sizes."""
+
+    def __init__(self, *sources):
+        if not sources:
+            raise ValueError("ConcatenatedBatches needs at least one source")
+        self.sources = sources
+
+    def batch(self, step: int) -> Batch:
+        batches = [source.batch(step) for source in self.sources]
+        return Batch(torch.cat([b.inputs for b in batches]), torch.cat([b.targets for b in batches]))
+
+
 def token_stream(documents: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """The documents tokenized and joined, each followed by the tokenizer's end-of-text: [N] int64."""
     if tokenizer.eos_token_id is None:
@@ -180,18 +194,34 @@ class TrainSettings:
 
 
 def position_loss(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over scored positions (nats), the number of them predicted correctly by
-    argmax, and the number scored."""
+    """The loss (nats): cross-entropy averaged over each row's scored positions, then over the
+    rows that have any, so that every sequence weighs the same whether it scores 2047 text
+    positions or the 8 tokens of an answer (with equally many scored positions per row, the plain
+    mean). Also the number of scored positions predicted correctly by argmax, and the number
+    scored."""
     logits = model(input_ids=batch.inputs, use_cache=False).logits.float()
     scored = batch.targets != IGNORE
-    loss = F.cross_entropy(logits[scored], batch.targets[scored])
+    per_position = F.cross_entropy(logits[scored], batch.targets[scored], reduction="none")
+    rows = scored.nonzero()[:, 0]
+    per_row_scored = scored.sum(1)
+    row_sums = torch.zeros(len(batch.targets), device=per_position.device).index_add_(0, rows, per_position)
+    has_scored = per_row_scored > 0
+    loss = (row_sums[has_scored] / per_row_scored[has_scored]).mean()
     correct = (logits[scored].argmax(-1) == batch.targets[scored]).sum()
     return loss, correct, scored.sum()
 
 
 @torch.no_grad()
 def evaluate(model: PreTrainedModel, source, batches: int, device: torch.device) -> dict[str, float]:
-    """Loss (nats per scored position) and accuracy over `batches` batches of `source`."""
+    """Loss (position_loss's, nats, averaged over batches) and accuracy (of all scored positions)
+    over `batches` batches of `source`; for a mapping of names to sources, each one's metrics
+    with its name after "eval_" (eval_text_loss, ...)."""
+    if isinstance(source, Mapping):
+        return {
+            key.replace("eval_", f"eval_{name}_", 1): value
+            for name, one_source in source.items()
+            for key, value in evaluate(model, one_source, batches, device).items()
+        }
     was_training = model.training
     model.eval()
     total_loss, correct, scored = 0.0, 0, 0
@@ -199,11 +229,11 @@ def evaluate(model: PreTrainedModel, source, batches: int, device: torch.device)
         batch = _to_device(source.batch(step), device)
         with _autocast(device):
             loss, batch_correct, batch_scored = position_loss(model, batch)
-        total_loss += loss.item() * batch_scored.item()
+        total_loss += loss.item()
         correct += batch_correct.item()
         scored += batch_scored.item()
     model.train(was_training)
-    return {"eval_loss": total_loss / max(scored, 1), "eval_accuracy": correct / max(scored, 1), "eval_positions": scored}
+    return {"eval_loss": total_loss / batches, "eval_accuracy": correct / max(scored, 1), "eval_positions": scored}
 
 
 def train(
@@ -221,7 +251,7 @@ def train(
     Writes output/log.jsonl (one row per evaluation and per log_every steps), output/train_state.pt
     (model, optimiser and step, every save_every steps; atomically) and at the end output/model/,
     a checkpoint folder with the tokenizer, loadable by `sb_hf` (stick-breaking) or `hf` (Llama).
-    Returns that folder.
+    Returns that folder. `eval_source` is one source or a mapping of names to sources (evaluate).
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -270,7 +300,7 @@ def train(
             if step % settings.eval_every == 0 or step == settings.steps:
                 metrics = {"step": step, **evaluate(model, eval_source, settings.eval_batches, device)}
                 _log(log, metrics)
-                progress.write(f"step {step}: eval loss {metrics['eval_loss']:.4f}, accuracy {metrics['eval_accuracy']:.4f}")
+                progress.write(f"step {step}: " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items() if key != "step"))
                 if on_eval is not None:
                     on_eval(step, metrics)
     finally:

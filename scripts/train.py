@@ -1,8 +1,11 @@
-"""Train a small stick-breaking or softmax+RoPE model on MQRAR or on offline text.
+"""Train a small stick-breaking or softmax+RoPE model on MQRAR, on offline text, or on offline text
+mixed with retrieval practice (sb_eval.retrieval_training).
 
     python scripts/train.py --attention stickbreaking --data mqrar --num-pairs 64 --output runs/sb-64
     python scripts/train.py --attention softmax --data text --corpus aa-lcr --seq-length 2048 \\
         --layers 6 --hidden 384 --heads 6 --steps 4000 --output runs/softmax-text
+    python scripts/train.py --attention stickbreaking --data mixture --tokenizer bpe:8192 \\
+        --seq-length 2048 --layers 8 --hidden 384 --heads 6 --retrieval-rows 8 --output runs/sb-mix
 
 The stick-breaking model is saved as OUTPUT/model in the format `sb_hf` loads, the softmax one as
 a Llama checkpoint for lm-eval's `hf`. Rerunning the same command resumes from OUTPUT/train_state.pt.
@@ -12,20 +15,24 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
+from sb_eval.data import documents, write_sentences
+from sb_eval.retrieval_training import PackedSamples, retrieval_samples
 from sb_eval.ruler import mqrar
 from sb_eval.tokenizer import byte_level_tokenizer, train_bpe_tokenizer, word_level_tokenizer
 from sb_eval.training import (
-    ATTENTION_KINDS, ModelSize, SequencePool, TokenWindows, TrainSettings, build_model, token_stream, train,
+    ATTENTION_KINDS, ConcatenatedBatches, ModelSize, SequencePool, TokenWindows, TrainSettings, build_model, token_stream, train,
 )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attention", choices=ATTENTION_KINDS, required=True)
-    parser.add_argument("--data", choices=("mqrar", "text"), required=True)
+    parser.add_argument("--data", choices=("mqrar", "text", "mixture"), required=True,
+                        help="mixture: text windows and rows of packed retrieval samples in every batch")
     parser.add_argument("--output", required=True, help="run folder: log, resumable state, final model")
     parser.add_argument("--seq-length", type=int, default=768, help="training context in tokens")
     mqrar_args = parser.add_argument_group("MQRAR")
@@ -36,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     text_args.add_argument("--tokenizer", default="byte",
                            help="'byte', 'bpe:N' (a byte-level BPE of N ids learnt from the training documents) or a tokenizer folder")
     text_args.add_argument("--eval-documents", type=int, default=2, help="documents held out for evaluation")
+    mixture = parser.add_argument_group("mixture")
+    mixture.add_argument("--retrieval-rows", type=int, default=8, help="rows of each batch that hold retrieval samples")
+    mixture.add_argument("--retrieval-lengths", default=None,
+                         help="comma-separated sample lengths in tokens (default: quarters of --seq-length)")
+    mixture.add_argument("--retrieval-samples", type=int, default=100, help="training samples per task variant and length")
     size = parser.add_argument_group("model")
     size.add_argument("--layers", type=int, default=2)
     size.add_argument("--hidden", type=int, default=256)
@@ -75,6 +87,53 @@ def text_tokenizer(choice: str, training_texts: list[str]):
     return AutoTokenizer.from_pretrained(choice)
 
 
+def text_data(args: argparse.Namespace):
+    """(tokenizer, training source, evaluation source or sources, settings to record) for --data
+    text and mixture. The first --eval-documents documents are held out from training, its
+    tokenizer and its haystacks."""
+    try:
+        texts = documents(args.corpus)
+    except (OSError, ValueError) as error:  # a corpus not fetched yet, a bad path or source
+        raise SystemExit(f"--corpus {args.corpus}: {error}") from None
+    if len(texts) <= args.eval_documents:
+        raise SystemExit(f"--corpus {args.corpus} has {len(texts)} documents; --eval-documents {args.eval_documents} leaves none to train on")
+    held_out, training = texts[:args.eval_documents], texts[args.eval_documents:]
+    data = {"data": args.data, "corpus": args.corpus, "tokenizer": args.tokenizer, "eval_documents": len(held_out)}
+    tokenizer = text_tokenizer(args.tokenizer, training)
+    text_rows = args.batch_size - (args.retrieval_rows if args.data == "mixture" else 0)
+    if text_rows < 1:
+        raise SystemExit(f"--retrieval-rows {args.retrieval_rows} leaves no text row of --batch-size {args.batch_size}")
+    train_text = TokenWindows(token_stream(training, tokenizer), args.seq_length, text_rows, args.seed)
+    eval_text = TokenWindows(token_stream(held_out, tokenizer), args.seq_length, args.batch_size, args.seed + 1)
+    if args.data == "text":
+        return tokenizer, train_text, eval_text, data
+    lengths = retrieval_lengths(args)
+    sources = []
+    for texts_, samples_per_set, seed, name in (
+        (training, args.retrieval_samples, args.seed, "train"),
+        (held_out, max(1, args.retrieval_samples // 10), args.seed + 1_000_000, "eval"),
+    ):
+        essay_file = write_sentences(texts_, f"{args.corpus} ({name} documents)", Path(args.output) / f"haystack_sentences_{name}.json")
+        samples = retrieval_samples(tokenizer, essay_file, lengths, samples_per_set, seed)
+        sources.append(PackedSamples(samples, args.seq_length, args.retrieval_rows, seed, tokenizer.eos_token_id))
+    data.update(retrieval_rows=args.retrieval_rows, retrieval_lengths=lengths, retrieval_samples=args.retrieval_samples,
+                retrieval_training_samples=len(sources[0].samples))
+    return tokenizer, ConcatenatedBatches(train_text, sources[0]), {"text": eval_text, "retrieval": sources[1]}, data
+
+
+def retrieval_lengths(args: argparse.Namespace) -> list[int]:
+    if args.retrieval_lengths is None:
+        return [args.seq_length * quarter // 4 for quarter in range(1, 5)]
+    try:
+        lengths = [int(length) for length in args.retrieval_lengths.split(",")]
+    except ValueError:
+        raise SystemExit(f"--retrieval-lengths {args.retrieval_lengths}: expected comma-separated token counts") from None
+    too_long = [length for length in lengths if not 0 < length <= args.seq_length]
+    if too_long:
+        raise SystemExit(f"--retrieval-lengths {too_long} must be between 1 and --seq-length {args.seq_length}")
+    return lengths
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.data == "mqrar":
@@ -84,19 +143,7 @@ def main(argv=None) -> None:
         ))
         data = {"data": "mqrar", "num_pairs": args.num_pairs, "pool_size": args.pool_size}
     else:
-        from sb_eval.data import documents
-
-        try:
-            texts = documents(args.corpus)
-        except (OSError, ValueError) as error:  # a corpus not fetched yet, a bad path or source
-            raise SystemExit(f"--corpus {args.corpus}: {error}") from None
-        if len(texts) <= args.eval_documents:
-            raise SystemExit(f"--corpus {args.corpus} has {len(texts)} documents; --eval-documents {args.eval_documents} leaves none to train on")
-        held_out = args.eval_documents
-        tokenizer = text_tokenizer(args.tokenizer, texts[held_out:])
-        train_source = TokenWindows(token_stream(texts[held_out:], tokenizer), args.seq_length, args.batch_size, args.seed)
-        eval_source = TokenWindows(token_stream(texts[:held_out], tokenizer), args.seq_length, args.batch_size, args.seed + 1)
-        data = {"data": "text", "corpus": args.corpus, "tokenizer": args.tokenizer, "eval_documents": held_out}
+        tokenizer, train_source, eval_source, data = text_data(args)
     size = ModelSize(args.layers, args.hidden, args.heads, len(tokenizer), args.seq_length, args.intermediate)
     torch.manual_seed(args.seed)
     model = build_model(args.attention, size, tokenizer)

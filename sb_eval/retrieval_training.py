@@ -1,0 +1,173 @@
+"""Retrieval practice for training: samples in the form of the evaluation tasks, sharing nothing else
+with them, packed into training rows.
+
+A small model answers RULER's prompts only if it has seen their form. The training samples come
+from the very generators the tasks use, with other seeds and other vocabularies:
+
+| | evaluation sets | training samples |
+|---|---|---|
+| NIAH word keys | adjective-noun pairs | verb-noun pairs (never equal to an adjective-noun one) |
+| NIAH essay haystack | Paul Graham's essays, from their start | sentences of the training documents, from a random sentence |
+| variable names | 5 letters | 4 or 6 letters |
+| MQRAR | 256 keys and values | 384 keys and values |
+| seeds | the tasks' (42 by default) | `seed` here, and other generator parameters |
+
+A sample is a prompt and the answer that follows it, ending with end-of-text. Rows of a batch are
+filled with samples back to back (a row's free end is padding); only answer tokens are scored,
+so the model learns to answer, not to predict random needles.
+"""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_right
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from sb_eval.ruler import TaskSpec, generate, mqrar
+
+from .training import IGNORE, Batch
+
+# A key space larger than the evaluation's 256 keys and values.
+TRAINING_MQRAR_VOCABULARY = mqrar.Vocabulary(num_keys=384, num_values=384)
+# Variable tracking's solved example alone takes RULER's 500 tokens.
+MIN_VARIABLE_TRACKING_LENGTH = 1024
+
+
+def retrieval_specs(essay_file: str | Path) -> dict[str, TaskSpec]:
+    """Training variants of ruler_niah's eight tasks and of variable tracking (see the module's
+    table); NIAH essay haystacks read `essay_file` (sb_eval.data.write_sentences)."""
+
+    def niah(type_haystack: str, type_needle_k: str = "words", type_needle_v: str = "numbers", **counts: int) -> TaskSpec:
+        params = dict(type_haystack=type_haystack, type_needle_k=type_needle_k, type_needle_v=type_needle_v, key_words="verb-noun", **counts)
+        if type_haystack == "essay":
+            params.update(essay_file=str(essay_file), essay_start="random")
+        return TaskSpec("niah", 128, params)
+
+    return {
+        "niah_repeat": niah("repeat"),
+        "niah_essay_numbers": niah("essay"),
+        "niah_essay_uuids": niah("essay", type_needle_v="uuids"),
+        "niah_essay_multikey": niah("essay", num_needle_k=4),
+        "niah_needle_words": niah("needle"),
+        "niah_needle_uuids": niah("needle", type_needle_k="uuids", type_needle_v="uuids"),
+        "niah_essay_multivalue": niah("essay", num_needle_v=4),
+        "niah_essay_multiquery": niah("essay", num_needle_q=4),
+        "vt_names_4": TaskSpec("variable_tracking", 30, dict(num_chains=1, num_hops=4, name_length=4)),
+        "vt_names_6": TaskSpec("variable_tracking", 30, dict(num_chains=1, num_hops=4, name_length=6)),
+    }
+
+
+@dataclass(frozen=True)
+class PromptAnswer:
+    """Token ids of a prompt and of its answer (the answer ends with end-of-text)."""
+
+    prompt: list[int]
+    answer: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.answer)
+
+
+def retrieval_samples(
+    tokenizer: PreTrainedTokenizerBase,
+    essay_file: str | Path,
+    lengths: Sequence[int],
+    samples_per_set: int,
+    seed: int,
+    mqrar_pairs: Sequence[int] = (16, 32, 64),
+    workers: int | None = None,
+) -> list[PromptAnswer]:
+    """`samples_per_set` samples of each training variant (retrieval_specs) at each of `lengths`
+    (tokens, prompt plus generation budget; variable tracking only at MIN_VARIABLE_TRACKING_LENGTH
+    and longer), and as many MQRAR instances for each pair count in `mqrar_pairs` and length, with
+    sequences of as many symbols as the length holds at the most tokens a symbol takes. Sets are
+    made by `workers` processes (default: one per CPU); the result does not depend on it."""
+    sets = [
+        (spec, length)
+        for spec in retrieval_specs(essay_file).values()
+        for length in lengths
+        if spec.generator != "variable_tracking" or length >= MIN_VARIABLE_TRACKING_LENGTH
+    ]
+    symbol_tokens = _tokens_per_mqrar_symbol(tokenizer)
+    sets += [(num_pairs, length) for num_pairs in mqrar_pairs for length in lengths if int(length / symbol_tokens) - 2 > 2 * num_pairs]
+    make = partial(_set_samples, tokenizer, samples_per_set, seed, symbol_tokens)
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        per_set = [make(*one_set) for one_set in tqdm(sets, desc="retrieval samples", unit="set")]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            per_set = list(tqdm(pool.map(make, *zip(*sets)), total=len(sets), desc="retrieval samples", unit="set"))
+    return [sample for samples in per_set for sample in samples]
+
+
+def _set_samples(
+    tokenizer: PreTrainedTokenizerBase, samples_per_set: int, seed: int, symbol_tokens: int, task: TaskSpec | int, length: int
+) -> list[PromptAnswer]:
+    """One set: a RULER-form task at `length` tokens, or MQRAR with `task` pairs."""
+    if isinstance(task, TaskSpec):
+        # RULER's answers join as its solved examples do; the scorer looks for each in turn.
+        return [
+            _encode(tokenizer, sample["input"], " ".join(sample["outputs"]), sample["input"].endswith(" "))
+            for sample in generate(task, length, tokenizer, samples_per_set, seed, use_cache=False)
+        ]
+    symbols = int(length / symbol_tokens) - 2  # the answer: its symbol and end-of-text
+    instances = mqrar.instances(samples_per_set, symbols, task, TRAINING_MQRAR_VOCABULARY, seed, queries_per_sequence=1)
+    return [_encode(tokenizer, instance["context"], instance["answer"], False) for instance in instances]
+
+
+def _tokens_per_mqrar_symbol(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most tokens any training MQRAR symbol takes with its leading space."""
+    symbols = TRAINING_MQRAR_VOCABULARY.symbols
+    return max(len(ids) for ids in tokenizer([" " + symbol for symbol in symbols], add_special_tokens=False).input_ids)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, prompt_ends_with_space: bool) -> PromptAnswer:
+    answer_text = answer if prompt_ends_with_space else " " + answer
+    return PromptAnswer(
+        tokenizer(prompt, add_special_tokens=False).input_ids,
+        tokenizer(answer_text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id],
+    )
+
+
+class PackedSamples:
+    """Batches of `batch_size` rows of `length` tokens, each filled with samples drawn at random
+    (seeded by step) back to back: while a row has room, a sample that fits the room is drawn
+    uniformly; the rest is padding with end-of-text. targets[b, t] is the next token where that
+    token belongs to an answer, IGNORE elsewhere."""
+
+    def __init__(self, samples: Sequence[PromptAnswer], length: int, batch_size: int, seed: int, pad_id: int):
+        if not samples:
+            raise ValueError("PackedSamples needs at least one sample")
+        too_long = [len(sample) for sample in samples if len(sample) > length]
+        if too_long:
+            raise ValueError(f"{len(too_long)} samples are longer than the rows' {length} tokens (longest {max(too_long)})")
+        self.samples = sorted(samples, key=len)
+        self.sizes = [len(sample) for sample in self.samples]
+        self.length, self.batch_size, self.seed, self.pad_id = length, batch_size, seed, pad_id
+
+    def batch(self, step: int) -> Batch:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        inputs = torch.full((self.batch_size, self.length), self.pad_id, dtype=torch.long)
+        targets = torch.full((self.batch_size, self.length), IGNORE, dtype=torch.long)
+        for row in range(self.batch_size):
+            filled = 0
+            while (fitting := self._count_fitting(self.length - filled)) > 0:
+                sample = self.samples[int(torch.randint(fitting, (1,), generator=generator))]
+                tokens = torch.tensor(sample.prompt + sample.answer)
+                inputs[row, filled:filled + len(tokens)] = tokens
+                answer_start = filled + len(sample.prompt)
+                targets[row, answer_start - 1:answer_start - 1 + len(sample.answer)] = torch.tensor(sample.answer)
+                filled += len(tokens)
+        return Batch(inputs, targets)
+
+    def _count_fitting(self, room: int) -> int:
+        """How many samples (a prefix of the list sorted by size) are at most `room` tokens long."""
+        return bisect_right(self.sizes, room)
