@@ -52,6 +52,8 @@ def niah(
     draw_value = value_drawer(type_needle_v, "type_needle_v")
     if essay_start not in ESSAY_STARTS:
         raise ValueError(f"essay_start={essay_start!r} is not one of {list(ESSAY_STARTS)}")
+    if type_haystack != "essay" and (essay_file is not None or essay_start != "beginning"):
+        raise ValueError(f"essay_file and essay_start apply to type_haystack='essay' only, not {type_haystack!r}")
     for name, count in (("num_needle_k", num_needle_k), ("num_needle_v", num_needle_v), ("num_needle_q", num_needle_q)):
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"{name}={count!r} must be a positive integer")

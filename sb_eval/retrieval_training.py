@@ -19,6 +19,7 @@ so the model learns to answer, not to predict random needles.
 
 from __future__ import annotations
 
+import logging
 import os
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -32,13 +33,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from sb_eval.ruler import TaskSpec, generate, mqrar
+from sb_eval.ruler.fitting import TooShortError
 
 from .training import IGNORE, Batch
 
+logger = logging.getLogger(__name__)
+
 # A key space larger than the evaluation's 256 keys and values.
 TRAINING_MQRAR_VOCABULARY = mqrar.Vocabulary(num_keys=384, num_values=384)
-# Variable tracking's solved example alone takes RULER's 500 tokens.
-MIN_VARIABLE_TRACKING_LENGTH = 1024
 
 
 def retrieval_specs(essay_file: str | Path) -> dict[str, TaskSpec]:
@@ -86,16 +88,23 @@ def retrieval_samples(
     workers: int | None = None,
 ) -> list[PromptAnswer]:
     """`samples_per_set` samples of each training variant (retrieval_specs) at each of `lengths`
-    (tokens, prompt plus generation budget; variable tracking only at MIN_VARIABLE_TRACKING_LENGTH
-    and longer), and as many MQRAR instances for each pair count in `mqrar_pairs` and length, with
-    sequences of as many symbols as the length holds at the most tokens a symbol takes. Sets are
-    made by `workers` processes (default: one per CPU); the result does not depend on it."""
-    sets = [
-        (spec, length)
-        for spec in retrieval_specs(essay_file).values()
-        for length in lengths
-        if spec.generator != "variable_tracking" or length >= MIN_VARIABLE_TRACKING_LENGTH
-    ]
+    (tokens, prompt plus generation budget), and as many MQRAR instances for each pair count in
+    `mqrar_pairs` and length, with sequences of as many symbols as the length holds at the most
+    tokens a symbol takes. A variant that a length cannot hold (variable tracking's solved example
+    alone takes RULER's 500 tokens, more with a small vocabulary) is left out at that length, with
+    a warning. Sets are made by `workers` processes (default: one per CPU); the result does not
+    depend on it."""
+    sets = []
+    for name, spec in retrieval_specs(essay_file).items():
+        for length in lengths:
+            try:
+                generate(spec, length, tokenizer, 1, seed, use_cache=False)
+            except TooShortError as error:
+                logger.warning("retrieval practice: %s left out at %d tokens: %s", name, length, error)
+                continue
+            sets.append((spec, length))
+    if not sets:
+        raise ValueError(f"lengths {list(lengths)} hold no retrieval practice task; use longer ones")
     symbol_tokens = _tokens_per_mqrar_symbol(tokenizer)
     sets += [(num_pairs, length) for num_pairs in mqrar_pairs for length in lengths if int(length / symbol_tokens) - 2 > 2 * num_pairs]
     make = partial(_set_samples, tokenizer, samples_per_set, seed, symbol_tokens)

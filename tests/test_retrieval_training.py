@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import random
 import re
@@ -157,6 +158,9 @@ def test_bad_essay_options_are_named(essay_file, tmp_path):
     missing = tmp_path / "no-such-sentences.json"
     with pytest.raises(FileNotFoundError, match=r"essay_file=.*no-such-sentences\.json"):
         generate(essay_niah(missing, "random"), 1024, tokenizer, 1, use_cache=False)
+    repeat = TaskSpec("niah", 128, dict(type_haystack="repeat", essay_file=str(essay_file)))
+    with pytest.raises(ValueError, match=r"essay_file and essay_start apply to type_haystack='essay' only"):
+        generate(repeat, 1024, tokenizer, 1, use_cache=False)
 
 
 def test_write_sentences_splits_every_text_in_order(tmp_path):
@@ -328,6 +332,19 @@ def test_retrieval_samples_do_not_depend_on_the_number_of_workers(samples, essay
     assert retrieval_samples(merging_bpe_tokenizer(), essay_file, [1024], 2, seed=7, workers=2) == samples
     another_seed = retrieval_samples(merging_bpe_tokenizer(), essay_file, [1024], 2, seed=8, workers=1)
     assert not {tuple(s.prompt) for s in another_seed} & {tuple(s.prompt) for s in samples}
+
+
+def test_variants_a_length_cannot_hold_are_left_out_with_a_warning(essay_file, caplog):
+    # With one token per byte, variable tracking's solved example alone needs more than 1024.
+    with caplog.at_level(logging.WARNING, logger="sb_eval.retrieval_training"):
+        samples = retrieval_samples(byte_level_tokenizer(), essay_file, [1024], 1, seed=7, workers=1)
+    tokenizer = byte_level_tokenizer()
+    prompts = [tokenizer.decode(sample.prompt) for sample in samples]
+    assert not any(prompt.startswith("Memorize") for prompt in prompts)
+    assert sum(prompt.startswith(("Some special magic", "A special magic")) for prompt in prompts) == 8
+    assert {"vt_names_4", "vt_names_6"} <= {word for record in caplog.records for word in record.getMessage().split()}
+    with pytest.raises(ValueError, match="hold no retrieval practice task"):
+        retrieval_samples(byte_level_tokenizer(), essay_file, [200], 1, seed=7, workers=1, mqrar_pairs=())
 
 
 # --- packing ------------------------------------------------------------------------------------
