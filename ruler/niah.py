@@ -61,7 +61,7 @@ def niah(
     num_needles = num_needle_k * num_needle_v
     if type_haystack == "essay" and num_needles > len(DEPTHS):
         raise ValueError(f"the essay haystack places at most {len(DEPTHS)} needles; got {num_needles}")
-    head, tail, answer_prefix = _prompt_parts(type_needle_v, singular=num_needle_q * num_needle_v == 1)
+    head, tail, answer_prefix = prompt_parts(type_needle_v, singular=num_needle_q * num_needle_v == 1)
 
     if type_haystack == "essay":
         essay = TextRun(essay_sentences(essay_file), " ", "essay")
@@ -108,7 +108,7 @@ def niah(
     return draw
 
 
-def _prompt_parts(type_needle_v: str, singular: bool) -> tuple[str, str, str]:
+def prompt_parts(type_needle_v: str, singular: bool) -> tuple[str, str, str]:
     """(head, tail, answer prefix) with {query} left to fill.
 
     With one expected answer RULER turns the template singular by plain replacements: "Some" ->

@@ -15,12 +15,20 @@ from the very generators the tasks use, with other seeds and other vocabularies:
 A sample is a prompt and the answer that follows it, ending with end-of-text. Rows of a batch are
 filled with samples back to back (a row's free end is padding); only answer tokens are scored,
 so the model learns to answer, not to predict random needles.
+
+A NIAH sample gives one answer (about five tokens) per thousand tokens or so, and models of tens
+of millions of parameters trained for a few thousand steps on such samples (and on a few million
+tokens of text) learnt the answers' form but never to retrieve them. Dense recall rows
+(`dense_recall_rows`) pack the same skill tightly: needle statements, then one question after
+another about them, each answered in place, every answer scored: some 60 answers per 2048
+tokens, where MQRAR, which small models do learn, has hundreds of targets per sequence.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 from bisect import bisect_right
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -34,8 +42,10 @@ from transformers import PreTrainedTokenizerBase
 
 from sb_eval.ruler import TaskSpec, generate, mqrar
 from sb_eval.ruler.fitting import TooShortError
+from sb_eval.ruler.niah import NEEDLE, prompt_parts
+from sb_eval.ruler.values import value_drawer
 
-from .training import IGNORE, Batch
+from .training import IGNORE, Batch, SequencePool
 
 logger = logging.getLogger(__name__)
 
@@ -180,3 +190,60 @@ class PackedSamples:
     def _count_fitting(self, room: int) -> int:
         """How many samples (a prefix of the list sorted by size) are at most `room` tokens long."""
         return bisect_right(self.sizes, room)
+
+
+# Dense recall rows: needle statements per row, then questions until the row is full.
+DENSE_STATEMENTS = (4, 32)
+DENSE_VALUE_TYPES = ("numbers", "uuids")
+
+
+def dense_recall_rows(
+    tokenizer: PreTrainedTokenizerBase, length: int, count: int, batch_size: int, seed: int, workers: int | None = None
+) -> SequencePool:
+    """`count` rows of `length` tokens, as a SequencePool of `batch_size` rows a batch. A row holds
+    4 to 32 NIAH needle statements (fewer where they would take more than half the row) ("One of the special magic numbers for KEY is: VALUE.", verb-noun
+    keys, values 7-digit numbers or uuids, one kind per row), one a line, then NIAH's singular
+    question and answer prefix about a random one of them followed by its value and ".", a line
+    each, while they fit; the value's tokens are the targets (IGNORE elsewhere; the row's unused
+    end is end-of-text padding). Made by `workers` processes (default one per CPU); the rows do
+    not depend on it."""
+    make = partial(_dense_recall_row, tokenizer, length)
+    seeds = [seed * 1_000_003 + index for index in range(count)]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        rows = [make(row_seed) for row_seed in tqdm(seeds, desc="dense recall rows", unit="row")]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            rows = list(tqdm(pool.map(make, seeds, chunksize=64), total=count, desc="dense recall rows", unit="row"))
+    return SequencePool([inputs for inputs, _ in rows], [targets for _, targets in rows], batch_size, seed)
+
+
+def _dense_recall_row(tokenizer: PreTrainedTokenizerBase, length: int, row_seed: int) -> tuple[list[int], list[int]]:
+    rng = random.Random(row_seed)
+    value_type = rng.choice(DENSE_VALUE_TYPES)
+    draw_key, draw_value = value_drawer("words", "key_words", "verb-noun"), value_drawer(value_type, "type_needle_v")
+    pairs = [(draw_key(rng), draw_value(rng)) for _ in range(rng.randint(*DENSE_STATEMENTS))]
+    _, tail, answer_prefix = prompt_parts(value_type, singular=True)
+    while True:  # the statements take at most half the row, so that questions fill the rest
+        statements = "\n".join(NEEDLE.format(type_needle_v=value_type, key=key, value=value) for key, value in pairs)
+        inputs = tokenizer(statements, add_special_tokens=False).input_ids
+        if len(inputs) <= length // 2 or len(pairs) == 1:
+            break
+        pairs.pop()
+    is_answer = [False] * len(inputs)
+    while True:
+        key, value = rng.choice(pairs)
+        question, answer, end = (
+            tokenizer(text, add_special_tokens=False).input_ids
+            for text in (tail.format(query=key) + answer_prefix.format(query=key), " " + value, ".")
+        )
+        if len(inputs) + len(question) + len(answer) + len(end) > length:
+            break
+        inputs += question + answer + end
+        is_answer += [False] * len(question) + [True] * len(answer) + [False] * len(end)
+    if not any(is_answer):
+        raise ValueError(f"a dense recall row of {length} tokens holds no question after its statements ({len(inputs)} tokens)")
+    # targets[t] is what position t predicts: inputs[t + 1] where that is a value's token.
+    targets = [token if scored else IGNORE for token, scored in zip(inputs[1:], is_answer[1:])] + [IGNORE]
+    pad = length - len(inputs)
+    return inputs + [tokenizer.eos_token_id] * pad, targets + [IGNORE] * pad

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sb_eval.data import documents, write_sentences
-from sb_eval.retrieval_training import PackedSamples, retrieval_samples
+from sb_eval.retrieval_training import PackedSamples, dense_recall_rows, retrieval_samples
 from sb_eval.ruler import mqrar
 from sb_eval.tokenizer import byte_level_tokenizer, train_bpe_tokenizer, word_level_tokenizer
 from sb_eval.training import (
@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mixture.add_argument("--retrieval-lengths", default=None,
                          help="comma-separated sample lengths in tokens (default: quarters of --seq-length)")
     mixture.add_argument("--retrieval-samples", type=int, default=100, help="training samples per task variant and length")
+    mixture.add_argument("--dense-recall-rows", type=int, default=0,
+                         help="rows of each batch that hold dense recall practice (many needle questions a row)")
+    mixture.add_argument("--dense-recall-pool", type=int, default=20000, help="dense recall rows made for training")
     size = parser.add_argument_group("model")
     size.add_argument("--layers", type=int, default=2)
     size.add_argument("--hidden", type=int, default=256)
@@ -100,9 +103,12 @@ def text_data(args: argparse.Namespace):
     held_out, training = texts[:args.eval_documents], texts[args.eval_documents:]
     data = {"data": args.data, "corpus": args.corpus, "tokenizer": args.tokenizer, "eval_documents": len(held_out)}
     tokenizer = text_tokenizer(args.tokenizer, training)
-    text_rows = args.batch_size - (args.retrieval_rows if args.data == "mixture" else 0)
+    text_rows = args.batch_size - (args.retrieval_rows + args.dense_recall_rows if args.data == "mixture" else 0)
     if text_rows < 1:
-        raise SystemExit(f"--retrieval-rows {args.retrieval_rows} leaves no text row of --batch-size {args.batch_size}")
+        raise SystemExit(
+            f"--retrieval-rows {args.retrieval_rows} and --dense-recall-rows {args.dense_recall_rows} leave no text row "
+            f"of --batch-size {args.batch_size}"
+        )
     train_text = TokenWindows(token_stream(training, tokenizer), args.seq_length, text_rows, args.seed)
     eval_text = TokenWindows(token_stream(held_out, tokenizer), args.seq_length, args.batch_size, args.seed + 1)
     if args.data == "text":
@@ -118,7 +124,15 @@ def text_data(args: argparse.Namespace):
         sources.append(PackedSamples(samples, args.seq_length, args.retrieval_rows, seed, tokenizer.eos_token_id))
     data.update(retrieval_rows=args.retrieval_rows, retrieval_lengths=lengths, retrieval_samples=args.retrieval_samples,
                 retrieval_training_samples=len(sources[0].samples))
-    return tokenizer, ConcatenatedBatches(train_text, sources[0]), {"text": eval_text, "retrieval": sources[1]}, data
+    train_sources = [train_text, sources[0]]
+    eval_sources = {"text": eval_text, "retrieval": sources[1]}
+    if args.dense_recall_rows:
+        train_sources.append(dense_recall_rows(tokenizer, args.seq_length, args.dense_recall_pool, args.dense_recall_rows, args.seed))
+        eval_sources["dense_recall"] = dense_recall_rows(
+            tokenizer, args.seq_length, args.eval_batches * args.dense_recall_rows, args.dense_recall_rows, args.seed + 1_000_000
+        )
+        data.update(dense_recall_rows=args.dense_recall_rows, dense_recall_pool=args.dense_recall_pool)
+    return tokenizer, ConcatenatedBatches(*train_sources), eval_sources, data
 
 
 def retrieval_lengths(args: argparse.Namespace) -> list[int]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from sb_eval.checkpoint import check_checkpoint_folder
 from sb_eval.data import write_sentences
-from sb_eval.retrieval_training import PackedSamples, PromptAnswer, retrieval_samples, retrieval_specs
+from sb_eval.retrieval_training import PackedSamples, PromptAnswer, dense_recall_rows, retrieval_samples, retrieval_specs
 from sb_eval.ruler import TASKS, TaskSpec, TextRun, generate
 from sb_eval.ruler.haystacks import TextRunFrom
 from sb_eval.ruler.registry import task_spec
@@ -347,6 +347,47 @@ def test_variants_a_length_cannot_hold_are_left_out_with_a_warning(essay_file, c
         retrieval_samples(byte_level_tokenizer(), essay_file, [200], 1, seed=7, workers=1, mqrar_pairs=())
 
 
+# --- dense recall -------------------------------------------------------------------------------
+
+STATEMENT = re.compile(r"One of the special magic (numbers|uuids) for (\S+) is: (\S+)\.")
+QUESTION = re.compile(r"The special magic (?:number|uuid) for (\S+) mentioned in the provided text is$")
+
+
+def test_dense_recall_rows_score_the_value_of_each_questions_key():
+    tokenizer = merging_bpe_tokenizer()
+    pool = dense_recall_rows(tokenizer, 512, 6, 6, seed=4, workers=1)
+    batch = pool.batch(0)
+    assert batch.inputs.shape == (6, 512)
+    kinds = set()
+    for inputs, targets in zip(batch.inputs.tolist(), batch.targets.tolist()):
+        text = tokenizer.decode(inputs)
+        found = STATEMENT.findall(text)
+        kinds |= {kind for kind, _, _ in found}
+        statements = {key: value for _, key, value in found}
+        assert 1 <= len(statements) <= 32 and len(tokenizer(text.split("\nWhat")[0]).input_ids) <= 256
+        scored = [t for t, target in enumerate(targets) if target != IGNORE]
+        assert all(targets[t] == inputs[t + 1] for t in scored)
+        runs = [[scored[0]]]  # consecutive scored positions: one answer each
+        for t in scored[1:]:
+            runs[-1].append(t) if t == runs[-1][-1] + 1 else runs.append([t])
+        assert len(runs) >= 2
+        for run in runs:
+            key = QUESTION.search(tokenizer.decode(inputs[: run[0] + 1])).group(1)
+            assert tokenizer.decode([inputs[t + 1] for t in run]) == " " + statements[key]
+    assert kinds == {"numbers", "uuids"}
+
+
+def test_dense_recall_rows_do_not_depend_on_the_number_of_workers():
+    tokenizer = merging_bpe_tokenizer()
+    one, two = (dense_recall_rows(tokenizer, 512, 5, 5, seed=2, workers=workers).batch(0) for workers in (1, 2))
+    assert torch.equal(one.inputs, two.inputs) and torch.equal(one.targets, two.targets)
+
+
+def test_dense_recall_rows_too_short_for_their_statements_are_refused():
+    with pytest.raises(ValueError, match="row of 64 tokens holds no question"):
+        dense_recall_rows(merging_bpe_tokenizer(), 64, 2, 2, seed=0, workers=1)
+
+
 # --- packing ------------------------------------------------------------------------------------
 
 PAD = 0
@@ -527,7 +568,7 @@ def test_the_default_models_recipe_is_a_valid_mixture_run(tmp_path, monkeypatch)
     args = script.train.parse_args(passed[0])
     assert (args.attention, args.steps, args.output, args.seed, args.data) == ("softmax", 7, str(tmp_path), 3, "mixture")
     assert all(length <= args.seq_length for length in script.train.retrieval_lengths(args))
-    assert 0 < args.retrieval_rows < args.batch_size
+    assert 0 < args.retrieval_rows + args.dense_recall_rows < args.batch_size
 
 
 def test_the_training_script_mixes_text_and_retrieval_practice(tmp_path):
@@ -541,14 +582,16 @@ def test_the_training_script_mixes_text_and_retrieval_practice(tmp_path):
     load_script("train").main([
         "--attention", "stickbreaking", "--data", "mixture", "--corpus", str(corpus), "--tokenizer", str(tokenizer_folder),
         "--seq-length", "1024", "--retrieval-lengths", "512,1024", "--retrieval-samples", "2", "--retrieval-rows", "1",
-        "--batch-size", "2", "--layers", "1", "--hidden", "32", "--heads", "1", "--steps", "2", "--eval-every", "2",
+        "--dense-recall-rows", "1", "--dense-recall-pool", "4",
+        "--batch-size", "3", "--layers", "1", "--hidden", "32", "--heads", "1", "--steps", "2", "--eval-every", "2",
         "--eval-batches", "1", "--eval-documents", "1", "--device", "cpu", "--attention-backend", "torch", "--output", str(output),
     ])
     check_checkpoint_folder(output / "model")
     rows = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     (evaluation,) = [row for row in rows if "eval_text_loss" in row]
     assert evaluation["step"] == 2 and math.isfinite(evaluation["eval_text_loss"]) and math.isfinite(evaluation["eval_retrieval_loss"])
-    assert evaluation["eval_retrieval_positions"] > 0
+    assert evaluation["eval_retrieval_positions"] > 0 and evaluation["eval_dense_recall_positions"] > 0
+    assert math.isfinite(evaluation["eval_dense_recall_loss"])
     # the held-out document is the evaluation haystack, the others the training one
     train_sentences, eval_sentences = (set(sentences_of(output / f"haystack_sentences_{name}.json")) for name in ("train", "eval"))
     assert eval_sentences and train_sentences and not eval_sentences & train_sentences
