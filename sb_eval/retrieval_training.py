@@ -118,13 +118,18 @@ def retrieval_samples(
     symbol_tokens = _tokens_per_mqrar_symbol(tokenizer)
     sets += [(num_pairs, length) for num_pairs in mqrar_pairs for length in lengths if int(length / symbol_tokens) - 2 > 2 * num_pairs]
     make = partial(_set_samples, tokenizer, samples_per_set, seed, symbol_tokens)
+    per_set = _map_in_processes(make, sets, workers, "retrieval samples", "set")
+    return [sample for samples in per_set for sample in samples]
+
+
+def _map_in_processes(function, arguments: list[tuple], workers: int | None, desc: str, unit: str, chunksize: int = 1) -> list:
+    """[function(*args) for args in arguments] with a progress bar, in `workers` processes (default
+    one per CPU) unless 1; `function` must then be picklable."""
     workers = workers or os.cpu_count() or 1
     if workers == 1:
-        per_set = [make(*one_set) for one_set in tqdm(sets, desc="retrieval samples", unit="set")]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            per_set = list(tqdm(pool.map(make, *zip(*sets)), total=len(sets), desc="retrieval samples", unit="set"))
-    return [sample for samples in per_set for sample in samples]
+        return [function(*args) for args in tqdm(arguments, desc=desc, unit=unit)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(function, *zip(*arguments), chunksize=chunksize), total=len(arguments), desc=desc, unit=unit))
 
 
 def _set_samples(
@@ -209,12 +214,7 @@ def dense_recall_rows(
     not depend on it."""
     make = partial(_dense_recall_row, tokenizer, length)
     seeds = [seed * 1_000_003 + index for index in range(count)]
-    workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        rows = [make(row_seed) for row_seed in tqdm(seeds, desc="dense recall rows", unit="row")]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            rows = list(tqdm(pool.map(make, seeds, chunksize=64), total=count, desc="dense recall rows", unit="row"))
+    rows = _map_in_processes(make, [(row_seed,) for row_seed in seeds], workers, "dense recall rows", "row", chunksize=64)
     return SequencePool([inputs for inputs, _ in rows], [targets for _, targets in rows], batch_size, seed)
 
 
