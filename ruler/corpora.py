@@ -21,6 +21,10 @@ ESSAY_SENTENCES_FILE = Path("essays") / "sentences.json"
 # Long documents (75K-124K GPT-2 tokens each) for long-context perplexity: AA-LCR's contexts.
 LONG_DOCUMENTS = "aa-lcr"
 
+# Public-domain novels (6 by Jane Austen, and Moby Dick: 0.43M-1.2M characters, about 100K-320K
+# tokens each), from the R data sets of two Debian packages: another long-document corpus.
+BOOKS = "books"
+
 
 class MissingCorpusError(FileNotFoundError):
     """A corpus a task needs has not been fetched into the data directory."""

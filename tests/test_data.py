@@ -69,7 +69,7 @@ def test_an_unreachable_registry_says_so(tmp_path, monkeypatch, capsys):
 
 
 def test_unknown_corpus_names_the_valid_ones(tmp_path, capsys):
-    with pytest.raises(ValueError, match="unknown corpus poems; valid: essays, aa-lcr"):
+    with pytest.raises(ValueError, match="unknown corpus poems; valid: essays, aa-lcr, books"):
         data.fetch(["poems"], tmp_path)
     assert data.main(["fetch", "poems"]) == 1
     assert data.main(["list"]) == 0
@@ -143,7 +143,7 @@ def test_bad_sources_list_what_is_valid(tmp_path, monkeypatch):
     monkeypatch.setenv(corpora.DATA_DIR_VARIABLE, str(tmp_path))
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.md").write_text("x")
-    valid = r"valid: a fetched document corpus \(aa-lcr\), a .txt or .jsonl file or a folder of them, or hf:NAME\[:CONFIG\[:SPLIT\]\]"
+    valid = r"valid: a fetched document corpus \(aa-lcr, books\), a .txt or .jsonl file or a folder of them, or hf:NAME\[:CONFIG\[:SPLIT\]\]"
     for source, problem in [
         ("no-such-corpus", "is neither a corpus name nor an existing file or folder"),
         (str(tmp_path / "empty"), "the folder has no .txt or .jsonl files"),
