@@ -436,7 +436,9 @@ def _deb_files(deb: Path, paths: Sequence[Path]) -> list[bytes]:
         raise FetchError(f"{deb.name} has no data.tar member (it has {', '.join(members) or 'none'}); is it a .deb?")
     try:
         archive = tarfile.open(fileobj=io.BytesIO(members[data_name]), mode="r:*")
-    except tarfile.ReadError:
+    except tarfile.ReadError as error:
+        if not data_name.endswith(".zst"):
+            raise FetchError(f"{deb.name}: its {data_name} is not a tar archive Python can read ({error})") from None
         archive = tarfile.open(fileobj=io.BytesIO(_dpkg_deb_data_tar(deb, data_name)), mode="r:")
     with archive:
         files = {member.name.removeprefix("./"): member for member in archive.getmembers() if member.isfile()}

@@ -196,7 +196,7 @@ class _Reader:
         elif kind in (STRSXP, VECSXP):
             values = [self.item() for _ in range(self.length())]
         else:
-            raise RDataError(f"R serialization holds a {_TYPE_NAMES.get(kind, f'SEXP of type {kind}')}, which this reader does not support")
+            raise RDataError(f"R serialization holds a value of type {_TYPE_NAMES.get(kind, kind)}, which this reader does not support")
         vector = RVector(values)
         if has_attributes:
             vector.attributes = {tag.name if tag else None: value for tag, value in self.item()}
@@ -215,7 +215,7 @@ class _Reader:
             if kind in (NILVALUE_SXP, NILSXP):
                 return cells
             if kind != LISTSXP:
-                raise RDataError(f"a pairlist ends in a {_TYPE_NAMES.get(kind, f'SEXP of type {kind}')}; expected NULL")
+                raise RDataError(f"a pairlist ends in a value of type {_TYPE_NAMES.get(kind, kind)}; expected NULL")
             has_attributes, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
 
     def string(self, levels: int) -> str | None:

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import io
 import json
+import shutil
+import struct
+import subprocess
+import tarfile
+import zlib
 
 import pytest
 
-from sb_eval import data
+from sb_eval import data, rdata
 from sb_eval.ruler import corpora
 
 
@@ -179,3 +185,250 @@ def test_documents_of_a_local_dataset_through_datasets(offline_datasets, tmp_pat
     (folder / "test.jsonl").write_text('{"title": "t1", "body": "b1", "views": 3}\n')
     with pytest.raises(data.DocumentSourceError, match="no text column; expected one of text, page or a single string column, found title, body, views"):
         data.documents(f"hf:{folder}")
+
+
+class _RSerializer:
+    """R's XDR serialization (version 3), written independently of sb_eval.rdata: None (NULL), a
+    bool (a logical of length 1), a tuple of ints (an integer vector), a list of str or None (a
+    character vector, None for NA) and a dict (a named list). `names` adds a names attribute; the
+    "names" symbol is written once and then referred back to, as R does."""
+
+    def __init__(self):
+        self.out = io.BytesIO()
+        self.out.write(b"X\n")
+        self.words(3, 0x040300, 0x030500, 5)
+        self.out.write(b"UTF-8")
+        self.symbols: list[str] = []
+
+    def words(self, *values: int) -> None:
+        self.out.write(struct.pack(f">{len(values)}i", *values))
+
+    def value(self, value, names=None) -> bytes:
+        attributes = 1 << 9 if names is not None or (isinstance(value, dict) and value) else 0
+        if value is None:
+            self.words(254)
+        elif isinstance(value, bool):
+            self.words(10 | attributes, 1, int(value))
+        elif isinstance(value, tuple):
+            self.words(13 | attributes, len(value), *value)
+        elif isinstance(value, list):
+            self.words(16 | attributes, len(value))
+            for string in value:
+                self.string(string)
+        else:
+            self.words(19 | attributes, len(value))
+            for element in value.values():
+                self.value(element)
+            names = list(value) if value else None
+        if names is not None:
+            self.words(2 | 1 << 10)  # a pairlist cell with a tag: names = <character vector>
+            if "names" in self.symbols:
+                self.words((self.symbols.index("names") + 1) << 8 | 255)
+            else:
+                self.symbols.append("names")
+                self.words(1)
+                self.string("names")
+            self.value(list(names))
+            self.words(254)
+        return self.out.getvalue()
+
+    def string(self, string) -> None:
+        if string is None:
+            self.words(9, -1)
+            return
+        raw = string.encode("utf-8")
+        encoding = 64 if string.isascii() else 8  # R marks ASCII and UTF-8 strings
+        self.words(9 | encoding << 12, len(raw))
+        self.out.write(raw)
+
+
+def _serialize(value, names=None) -> bytes:
+    return _RSerializer().value(value, names)
+
+
+def _lazy_load_database(objects: dict[str, bytes]) -> tuple[bytes, bytes]:
+    """(.rdx, .rdb) for serialized `objects`: each value a 4-byte length and a zlib stream in the
+    .rdb, the index a gzip-compressed list(variables, references, compressed = TRUE)."""
+    database, places = b"", {}
+    for name, serialized in objects.items():
+        chunk = struct.pack(">I", len(serialized)) + zlib.compress(serialized)
+        places[name] = (len(database), len(chunk))
+        database += chunk
+    index = gzip.compress(_serialize({"variables": places, "references": {}, "compressed": True}))
+    return index, database
+
+
+def _r_data_files(r_package: str, objects: dict[str, bytes]) -> dict[str, bytes]:
+    index, database = _lazy_load_database(objects)
+    data_dir = f"usr/lib/R/site-library/{r_package}/data"
+    return {f"{data_dir}/Rdata.rdx": index, f"{data_dir}/Rdata.rdb": database, f"usr/share/doc/r-cran-{r_package}/copyright": b"x"}
+
+
+def _deb(files: dict[str, bytes], compression: str = "xz") -> bytes:
+    """A .deb: an ar archive of debian-binary, control.tar.gz and data.tar.<compression>."""
+
+    def tar(members: dict[str, bytes], mode: str) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode=mode) as archive:
+            for path, content in members.items():
+                info = tarfile.TarInfo("./" + path)
+                info.size = len(content)
+                archive.addfile(info, io.BytesIO(content))
+        return buffer.getvalue()
+
+    if compression == "zst":
+        data_tar = subprocess.run(["zstd", "-q", "-c"], input=tar(files, "w:"), capture_output=True, check=True).stdout
+    else:
+        data_tar = tar(files, f"w:{compression}")
+    # A control archive of odd size, so that the byte ar pads it with is exercised.
+    control = next(c for n in range(64) if len(c := tar({"control": b"Package: test\n" + b"#" * n}, "w:gz")) % 2)
+    members = {"debian-binary": b"2.0\n", "control.tar.gz": control, f"data.tar.{compression}": data_tar}
+    archive = b"!<arch>\n"
+    for name, content in members.items():
+        archive += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(content):<10}`\n".encode() + content
+        archive += b"\n" * (len(content) % 2)
+    return archive
+
+
+AUSTEN = {  # data set -> (its lines, the document expected)
+    "sensesensibility": (["SENSE AND SENSIBILITY", "", "by Jane Austen", "", "", "", "CHAPTER 1"], "SENSE AND SENSIBILITY\n\nby Jane Austen\n\nCHAPTER 1"),
+    "prideprejudice": (["PRIDE", "", "It is a truth universally", "  acknowledged, that  ", "", "THE END"], "PRIDE\n\nIt is a truth universally acknowledged, that\n\nTHE END"),
+    "mansfieldpark": (["MANSFIELD PARK"], "MANSFIELD PARK"),
+    "emma": (["", "EMMA", "Emma Woodhouse, handsome, clever", "", "FINIS", ""], "EMMA Emma Woodhouse, handsome, clever\n\nFINIS"),
+    "northangerabbey": (["NORTHANGER ABBEY", "   ", "Catherine — Ünïcödé"], "NORTHANGER ABBEY\n\nCatherine — Ünïcödé"),
+    "persuasion": (["Persuasion"], "Persuasion"),
+}
+MOBY_DICK = (
+    "\ufeffThe Project Gutenberg EBook of Moby Dick\r\n\r\n*** START OF THIS PROJECT GUTENBERG EBOOK MOBY DICK ***\r\n"
+    "\r\n\r\nCall me\r\nIshmael.\r\n\r\n\r\nEnd of Project Gutenberg's Moby Dick\r\n\r\n"
+    "*** END OF THIS PROJECT GUTENBERG EBOOK MOBY DICK ***\r\nThe licence.\r\n"
+)
+
+
+def _book_packages(austen_names=tuple(AUSTEN)) -> dict[str, dict[str, bytes]]:
+    """The files of both packages: janeaustenr's data sets (those named, and one more that the
+    corpus does not use), tokenizers' Moby Dick as one named string."""
+    austen = {name: _serialize(AUSTEN[name][0]) for name in austen_names} | {"other": _serialize(["not a novel"])}
+    return {
+        "janeaustenr": _r_data_files("janeaustenr", austen),
+        "tokenizers": _r_data_files("tokenizers", {"mobydick": _serialize([MOBY_DICK], names=["mobydick"])}),
+    }
+
+
+@pytest.fixture
+def fake_apt(tmp_path, monkeypatch):
+    """An apt-get that 'downloads' .debs from a local folder (`serve(files_by_r_package, ...)`),
+    and no installed R packages."""
+    served = tmp_path / "archive"
+    served.mkdir()
+    apt_get = tmp_path / "bin" / "apt-get"
+    apt_get.parent.mkdir()
+    apt_get.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = download ] || exit 64\n'
+        f'for deb in "{served}/$2"_*.deb; do\n'
+        '  [ -e "$deb" ] || { echo "E: Unable to locate package $2" >&2; exit 100; }\n'
+        '  echo "W: Download is performed unsandboxed as root" >&2; cp "$deb" .\n'
+        "done\n"
+    )
+    apt_get.chmod(0o755)
+    monkeypatch.setattr(data, "APT_GET", str(apt_get))
+    monkeypatch.setattr(data, "DEBIAN_ROOT", tmp_path / "root")
+    monkeypatch.setenv(corpora.DATA_DIR_VARIABLE, str(tmp_path / "data"))
+
+    def serve(packages: dict[str, dict[str, bytes]], compression: str = "xz") -> None:
+        versions = {"janeaustenr": "1.0.0-1_all", "tokenizers": "1%3a0.3.0-1_amd64"}  # 1:0.3.0-1, as apt names it
+        for r_package, files in packages.items():
+            (served / f"r-cran-{r_package}_{versions[r_package]}.deb").write_bytes(_deb(files, compression))
+
+    return serve
+
+
+def test_books_come_from_debian_packages_one_document_each(fake_apt, tmp_path):
+    fake_apt(_book_packages())
+    with pytest.raises(corpora.MissingCorpusError, match="Fetch it once with: sb-eval data fetch books"):
+        data.documents("books")
+    assert data.main(["fetch", "books"]) == 0
+    # Austen in publication order; Moby Dick without Project Gutenberg's header, closing line and licence.
+    assert data.documents("books") == [AUSTEN[name][1] for name in AUSTEN] + ["Call me Ishmael."]
+    records = [json.loads(line) for line in (tmp_path / "data" / "books" / "documents.jsonl").read_text().splitlines()]
+    assert [record["source"] for record in records] == [
+        "r-cran-janeaustenr 1.0.0-1: Sense and Sensibility",
+        "r-cran-janeaustenr 1.0.0-1: Pride and Prejudice",
+        "r-cran-janeaustenr 1.0.0-1: Mansfield Park",
+        "r-cran-janeaustenr 1.0.0-1: Emma",
+        "r-cran-janeaustenr 1.0.0-1: Northanger Abbey",
+        "r-cran-janeaustenr 1.0.0-1: Persuasion",
+        "r-cran-tokenizers 1:0.3.0-1: Moby Dick",
+    ]
+    assert not list((tmp_path / "data").glob("**/*.tmp"))
+
+
+@pytest.mark.skipif(not (shutil.which("zstd") and shutil.which("dpkg-deb")), reason="needs zstd and dpkg-deb")
+def test_a_zstd_deb_is_unpacked_with_dpkg_deb(fake_apt):
+    fake_apt(_book_packages(), compression="zst")
+    data.fetch(["books"])
+    assert data.documents("books")[-1] == "Call me Ishmael."
+
+
+def test_installed_packages_are_read_without_apt_get(fake_apt, tmp_path, monkeypatch):
+    for files in _book_packages().values():
+        for path, content in files.items():
+            (tmp_path / "root" / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "root" / path).write_bytes(content)
+    monkeypatch.setattr(data, "APT_GET", "sb-eval-test-no-apt-get")
+    data.fetch(["books"])
+    assert data.documents("books")[0] == AUSTEN["sensesensibility"][1]
+    source = json.loads((tmp_path / "data" / "books" / "documents.jsonl").read_text().splitlines()[0])["source"]
+    assert source == f"r-cran-janeaustenr (installed in {tmp_path / 'root/usr/lib/R/site-library/janeaustenr'}): Sense and Sensibility"
+
+
+def test_without_apt_get_the_error_names_the_package(fake_apt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "APT_GET", "sb-eval-test-no-apt-get")
+    with pytest.raises(data.FetchError, match="could not download r-cran-janeaustenr: sb-eval-test-no-apt-get is not on PATH.*fetch the other corpora \\(essays, aa-lcr\\)"):
+        data.fetch(["books"])
+    assert data.main(["fetch", "books"]) == 1
+    assert "could not download r-cran-janeaustenr" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_package_apt_cannot_download_is_named_with_what_apt_said(fake_apt, tmp_path):
+    fake_apt({"janeaustenr": _book_packages()["janeaustenr"]})  # no r-cran-tokenizers in the archive
+    with pytest.raises(data.FetchError, match=r"could not download r-cran-tokenizers from the Debian archive.*apt-get update.*\(apt-get: E: Unable to locate package r-cran-tokenizers\).*apt-get install r-cran-tokenizers"):
+        data.fetch(["books"])
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_missing_data_set_is_named_with_those_there_are(fake_apt):
+    fake_apt(_book_packages(austen_names=("sensesensibility", "prideprejudice")))
+    with pytest.raises(data.FetchError, match=r"r-cran-janeaustenr 1.0.0-1 has no data set 'mansfieldpark' \(Mansfield Park\); it has sensesensibility, prideprejudice, other"):
+        data.fetch(["books"])
+
+
+def test_r_serialization_values_and_what_is_not_supported():
+    serializer = _RSerializer()
+    serializer.words(19 | 1 << 9, 4)  # list(chars, TRUE, 2.5, NULL) with names and a class
+    serializer.value(["a", None, "é"])
+    serializer.value(True)
+    serializer.words(14, 1)
+    serializer.out.write(struct.pack(">d", 2.5))
+    serializer.value(None)
+    serializer.words(2 | 1 << 10, 1)  # names = ..., then class = "thing": the second tag a new symbol
+    serializer.string("names")
+    serializer.value(["chars", "flag", "real", "null"])
+    serializer.words(2 | 1 << 10, 1)
+    serializer.string("class")
+    serializer.value(["thing"])
+    serializer.words(254)
+    value = rdata.unserialize(serializer.out.getvalue())
+    assert value == [["a", None, "é"], [True], [2.5], None]
+    assert value.attributes == {"names": ["chars", "flag", "real", "null"], "class": ["thing"]}
+    assert value.names() == ["chars", "flag", "real", "null"]
+    assert rdata.read_rds(gzip.compress(_serialize((1, -(2**31))))) == [1, None]
+
+    environment = _RSerializer()
+    environment.words(4, 0)
+    with pytest.raises(rdata.RDataError, match="holds a value of type environment, which this reader does not support"):
+        rdata.unserialize(environment.out.getvalue())
+    with pytest.raises(rdata.RDataError, match="not R serialization in XDR format"):
+        rdata.unserialize(b"RDX3\n")
