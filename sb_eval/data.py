@@ -387,8 +387,8 @@ def _r_data_sets(package: str, r_package: str) -> tuple[dict[str, object], str]:
     """The data sets of an R package that Debian packages, by name: from its installed copy if
     there is one, else from its .deb downloaded with apt-get; and a description of where they came
     from ("r-cran-janeaustenr 1.0.0-1")."""
-    data = R_SITE_LIBRARY / r_package / "data"
-    members = [data / "Rdata.rdx", data / "Rdata.rdb"]
+    folder = R_SITE_LIBRARY / r_package / "data"
+    members = [folder / "Rdata.rdx", folder / "Rdata.rdb"]
     installed = [DEBIAN_ROOT / member for member in members]
     if all(path.is_file() for path in installed):
         where = f"{package} (installed in {installed[0].parent.parent})"
@@ -402,7 +402,7 @@ def _r_data_sets(package: str, r_package: str) -> tuple[dict[str, object], str]:
     try:
         return rdata.read_lazy_load_database(index, database), where
     except rdata.RDataError as error:
-        raise FetchError(f"{where}: could not read the R data sets in {data}: {error}") from None
+        raise FetchError(f"{where}: could not read the R data sets in {folder}: {error}") from None
 
 
 def _download_deb(package: str, directory: Path) -> Path:

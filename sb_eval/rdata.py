@@ -85,8 +85,8 @@ def read_lazy_load_database(index: bytes, database: bytes) -> dict[str, Any]:
     """The objects of an R lazy-load database, by name, in the index's order: `index` the bytes of
     the .rdx file (an .rds of list(variables = list(name = c(offset, length)), references,
     compressed)), `database` those of the .rdb file, where each value is a 4-byte big-endian
-    uncompressed length and then a zlib stream (or, for `compressed` 2 and 3, a type byte and then
-    a zlib, bzip2, xz or uncompressed stream)."""
+    uncompressed length and then a zlib stream (for `compressed` 2 and 3, a type byte and then a
+    zlib, bzip2, xz or uncompressed stream; for `compressed` FALSE, the serialization alone)."""
     table = read_rds(index)
     fields = _named(table, "the .rdx index")
     if "variables" not in fields:
@@ -110,6 +110,8 @@ def _named(value: Any, what: str) -> dict[str, Any]:
 
 
 def _decompress_value(chunk: bytes, compression: int, name: str) -> bytes:
+    if compression == 0:  # compress = FALSE: the serialization itself, no length word
+        return chunk
     if len(chunk) < 5:
         raise RDataError(f"the .rdb value of {name!r} is cut short ({len(chunk)} bytes)")
     (length,) = struct.unpack(">I", chunk[:4])
@@ -119,7 +121,7 @@ def _decompress_value(chunk: bytes, compression: int, name: str) -> bytes:
         decompress = {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress, b"0": bytes}.get(kind)
         if decompress is None:
             raise RDataError(f"the .rdb value of {name!r} has compression type {kind!r}; expected Z, 2, X or 0")
-    elif compression in (0, 1):
+    elif compression == 1:
         decompress = zlib.decompress
     else:
         raise RDataError(f"the .rdx index says compressed={compression}; expected 0 to 3")

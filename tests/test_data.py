@@ -432,3 +432,11 @@ def test_r_serialization_values_and_what_is_not_supported():
         rdata.unserialize(environment.out.getvalue())
     with pytest.raises(rdata.RDataError, match="not R serialization in XDR format"):
         rdata.unserialize(b"RDX3\n")
+
+
+def test_a_lazy_load_database_stored_without_compression():
+    value = _serialize(["line one", "line two"])
+    index = gzip.compress(_serialize({"variables": {"text": (0, len(value))}, "references": {}, "compressed": False}))
+    assert rdata.read_lazy_load_database(index, value) == {"text": ["line one", "line two"]}
+    with pytest.raises(rdata.RDataError, match="the .rdb value of 'text' does not decompress"):
+        rdata.read_lazy_load_database(gzip.compress(_serialize({"variables": {"text": (0, len(value))}, "compressed": True})), value)
