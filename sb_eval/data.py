@@ -195,6 +195,7 @@ class DocumentSourceError(ValueError):
 
 
 HF_PREFIX = "hf:"
+SOURCE_JOINER = "+"
 DEFAULT_HF_SPLIT = "test"
 # Columns tried, in order, for a dataset's document text ("page": Wikitext's document-level form).
 HF_TEXT_COLUMNS = ("text", "page")
@@ -209,18 +210,22 @@ def documents(source: str) -> list[str]:
       or a folder of such files (its own files only, in name order);
     - "hf:NAME[:CONFIG[:SPLIT]]": a dataset through `datasets` (from its cache, or the network
       where there is one), split "test" unless given, the column "text" or "page", else its only
-      string column.
+      string column;
+    - several of these joined by "+" ("aa-lcr+books"): their documents one source after another
+      (a path that exists is read as one source, "+" and all).
 
     Raises MissingCorpusError (with the fetch command) for a corpus not fetched yet, and
     DocumentSourceError, listing what is valid, for anything else it cannot read.
     """
     if not isinstance(source, str) or not source:
         raise DocumentSourceError(f"document source {source!r} must be a non-empty string; {_VALID_SOURCES}")
+    path = Path(source).expanduser()
+    if SOURCE_JOINER in source and not path.exists():
+        return [text for part in source.split(SOURCE_JOINER) for text in documents(part)]
     if source.startswith(HF_PREFIX):
         return _hf_documents(source)
     if source in CORPORA:
         return _corpus_documents(source)
-    path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _DOCUMENT_READERS)
         if not files:
@@ -294,7 +299,7 @@ def _hf_documents(source: str) -> list[str]:
 _VALID_SOURCES = (
     "valid: a fetched document corpus ("
     + ", ".join(name for name, corpus in CORPORA.items() if corpus.documents is not None)
-    + "), a .txt or .jsonl file or a folder of them, or hf:NAME[:CONFIG[:SPLIT]]"
+    + "), a .txt or .jsonl file or a folder of them, or hf:NAME[:CONFIG[:SPLIT]]; several joined by '+'"
 )
 
 

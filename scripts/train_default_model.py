@@ -5,18 +5,18 @@
 
 Both train the same shape on the same data for the same steps: 8 layers, hidden 384, 6 heads of
 64, a byte-level BPE of 8192 ids learnt from the training documents, a 2048-token context; batches
-of 32 rows: 12 of AA-LCR text (its first 5 documents held out), 8 of packed retrieval practice in
-the evaluation tasks' form and 12 of dense recall practice (sb_eval.retrieval_training).
-`--export DIR` then writes OUTPUT/model in bfloat16 to DIR, the form the package ships. Needs
-`sb-eval data fetch aa-lcr` first.
+of 32 rows: 12 of text (AA-LCR's reports, its first 5 held out, then 6 Austen novels and Moby
+Dick: some 4 M tokens), 8 of packed retrieval practice in the evaluation tasks' form and 12 of
+dense recall practice (sb_eval.retrieval_training). `--export DIR` then writes OUTPUT/model in
+bfloat16 to DIR, the form the package ships. Needs `sb-eval data fetch aa-lcr books` first.
 
 How the recipe got here, on one H100 (3000 steps, 5 min 17 s each): with 24 text rows and 8
 retrieval rows from a pool of 10,000 samples, and then with 16 and 16 from a pool of 73,200, the
 model learnt the answers' form (seven digits, end-of-text) but not to retrieve them (0 on
 ruler_niah at 1K-4K; a softmax + RoPE twin was no better), and its held-out text loss rose after
 step 500-1000 (some 3 M training tokens seen 25-50 times). The dense recall rows give the
-retrieval skill some 60 scored answers per row instead of one or two; this recipe has not been
-trained yet.
+retrieval skill some 60 scored answers per row instead of one or two, and the novels add some 40%
+more text; this recipe has not been trained yet.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import sb_eval  # noqa: E402,F401  (registers the stick-breaking model with tran
 from sb_eval.checkpoint import save_checkpoint  # noqa: E402
 
 RECIPE = [
-    "--data", "mixture", "--corpus", "aa-lcr", "--eval-documents", "5", "--tokenizer", "bpe:8192",
+    "--data", "mixture", "--corpus", "aa-lcr+books", "--eval-documents", "5", "--tokenizer", "bpe:8192",
     "--seq-length", "2048", "--layers", "8", "--hidden", "384", "--heads", "6",
     "--batch-size", "32", "--retrieval-rows", "8", "--retrieval-samples", "1200",
     "--retrieval-lengths", "512,768,1024,1536,2048", "--dense-recall-rows", "12", "--dense-recall-pool", "24000",

@@ -131,6 +131,12 @@ def test_documents_of_files_and_folders(tmp_path):
     assert data.documents(str(folder)) == ["first\nwith two lines\n", "second", "third"]
     assert data.documents(str(folder / "b.jsonl")) == ["second", "third"]
     assert data.documents(str(folder / "a.txt")) == ["first\nwith two lines\n"]
+    joined = f"{folder / 'a.txt'}+{folder / 'b.jsonl'}"
+    assert data.documents(joined) == ["first\nwith two lines\n", "second", "third"]
+    (tmp_path / "c+d.txt").write_text("a file whose name holds the joiner")
+    assert data.documents(str(tmp_path / "c+d.txt")) == ["a file whose name holds the joiner"]
+    with pytest.raises(data.DocumentSourceError, match="'no-such-corpus' is neither"):
+        data.documents(f"{folder / 'a.txt'}+no-such-corpus")
 
 
 @pytest.mark.parametrize(
@@ -149,7 +155,7 @@ def test_bad_sources_list_what_is_valid(tmp_path, monkeypatch):
     monkeypatch.setenv(corpora.DATA_DIR_VARIABLE, str(tmp_path))
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.md").write_text("x")
-    valid = r"valid: a fetched document corpus \(aa-lcr, books\), a .txt or .jsonl file or a folder of them, or hf:NAME\[:CONFIG\[:SPLIT\]\]"
+    valid = r"valid: a fetched document corpus \(aa-lcr, books\), a .txt or .jsonl file or a folder of them, or hf:NAME\[:CONFIG\[:SPLIT\]\]; several joined by '\+'"
     for source, problem in [
         ("no-such-corpus", "is neither a corpus name nor an existing file or folder"),
         (str(tmp_path / "empty"), "the folder has no .txt or .jsonl files"),
