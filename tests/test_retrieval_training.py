@@ -148,7 +148,7 @@ def test_essay_haystacks_come_from_the_essay_file_from_a_random_or_the_first_sen
     for sample in beginning + at_random:
         assert sample["length"] == len(tokenizer(sample["input"]).input_ids) and sample["length"] + 128 <= 1024
         (key,) = needle_keys(sample["input"])
-        assert not is_adjective_noun(key) and key.split("-")[0] in VERBS
+        assert not is_adjective_noun(key) and any(key[:i] in VERBS for i, char in enumerate(key) if char == "-")
 
 
 def test_bad_essay_options_are_named(essay_file, tmp_path):
