@@ -104,22 +104,19 @@ def retrieval_samples(
     alone takes RULER's 500 tokens, more with a small vocabulary) is left out at that length, with
     a warning. Sets are made by `workers` processes (default: one per CPU); the result does not
     depend on it."""
-    sets = []
-    for name, spec in retrieval_specs(essay_file).items():
-        for length in lengths:
-            try:
-                generate(spec, length, tokenizer, 1, seed, use_cache=False)
-            except TooShortError as error:
-                logger.warning("retrieval practice: %s left out at %d tokens: %s", name, length, error)
-                continue
-            sets.append((spec, length))
-    if not sets:
-        raise ValueError(f"lengths {list(lengths)} hold no retrieval practice task; use longer ones")
+    ruler_sets = [(name, spec, length) for name, spec in retrieval_specs(essay_file).items() for length in lengths]
     symbol_tokens = _tokens_per_mqrar_symbol(tokenizer)
-    sets += [(num_pairs, length) for num_pairs in mqrar_pairs for length in lengths if int(length / symbol_tokens) - 2 > 2 * num_pairs]
-    make = partial(_set_samples, tokenizer, samples_per_set, seed, symbol_tokens)
+    mqrar_symbols = [length // symbol_tokens - 2 for length in lengths]  # room for the answer and end-of-text
+    sets = [(spec, length) for _, spec, length in ruler_sets]
+    sets += [(num_pairs, symbols) for num_pairs in mqrar_pairs for symbols in mqrar_symbols if symbols > 2 * num_pairs]
+    make = partial(_set_samples, tokenizer, samples_per_set, seed)
     per_set = _map_in_processes(make, sets, workers, "retrieval samples", "set")
-    return [sample for samples in per_set for sample in samples]
+    left_out = [(name, length, reason) for (name, _, length), (_, reason) in zip(ruler_sets, per_set) if reason]
+    for name, length, reason in left_out:
+        logger.warning("retrieval practice: %s left out at %d tokens: %s", name, length, reason)
+    if len(left_out) == len(ruler_sets):
+        raise ValueError(f"lengths {list(lengths)} hold no retrieval practice task; use longer ones")
+    return [sample for samples, _ in per_set for sample in samples]
 
 
 def _map_in_processes(function, arguments: list[tuple], workers: int | None, desc: str, unit: str, chunksize: int = 1) -> list:
@@ -133,18 +130,19 @@ def _map_in_processes(function, arguments: list[tuple], workers: int | None, des
 
 
 def _set_samples(
-    tokenizer: PreTrainedTokenizerBase, samples_per_set: int, seed: int, symbol_tokens: int, task: TaskSpec | int, length: int
-) -> list[PromptAnswer]:
-    """One set: a RULER-form task at `length` tokens, or MQRAR with `task` pairs."""
+    tokenizer: PreTrainedTokenizerBase, samples_per_set: int, seed: int, task: TaskSpec | int, size: int
+) -> tuple[list[PromptAnswer], str | None]:
+    """One set and, when `size` cannot hold it, no samples and why: a RULER-form task at `size`
+    tokens, or MQRAR with `task` pairs in sequences of `size` symbols."""
     if isinstance(task, TaskSpec):
+        try:
+            samples = generate(task, size, tokenizer, samples_per_set, seed, use_cache=False)
+        except TooShortError as error:
+            return [], str(error)
         # RULER's answers join as its solved examples do; the scorer looks for each in turn.
-        return [
-            _encode(tokenizer, sample["input"], " ".join(sample["outputs"]), sample["input"].endswith(" "))
-            for sample in generate(task, length, tokenizer, samples_per_set, seed, use_cache=False)
-        ]
-    symbols = int(length / symbol_tokens) - 2  # the answer: its symbol and end-of-text
-    instances = mqrar.instances(samples_per_set, symbols, task, TRAINING_MQRAR_VOCABULARY, seed, queries_per_sequence=1)
-    return [_encode(tokenizer, instance["context"], instance["answer"], False) for instance in instances]
+        return [_encode(tokenizer, sample["input"], " ".join(sample["outputs"]), sample["input"].endswith(" ")) for sample in samples], None
+    instances = mqrar.instances(samples_per_set, size, task, TRAINING_MQRAR_VOCABULARY, seed, queries_per_sequence=1)
+    return [_encode(tokenizer, instance["context"], instance["answer"], False) for instance in instances], None
 
 
 def _tokens_per_mqrar_symbol(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -201,13 +201,11 @@ def position_loss(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, t
     scored."""
     logits = model(input_ids=batch.inputs, use_cache=False).logits.float()
     scored = batch.targets != IGNORE
-    per_position = F.cross_entropy(logits[scored], batch.targets[scored], reduction="none")
-    rows = scored.nonzero()[:, 0]
+    per_position = F.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=IGNORE, reduction="none")  # 0 where ignored
     per_row_scored = scored.sum(1)
-    row_sums = torch.zeros(len(batch.targets), device=per_position.device).index_add_(0, rows, per_position)
     has_scored = per_row_scored > 0
-    loss = (row_sums[has_scored] / per_row_scored[has_scored]).mean()
-    correct = (logits[scored].argmax(-1) == batch.targets[scored]).sum()
+    loss = (per_position.sum(1)[has_scored] / per_row_scored[has_scored]).mean()
+    correct = ((logits.argmax(-1) == batch.targets) & scored).sum()
     return loss, correct, scored.sum()
 
 
