@@ -1,6 +1,6 @@
 """Retrieval practice for training: the generators' training options (verb-noun keys, another essay
 file entered at a random sentence, other variable-name lengths), the samples and their packing,
-the per-row loss, mixed sources, and scripts/train.py --data mixture end to end."""
+the per-row loss, mixed sources, repeated segments, and scripts/train.py --data mixture end to end."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 from sb_eval.checkpoint import check_checkpoint_folder
 from sb_eval.data import write_sentences
-from sb_eval.retrieval_training import PackedSamples, PromptAnswer, dense_recall_rows, retrieval_samples, retrieval_specs
+from sb_eval.retrieval_training import (
+    PackedSamples, PromptAnswer, RepeatedSegments, dense_recall_rows, retrieval_samples, retrieval_specs,
+)
 from sb_eval.ruler import TASKS, TaskSpec, TextRun, generate
 from sb_eval.ruler.haystacks import TextRunFrom
 from sb_eval.ruler.registry import task_spec
@@ -388,6 +391,70 @@ def test_dense_recall_rows_too_short_for_their_statements_are_refused():
         dense_recall_rows(merging_bpe_tokenizer(), 64, 2, 2, seed=0, workers=1)
 
 
+# --- repeated segments --------------------------------------------------------------------------
+
+# Ids that are not 0..n-1 (a vocabulary less its special ids), many enough that a random segment
+# of 3 or more of them is almost surely not itself periodic, so its row's smallest period is its length.
+SPARSE_IDS = list(range(5, 3005, 3))
+
+
+def smallest_period(row: list[int]) -> int:
+    """The smallest p with row[t] == row[t - p] for every t >= p (len(row) when there is none)."""
+    return next(p for p in range(1, len(row) + 1) if row[p:] == row[:-p])
+
+
+def test_repeated_segments_tile_a_random_segment_and_score_every_repeat():
+    length, shortest, longest = 40, 3, 9
+    source = RepeatedSegments(SPARSE_IDS, length, batch_size=16, seed=2, segment_lengths=(shortest, longest))
+    periods = []
+    for step in range(8):
+        batch = source.batch(step)
+        assert batch.inputs.shape == batch.targets.shape == (16, length)
+        assert batch.inputs.dtype == batch.targets.dtype == torch.int64
+        for inputs, targets in zip(batch.inputs.tolist(), batch.targets.tolist()):
+            period = smallest_period(inputs)
+            assert shortest <= period <= longest and set(inputs) <= set(SPARSE_IDS)
+            # position t predicts t + 1, which is known from t + 1 - period once t + 1 >= period
+            expected = [IGNORE if t + 1 < period else inputs[t + 1 - period] for t in range(length)]
+            assert targets == expected
+            periods.append(period)
+    assert set(periods) == set(range(shortest, longest + 1))  # both bounds inclusive, every length drawn
+
+
+def test_repeated_segments_draw_their_ids_from_all_the_given_ones():
+    ids = [7, 19, 300, 41]
+    batch = RepeatedSegments(ids, 12, batch_size=32, seed=0, segment_lengths=(4, 8)).batch(0)
+    assert set(batch.inputs.flatten().tolist()) == set(ids)
+    # a one-token segment repeats a single id, every position after the first scored
+    constant = RepeatedSegments(ids, 12, batch_size=5, seed=0, segment_lengths=(1, 1)).batch(3)
+    assert all(len(set(row)) == 1 for row in constant.inputs.tolist())
+    assert torch.equal(constant.targets, constant.inputs)
+
+
+def test_repeated_segments_are_a_function_of_seed_and_step():
+    def source(seed):
+        return RepeatedSegments(SPARSE_IDS, 64, batch_size=4, seed=seed, segment_lengths=(4, 16))
+
+    first, again = source(5), source(5)
+    later = first.batch(9)  # asked out of order, and of another instance
+    for step in (3, 0, 9):
+        assert torch.equal(first.batch(step).inputs, again.batch(step).inputs)
+        assert torch.equal(first.batch(step).targets, again.batch(step).targets)
+    assert torch.equal(again.batch(9).inputs, later.inputs)
+    assert not torch.equal(first.batch(3).inputs, first.batch(4).inputs)
+    assert not torch.equal(first.batch(3).inputs, source(6).batch(3).inputs)
+
+
+def test_impossible_repeated_segments_name_the_argument():
+    for bounds in ((0, 4), (5, 4), (4, 32), (-2, 3)):
+        with pytest.raises(ValueError, match=rf"segment_lengths must satisfy 1 <= shortest <= longest < length 32, got \({bounds[0]}, {bounds[1]}\)"):
+            RepeatedSegments(SPARSE_IDS, 32, batch_size=1, seed=0, segment_lengths=bounds)
+    RepeatedSegments(SPARSE_IDS, 32, batch_size=1, seed=0, segment_lengths=(31, 31)).batch(0)  # one repeated token
+    for ids in ([], [7]):
+        with pytest.raises(ValueError, match=rf"token_ids needs at least 2 ids to draw from, got {len(ids)}"):
+            RepeatedSegments(ids, 32, batch_size=1, seed=0, segment_lengths=(2, 4))
+
+
 # --- packing ------------------------------------------------------------------------------------
 
 PAD = 0
@@ -571,7 +638,7 @@ def test_the_default_models_recipe_is_a_valid_mixture_run(tmp_path, monkeypatch)
     assert 0 < args.retrieval_rows + args.dense_recall_rows < args.batch_size
 
 
-def test_the_training_script_mixes_text_and_retrieval_practice(tmp_path):
+def test_the_training_script_mixes_text_retrieval_and_copying_practice(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for index in range(3):
@@ -582,8 +649,9 @@ def test_the_training_script_mixes_text_and_retrieval_practice(tmp_path):
     load_script("train").main([
         "--attention", "stickbreaking", "--data", "mixture", "--corpus", str(corpus), "--tokenizer", str(tokenizer_folder),
         "--seq-length", "1024", "--retrieval-lengths", "512,1024", "--retrieval-samples", "2", "--retrieval-rows", "1",
-        "--dense-recall-rows", "1", "--dense-recall-pool", "4",
-        "--batch-size", "3", "--layers", "1", "--hidden", "32", "--heads", "1", "--steps", "2", "--eval-every", "2",
+        "--dense-recall-rows", "1", "--dense-recall-pool", "4", "--repeat-rows", "1", "--repeat-segment-lengths", "4,16",
+        "--logit-offsets=0,-4",
+        "--batch-size", "4", "--layers", "1", "--hidden", "32", "--heads", "2", "--steps", "2", "--eval-every", "2",
         "--eval-batches", "1", "--eval-documents", "1", "--device", "cpu", "--attention-backend", "torch", "--output", str(output),
     ])
     check_checkpoint_folder(output / "model")
@@ -592,7 +660,43 @@ def test_the_training_script_mixes_text_and_retrieval_practice(tmp_path):
     assert evaluation["step"] == 2 and math.isfinite(evaluation["eval_text_loss"]) and math.isfinite(evaluation["eval_retrieval_loss"])
     assert evaluation["eval_retrieval_positions"] > 0 and evaluation["eval_dense_recall_positions"] > 0
     assert math.isfinite(evaluation["eval_dense_recall_loss"])
+    assert math.isfinite(evaluation["eval_repeats_loss"]) and 0 <= evaluation["eval_repeats_accuracy"] <= 1
+    # one row of 1024 tokens whose segment of 4..16 tokens leaves 1024 - length + 1 positions scored
+    assert 1024 - 16 + 1 <= evaluation["eval_repeats_positions"] <= 1024 - 4 + 1
+    recorded = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert (recorded["repeat_rows"], recorded["repeat_segment_lengths"], recorded["logit_offsets"]) == (1, [4, 16], "0,-4")
+    # the checkpoint's query-key biases still hold the offsets (two warm-up steps barely move them)
+    model = AutoModelForCausalLM.from_pretrained(output / "model")
+    attention = model.transformer.h[0].attn
+    q, k, _ = attention.split_heads(attention.c_attn(torch.zeros(1, 1, 32)))
+    torch.testing.assert_close(attention.scale * (q * k).sum(-1).flatten(), torch.tensor([0.0, -4.0]), rtol=0, atol=0.05)
     # the held-out document is the evaluation haystack, the others the training one
     train_sentences, eval_sentences = (set(sentences_of(output / f"haystack_sentences_{name}.json")) for name in ("train", "eval"))
     assert eval_sentences and train_sentences and not eval_sentences & train_sentences
     assert all(sentence in (corpus / "0.txt").read_text(encoding="utf-8") for sentence in eval_sentences)
+
+
+def test_bad_copying_and_offset_flags_name_the_flag(tmp_path):
+    script = load_script("train")
+    mqrar_run = ["--data", "mqrar", "--num-pairs", "4", "--seq-length", "24", "--pool-size", "8", "--batch-size", "2",
+                 "--hidden", "32", "--heads", "2", "--steps", "1", "--device", "cpu", "--output", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=r"--logit-offsets applies to --attention stickbreaking, not softmax"):
+        script.main(["--attention", "softmax", "--logit-offsets=0,-4", *mqrar_run])
+    for bad in ("-4", "0,-4,-8", "zero,-4"):
+        with pytest.raises(SystemExit, match=rf"--logit-offsets {bad}: expected two numbers, FIRST,LAST"):
+            script.main(["--attention", "stickbreaking", f"--logit-offsets={bad}", *mqrar_run])
+    assert not (tmp_path / "run" / "model").exists()
+
+    def segment_lengths(value):
+        return script.repeat_segment_lengths(script.parse_args([
+            "--attention", "stickbreaking", "--data", "mixture", "--output", str(tmp_path), "--seq-length", "256",
+            "--repeat-rows", "1", "--repeat-segment-lengths", value,
+        ]))
+
+    assert segment_lengths("4,16") == (4, 16) and segment_lengths("255,255") == (255, 255)
+    for bad in ("16", "4,8,16", "four,16"):
+        with pytest.raises(SystemExit, match=rf"--repeat-segment-lengths {bad}: expected two token counts, shortest,longest"):
+            segment_lengths(bad)
+    for bad in ("16,4", "0,4", "4,256"):
+        with pytest.raises(SystemExit, match=rf"--repeat-segment-lengths {bad}: need 1 <= shortest <= longest < --seq-length 256"):
+            segment_lengths(bad)

@@ -176,3 +176,90 @@ def test_a_learnt_bpe_round_trips_text_and_ends_with_end_of_text():
     assert len(ids) < len(text.encode()) and tokenizer.decode(ids) == text
     with pytest.raises(ValueError, match="at least the 256 byte tokens"):
         train_bpe_tokenizer(texts, vocab_size=100)
+
+
+# --- initial attention logit offsets ------------------------------------------------------------
+
+
+def bias_logits(model) -> torch.Tensor:
+    """[layers, heads] scale * q . k for a zero input to each layer's c_attn (its bias alone), with
+    q and k split the way the attention splits them."""
+    per_layer = []
+    for block in model.transformer.h:
+        attention = block.attn
+        q, k, v = attention.split_heads(attention.c_attn(torch.zeros(1, 1, model.config.n_embd)))  # [1, H, 1, D]
+        assert not v.any()  # the values' bias is left at zero
+        per_layer.append(attention.scale * (q * k).sum(-1).flatten())
+    return torch.stack(per_layer)
+
+
+def test_logit_offsets_spread_evenly_over_the_heads_of_every_layer(tokenizer):
+    four_heads = ModelSize(layers=2, hidden=32, heads=4, vocab_size=len(tokenizer), max_length=64)
+    with torch.no_grad():
+        model = build_model("stickbreaking", four_heads, tokenizer, logit_offsets=(0.0, -6.0))
+        torch.testing.assert_close(bias_logits(model), torch.tensor([[0.0, -2.0, -4.0, -6.0]] * 2), rtol=0, atol=1e-5)
+        rising = build_model("stickbreaking", size(tokenizer), tokenizer, logit_offsets=(-1.5, 3.0))
+        torch.testing.assert_close(bias_logits(rising), torch.tensor([[-1.5, 3.0]] * 2), rtol=0, atol=1e-5)
+        one_head = ModelSize(layers=1, hidden=32, heads=1, vocab_size=len(tokenizer), max_length=64)
+        torch.testing.assert_close(bias_logits(build_model("stickbreaking", one_head, tokenizer, logit_offsets=(-3.0, -7.0))),
+                                   torch.tensor([[-3.0]]), rtol=0, atol=1e-5)
+    assert all(block.attn.c_attn.bias.requires_grad for block in model.transformer.h)  # trained like any other weight
+    assert build_model("stickbreaking", size(tokenizer), tokenizer).transformer.h[0].attn.c_attn.bias is None
+
+
+def captured_logits(model, input_ids: torch.Tensor, monkeypatch) -> list[torch.Tensor]:
+    """Each layer's logits scale * q . k [B, H, T, T] on a forward pass, taken where the model hands
+    q and k to the attention op."""
+    import sb_eval.modeling
+
+    logits, attention = [], sb_eval.modeling.stickbreaking_attention
+
+    def recording(q, k, v, *, scale, **options):
+        logits.append(scale * q @ k.transpose(-1, -2))
+        return attention(q, k, v, scale=scale, **options)
+
+    monkeypatch.setattr(sb_eval.modeling, "stickbreaking_attention", recording)
+    with torch.no_grad():
+        model(input_ids=input_ids, use_cache=False)
+    monkeypatch.undo()
+    return logits
+
+
+def test_offsets_shift_the_logits_of_real_hidden_states_by_about_the_offset(tokenizer, monkeypatch):
+    import copy
+
+    torch.manual_seed(4)
+    model = build_model("stickbreaking", size(tokenizer), tokenizer, logit_offsets=(-1.0, -5.0)).eval()
+    without = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in without.transformer.h:
+            block.attn.c_attn.bias.zero_()
+    input_ids = torch.randint(0, len(SYMBOLS), (4, 48), generator=torch.Generator().manual_seed(5))
+    shifted, plain = (captured_logits(m, input_ids, monkeypatch) for m in (model, without))
+    assert len(shifted) == len(plain) == 2
+    for layer_shifted, layer_plain in zip(shifted, plain):
+        shift = (layer_shifted - layer_plain).mean(dim=(0, 2, 3))  # per head
+        # cross terms (bias . projected hidden state) make it approximate
+        torch.testing.assert_close(shift, torch.tensor([-1.0, -5.0]), rtol=0, atol=0.3)
+        assert layer_plain.mean().abs() < 0.05  # a fresh head's logits are near 0 without the offsets
+
+
+def test_logit_offsets_are_refused_where_they_cannot_apply(tokenizer):
+    from sb_eval.configuration import StickBreakingConfig
+    from sb_eval.modeling import StickBreakingForCausalLM
+    from sb_eval.training import offset_attention_logits
+
+    with pytest.raises(ValueError, match=r"logit_offsets apply to stick-breaking attention only, not 'softmax'"):
+        build_model("softmax", size(tokenizer), tokenizer, logit_offsets=(0.0, -4.0))
+    with pytest.raises(ValueError, match=r"needs a model built with query-key biases \(add_qkv_bias=True\)"):
+        offset_attention_logits(build_model("stickbreaking", size(tokenizer), tokenizer), [0.0, -4.0])
+    biased = build_model("stickbreaking", size(tokenizer), tokenizer, logit_offsets=(0.0, 0.0))
+    before = biased.state_dict()["transformer.h.0.attn.c_attn.bias"].clone()
+    for offsets in ([-4.0], [0.0, -1.0, -2.0]):
+        with pytest.raises(ValueError, match=rf"offsets must give one value per head \(2\), got {len(offsets)}"):
+            offset_attention_logits(biased, offsets)
+    assert torch.equal(biased.state_dict()["transformer.h.0.attn.c_attn.bias"], before)  # a refused call changes nothing
+    mqa = StickBreakingForCausalLM(StickBreakingConfig(vocab_size=20, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                                       attention_head_type="mqa", add_qkv_bias=True))
+    with pytest.raises(ValueError, match=r"one key head per query head"):
+        offset_attention_logits(mqa, [0.0, -4.0])
