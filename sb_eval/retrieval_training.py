@@ -22,6 +22,11 @@ tokens of text) learnt the answers' form but never to retrieve them. Dense recal
 (`dense_recall_rows`) pack the same skill tightly: needle statements, then one question after
 another about them, each answered in place, every answer scored: some 60 answers per 2048
 tokens, where MQRAR, which small models do learn, has hundreds of targets per sequence.
+
+Repeated segments (`RepeatedSegments`) are the plainest copying there is: a random run of tokens,
+then the same run again and again, every repeat scored. Small transformers learn to copy such
+runs (induction heads, Olsson et al. 2022) within a few hundred steps, long before they would on
+text alone, and copying is the half of retrieval that the needle tasks then build on.
 """
 
 from __future__ import annotations
@@ -116,7 +121,16 @@ def retrieval_samples(
         logger.warning("retrieval practice: %s left out at %d tokens: %s", name, length, reason)
     if len(left_out) == len(ruler_sets):
         raise ValueError(f"lengths {list(lengths)} hold no retrieval practice task; use longer ones")
-    return [sample for samples, _ in per_set for sample in samples]
+    # RULER fits a prompt and the task's generation budget into the length; an answer that takes
+    # the whole budget (a long uuid under a small vocabulary) then leaves end-of-text outside it.
+    kept, overlong = [], 0
+    for (_, _, length), (samples, _) in zip(ruler_sets, per_set):
+        fitting = [sample for sample in samples if len(sample) <= length]
+        overlong += len(samples) - len(fitting)
+        kept += fitting
+    if overlong:
+        logger.warning("retrieval practice: %d samples longer than their length with end-of-text left out", overlong)
+    return kept + [sample for samples, _ in per_set[len(ruler_sets):] for sample in samples]
 
 
 def _map_in_processes(function, arguments: list[tuple], workers: int | None, desc: str, unit: str, chunksize: int = 1) -> list:
@@ -193,6 +207,31 @@ class PackedSamples:
     def _count_fitting(self, room: int) -> int:
         """How many samples (a prefix of the list sorted by size) are at most `room` tokens long."""
         return bisect_right(self.sizes, room)
+
+
+class RepeatedSegments:
+    """Batches of `batch_size` rows of `length` tokens (seeded by step): each row is a segment of
+    uniformly random ids from `token_ids`, of a length drawn uniformly from `segment_lengths`
+    (inclusive bounds), repeated to the row's end. targets[b, t] is the next token wherever it
+    repeats one before it, IGNORE inside the first segment."""
+
+    def __init__(self, token_ids: Sequence[int], length: int, batch_size: int, seed: int, segment_lengths: tuple[int, int]):
+        shortest, longest = segment_lengths
+        if not 1 <= shortest <= longest < length:
+            raise ValueError(f"segment_lengths must satisfy 1 <= shortest <= longest < length {length}, got {segment_lengths}")
+        if len(token_ids) < 2:
+            raise ValueError(f"token_ids needs at least 2 ids to draw from, got {len(token_ids)}")
+        self.token_ids = torch.tensor(token_ids, dtype=torch.long)
+        self.length, self.batch_size, self.seed, self.segment_lengths = length, batch_size, seed, segment_lengths
+
+    def batch(self, step: int) -> Batch:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        sizes = torch.randint(self.segment_lengths[0], self.segment_lengths[1] + 1, (self.batch_size,), generator=generator)
+        segments = self.token_ids[torch.randint(len(self.token_ids), (self.batch_size, self.segment_lengths[1]), generator=generator)]
+        positions = torch.arange(self.length + 1)
+        rows = torch.gather(segments, 1, positions % sizes[:, None])  # [B, length + 1]: each segment tiled
+        targets = rows[:, 1:].masked_fill(positions[None, 1:] < sizes[:, None], IGNORE)
+        return Batch(rows[:, :-1], targets)
 
 
 # Dense recall rows: needle statements per row, then questions until the row is full.

@@ -63,20 +63,32 @@ class ModelSize:
         return self.intermediate or 64 * math.ceil(8 * self.hidden / 3 / 64)
 
 
-def build_model(attention: str, size: ModelSize, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def build_model(
+    attention: str, size: ModelSize, tokenizer: PreTrainedTokenizerBase, logit_offsets: tuple[float, float] | None = None,
+) -> PreTrainedModel:
     """A freshly initialised model in float32. Both kinds share everything but the attention:
     pre-norm RMSNorm blocks, SwiGLU, tied embeddings, no biases; stick-breaking has no position
-    encoding, softmax uses RoPE (theta 10000) and causal SDPA."""
+    encoding, softmax uses RoPE (theta 10000) and causal SDPA.
+
+    `logit_offsets` (stick-breaking only): (first, last) initial attention logit offsets, spread
+    evenly over each layer's heads, through query and key biases (see `offset_attention_logits`)."""
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    if attention != "stickbreaking" and logit_offsets is not None:
+        raise ValueError(f"logit_offsets apply to stick-breaking attention only, not {attention!r}")
     if attention == "stickbreaking":
         config = StickBreakingConfig(
             vocab_size=size.vocab_size, n_positions=size.max_length, n_embd=size.hidden,
             n_layer=size.layers, n_head=size.heads, n_inner=size.intermediate_size,
             activation_function="swiglu", normalization_function="rmsnorm", layer_norm_epsilon=1e-5,
-            sb_remainder=False, **special,
+            sb_remainder=False, add_qkv_bias=logit_offsets is not None, **special,
         )
-        return StickBreakingForCausalLM(config)
+        model = StickBreakingForCausalLM(config)
+        if logit_offsets is not None:
+            first, last = logit_offsets
+            heads = size.heads
+            offset_attention_logits(model, [first + (last - first) * h / max(heads - 1, 1) for h in range(heads)])
+        return model
     if attention == "softmax":
         config = LlamaConfig(
             vocab_size=size.vocab_size, max_position_embeddings=size.max_length,
@@ -147,6 +159,33 @@ class ConcatenatedBatches:
     def batch(self, step: int) -> Batch:
         batches = [source.batch(step) for source in self.sources]
         return Batch(torch.cat([b.inputs for b in batches]), torch.cat([b.targets for b in batches]))
+
+
+@torch.no_grad()
+def offset_attention_logits(model: StickBreakingForCausalLM, offsets: Sequence[float]) -> None:
+    """Sets the query and key biases of every layer so that head h's logits start `offsets[h]`
+    lower (or higher): q gets a * u and k gets -a * u, or +a * u for a positive offset (u a unit
+    vector, a = sqrt(|offset| / scale)), whose product adds offset to every logit; the q.(-a u) and (a u).k cross terms are
+    small at initialisation. A fresh stick-breaking head has logits near 0, so sigmoid 1/2 per
+    token: 2^-d of its attention reaches d tokens back, and the gradient that would teach it to
+    look further vanishes with d. A small 2-layer model learnt to copy repeated random
+    segments of 8-64 tokens in 200 steps with offsets (-2, -5), and not in 400 without (loss at
+    chance). The biases are parameters like any other: training moves them."""
+    config = model.config
+    if not config.add_qkv_bias and not config.add_bias:
+        raise ValueError("offset_attention_logits needs a model built with query-key biases (add_qkv_bias=True)")
+    if config.attention_head_type == "mqa" or config.num_key_value_heads != config.n_head:
+        raise ValueError("offset_attention_logits supports one key head per query head (attention_head_type 'mha')")
+    if len(offsets) != config.n_head:
+        raise ValueError(f"offsets must give one value per head ({config.n_head}), got {len(offsets)}")
+    size = config.head_dim
+    for block in model.transformer.h:
+        attention = block.attn
+        bias = attention.c_attn.bias.view(config.n_head, 3, size)  # per head: [q | k | v]
+        for head, offset in enumerate(offsets):
+            magnitude = math.sqrt(abs(offset) / attention.scale)
+            bias[head, 0].zero_()[0] = magnitude
+            bias[head, 1].zero_()[0] = -magnitude if offset < 0 else magnitude
 
 
 def token_stream(documents: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:

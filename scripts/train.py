@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from sb_eval.data import documents, write_sentences
-from sb_eval.retrieval_training import PackedSamples, dense_recall_rows, retrieval_samples
+from sb_eval.retrieval_training import PackedSamples, RepeatedSegments, dense_recall_rows, retrieval_samples
 from sb_eval.ruler import mqrar
 from sb_eval.tokenizer import byte_level_tokenizer, train_bpe_tokenizer, word_level_tokenizer
 from sb_eval.training import (
@@ -51,11 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     mixture.add_argument("--dense-recall-rows", type=int, default=0,
                          help="rows of each batch that hold dense recall practice (many needle questions a row)")
     mixture.add_argument("--dense-recall-pool", type=int, default=20000, help="dense recall rows made for training")
+    mixture.add_argument("--repeat-rows", type=int, default=0,
+                         help="rows of each batch that hold a random token segment repeated (copying practice)")
+    mixture.add_argument("--repeat-segment-lengths", default="16,512", help="shortest,longest repeated segment in tokens")
     size = parser.add_argument_group("model")
     size.add_argument("--layers", type=int, default=2)
     size.add_argument("--hidden", type=int, default=256)
     size.add_argument("--heads", type=int, default=1)
     size.add_argument("--intermediate", type=int, default=None)
+    size.add_argument("--logit-offsets", default=None,
+                      help="stick-breaking only: FIRST,LAST initial attention logit offsets spread over each layer's heads "
+                           "(query-key biases that let heads look far back from the start), e.g. --logit-offsets=0,-6")
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--steps", type=int, default=2000)
     optimisation.add_argument("--batch-size", type=int, default=64)
@@ -103,11 +110,12 @@ def text_data(args: argparse.Namespace):
     held_out, training = texts[:args.eval_documents], texts[args.eval_documents:]
     data = {"data": args.data, "corpus": args.corpus, "tokenizer": args.tokenizer, "eval_documents": len(held_out)}
     tokenizer = text_tokenizer(args.tokenizer, training)
-    text_rows = args.batch_size - (args.retrieval_rows + args.dense_recall_rows if args.data == "mixture" else 0)
+    practice_rows = args.retrieval_rows + args.dense_recall_rows + args.repeat_rows
+    text_rows = args.batch_size - (practice_rows if args.data == "mixture" else 0)
     if text_rows < 1:
         raise SystemExit(
-            f"--retrieval-rows {args.retrieval_rows} and --dense-recall-rows {args.dense_recall_rows} leave no text row "
-            f"of --batch-size {args.batch_size}"
+            f"--retrieval-rows {args.retrieval_rows}, --dense-recall-rows {args.dense_recall_rows} and --repeat-rows "
+            f"{args.repeat_rows} leave no text row of --batch-size {args.batch_size}"
         )
     train_text = TokenWindows(token_stream(training, tokenizer), args.seq_length, text_rows, args.seed)
     eval_text = TokenWindows(token_stream(held_out, tokenizer), args.seq_length, args.batch_size, args.seed + 1)
@@ -132,6 +140,13 @@ def text_data(args: argparse.Namespace):
             tokenizer, args.seq_length, args.eval_batches * args.dense_recall_rows, args.dense_recall_rows, args.seed + 1_000_000
         )
         data.update(dense_recall_rows=args.dense_recall_rows, dense_recall_pool=args.dense_recall_pool)
+    if args.repeat_rows:
+        segment_lengths = repeat_segment_lengths(args)
+        special = set(tokenizer.all_special_ids)
+        token_ids = [token for token in range(len(tokenizer)) if token not in special]
+        train_sources.append(RepeatedSegments(token_ids, args.seq_length, args.repeat_rows, args.seed, segment_lengths))
+        eval_sources["repeats"] = RepeatedSegments(token_ids, args.seq_length, args.repeat_rows, args.seed + 1_000_000, segment_lengths)
+        data.update(repeat_rows=args.repeat_rows, repeat_segment_lengths=list(segment_lengths))
     return tokenizer, ConcatenatedBatches(*train_sources), eval_sources, data
 
 
@@ -148,8 +163,35 @@ def retrieval_lengths(args: argparse.Namespace) -> list[int]:
     return lengths
 
 
+def repeat_segment_lengths(args: argparse.Namespace) -> tuple[int, int]:
+    try:
+        shortest, longest = (int(size) for size in args.repeat_segment_lengths.split(","))
+    except ValueError:
+        raise SystemExit(f"--repeat-segment-lengths {args.repeat_segment_lengths}: expected two token counts, shortest,longest") from None
+    if not 1 <= shortest <= longest < args.seq_length:
+        raise SystemExit(f"--repeat-segment-lengths {args.repeat_segment_lengths}: need 1 <= shortest <= longest < --seq-length {args.seq_length}")
+    return shortest, longest
+
+
+def logit_offsets(args: argparse.Namespace) -> tuple[float, float] | None:
+    if args.logit_offsets is None:
+        return None
+    if args.attention != "stickbreaking":
+        raise SystemExit(f"--logit-offsets applies to --attention stickbreaking, not {args.attention}")
+    try:
+        first, last = (float(offset) for offset in args.logit_offsets.split(","))
+    except ValueError:
+        first = last = math.nan
+    if not (math.isfinite(first) and math.isfinite(last)):
+        raise SystemExit(f"--logit-offsets={args.logit_offsets}: expected two finite numbers, FIRST,LAST")
+    return first, last
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    offsets = logit_offsets(args)  # flags checked before any data is made
+    if args.repeat_rows:
+        repeat_segment_lengths(args)
     if args.data == "mqrar":
         tokenizer = word_level_tokenizer(mqrar.Vocabulary().symbols)
         train_source, eval_source = (mqrar_pool(args, count, seed) for count, seed in (
@@ -160,12 +202,13 @@ def main(argv=None) -> None:
         tokenizer, train_source, eval_source, data = text_data(args)
     size = ModelSize(args.layers, args.hidden, args.heads, len(tokenizer), args.seq_length, args.intermediate)
     torch.manual_seed(args.seed)
-    model = build_model(args.attention, size, tokenizer)
+    model = build_model(args.attention, size, tokenizer, offsets)
     settings = TrainSettings(
         steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
         eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed,
         attention_backend=args.attention_backend,
-        extra={"attention": args.attention, "seq_length": args.seq_length, "batch_size": args.batch_size, **data},
+        extra={"attention": args.attention, "seq_length": args.seq_length, "batch_size": args.batch_size,
+               "logit_offsets": args.logit_offsets, **data},
     )
     parameters = sum(p.numel() for p in model.parameters())
     print(json.dumps({"parameters": parameters, **settings.extra}))

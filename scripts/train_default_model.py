@@ -37,8 +37,9 @@ from sb_eval.checkpoint import save_checkpoint  # noqa: E402
 RECIPE = [
     "--data", "mixture", "--corpus", "aa-lcr+books", "--eval-documents", "5", "--tokenizer", "bpe:8192",
     "--seq-length", "2048", "--layers", "8", "--hidden", "384", "--heads", "6",
-    "--batch-size", "32", "--retrieval-rows", "8", "--retrieval-samples", "1200",
-    "--retrieval-lengths", "512,768,1024,1536,2048", "--dense-recall-rows", "12", "--dense-recall-pool", "24000",
+    "--batch-size", "32", "--retrieval-rows", "6", "--retrieval-samples", "1200",
+    "--retrieval-lengths", "512,768,1024,1536,2048", "--dense-recall-rows", "8", "--dense-recall-pool", "16000",
+    "--repeat-rows", "6", "--repeat-segment-lengths", "16,512",
     "--lr", "1e-3", "--warmup-steps", "200", "--eval-every", "500", "--eval-batches", "4", "--save-every", "500",
 ]
 
@@ -50,7 +51,9 @@ def main(argv=None) -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--export", type=Path, help="write the trained model here in bfloat16")
     args, rest = parser.parse_known_args(argv)
-    train.main(RECIPE + ["--attention", args.attention, "--steps", str(args.steps), "--output", args.output, *rest])
+    # The initial logit offsets exist for stick-breaking heads only (see sb_eval.training.offset_attention_logits).
+    offsets = ["--logit-offsets=0,-6"] if args.attention == "stickbreaking" else []
+    train.main(RECIPE + offsets + ["--attention", args.attention, "--steps", str(args.steps), "--output", args.output, *rest])
     if args.export:
         folder = Path(args.output) / "model"
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)

@@ -683,7 +683,7 @@ def test_bad_copying_and_offset_flags_name_the_flag(tmp_path):
     with pytest.raises(SystemExit, match=r"--logit-offsets applies to --attention stickbreaking, not softmax"):
         script.main(["--attention", "softmax", "--logit-offsets=0,-4", *mqrar_run])
     for bad in ("-4", "0,-4,-8", "zero,-4"):
-        with pytest.raises(SystemExit, match=rf"--logit-offsets {bad}: expected two numbers, FIRST,LAST"):
+        with pytest.raises(SystemExit, match=rf"--logit-offsets={bad}: expected two finite numbers, FIRST,LAST"):
             script.main(["--attention", "stickbreaking", f"--logit-offsets={bad}", *mqrar_run])
     assert not (tmp_path / "run" / "model").exists()
 
