@@ -188,6 +188,19 @@ def offset_attention_logits(model: StickBreakingForCausalLM, offsets: Sequence[f
             bias[head, 1].zero_()[0] = -magnitude if offset < 0 else magnitude
 
 
+class Curriculum:
+    """Batches of `first` for steps below `until`, of `then` from there on: a skill practised
+    alone before the mixture that needs it."""
+
+    def __init__(self, first, until: int, then):
+        if until < 0:
+            raise ValueError(f"until must be a step >= 0, got {until}")
+        self.first, self.until, self.then = first, until, then
+
+    def batch(self, step: int) -> Batch:
+        return (self.first if step < self.until else self.then).batch(step)
+
+
 def token_stream(documents: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """The documents tokenized and joined, each followed by the tokenizer's end-of-text: [N] int64."""
     if tokenizer.eos_token_id is None:

@@ -25,7 +25,7 @@ from sb_eval.retrieval_training import PackedSamples, RepeatedSegments, dense_re
 from sb_eval.ruler import mqrar
 from sb_eval.tokenizer import byte_level_tokenizer, train_bpe_tokenizer, word_level_tokenizer
 from sb_eval.training import (
-    ATTENTION_KINDS, ConcatenatedBatches, ModelSize, SequencePool, TokenWindows, TrainSettings, build_model, token_stream, train,
+    ATTENTION_KINDS, ConcatenatedBatches, Curriculum, ModelSize, SequencePool, TokenWindows, TrainSettings, build_model, token_stream, train,
 )
 
 
@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     mixture.add_argument("--repeat-rows", type=int, default=0,
                          help="rows of each batch that hold a random token segment repeated (copying practice)")
     mixture.add_argument("--repeat-segment-lengths", default="16,512", help="shortest,longest repeated segment in tokens")
+    mixture.add_argument("--repeat-only-steps", type=int, default=0,
+                         help="first steps whose whole batch is repeated segments, before the mixture")
     size = parser.add_argument_group("model")
     size.add_argument("--layers", type=int, default=2)
     size.add_argument("--hidden", type=int, default=256)
@@ -146,8 +148,12 @@ def text_data(args: argparse.Namespace):
         token_ids = [token for token in range(len(tokenizer)) if token not in special]
         train_sources.append(RepeatedSegments(token_ids, args.seq_length, args.repeat_rows, args.seed, segment_lengths))
         eval_sources["repeats"] = RepeatedSegments(token_ids, args.seq_length, args.repeat_rows, args.seed + 1_000_000, segment_lengths)
-        data.update(repeat_rows=args.repeat_rows, repeat_segment_lengths=list(segment_lengths))
-    return tokenizer, ConcatenatedBatches(*train_sources), eval_sources, data
+        data.update(repeat_rows=args.repeat_rows, repeat_segment_lengths=list(segment_lengths), repeat_only_steps=args.repeat_only_steps)
+    mixture_batches = ConcatenatedBatches(*train_sources)
+    if args.repeat_only_steps:
+        repeats_alone = RepeatedSegments(token_ids, args.seq_length, args.batch_size, args.seed + 2_000_000, segment_lengths)
+        return tokenizer, Curriculum(repeats_alone, args.repeat_only_steps, mixture_batches), eval_sources, data
+    return tokenizer, mixture_batches, eval_sources, data
 
 
 def retrieval_lengths(args: argparse.Namespace) -> list[int]:
@@ -190,6 +196,8 @@ def logit_offsets(args: argparse.Namespace) -> tuple[float, float] | None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     offsets = logit_offsets(args)  # flags checked before any data is made
+    if args.repeat_only_steps and not args.repeat_rows:
+        raise SystemExit("--repeat-only-steps needs --repeat-rows (the repeated segments' settings and evaluation)")
     if args.repeat_rows:
         repeat_segment_lengths(args)
     if args.data == "mqrar":

@@ -39,8 +39,8 @@ RECIPE = [
     "--seq-length", "2048", "--layers", "8", "--hidden", "384", "--heads", "6",
     "--batch-size", "32", "--retrieval-rows", "6", "--retrieval-samples", "1200",
     "--retrieval-lengths", "512,768,1024,1536,2048", "--dense-recall-rows", "8", "--dense-recall-pool", "16000",
-    "--repeat-rows", "6", "--repeat-segment-lengths", "16,512",
-    "--lr", "1e-3", "--warmup-steps", "200", "--eval-every", "500", "--eval-batches", "4", "--save-every", "500",
+    "--repeat-rows", "6", "--repeat-segment-lengths", "8,256", "--repeat-only-steps", "400",
+    "--lr", "1e-3", "--warmup-steps", "200", "--eval-every", "250", "--eval-batches", "4", "--save-every", "500",
 ]
 
 
