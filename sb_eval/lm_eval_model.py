@@ -1,5 +1,8 @@
 """`sb_hf`: lm-eval's HFLM for stick-breaking checkpoints, made safe for 64K-token requests.
 
+Without `pretrained`, it evaluates the checkpoint that ships in the package
+(sb_eval.checkpoint.DEFAULT_CHECKPOINT) and says so in the log.
+
 Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_args, data-parallel
 `accelerate launch`) carries over. What changes:
 - the checkpoint folder is checked before loading (sb_eval.checkpoint), safetensors only unless
@@ -32,7 +35,7 @@ from tqdm import tqdm
 from sb_eval.kernels import BACKENDS
 
 from .attention_stats import StatisticsRecorder, UnsupportedArchitectureError
-from .checkpoint import check_checkpoint_folder, check_tokenizer_folder
+from .checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_folder, check_tokenizer_folder
 from .modeling import StickBreakingForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -53,7 +56,11 @@ class StickBreakingLM(HFLM):
         **kwargs,
     ) -> None:
         if pretrained is None:
-            raise ValueError("sb_hf needs pretrained=PATH: a local stick-breaking checkpoint folder")
+            logger.warning(
+                "sb_hf: no pretrained=PATH given; evaluating sb-eval's default checkpoint, a 17M-parameter "
+                "stick-breaking model trained at 2K tokens (%s; model card: README.md there)", DEFAULT_CHECKPOINT,
+            )
+            pretrained = DEFAULT_CHECKPOINT
         if attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
         if int(logprob_chunk_size) < 1:

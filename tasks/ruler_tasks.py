@@ -4,12 +4,14 @@
 task's `dataset_kwargs`. From the metadata: max_seq_lengths (list of ints, default [4096]),
 num_samples per length (default 500, as RULER), seed (default 42), and the tokenizer to fit
 lengths with, from `tokenizer`, else `pretrained` or `model` (a local folder or a name the
-transformers cache holds). From dataset_kwargs: either `ruler_task` (a name in
+transformers cache holds), else the tokenizer of the checkpoint sb_hf evaluates without
+`pretrained` (with a warning). From dataset_kwargs: either `ruler_task` (a name in
 sb_eval.ruler.TASKS), or `generator`, `tokens_to_generate` and `generator_params` (a mapping).
 """
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 from typing import Any
 
@@ -17,7 +19,10 @@ import datasets
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from sb_eval.checkpoint import DEFAULT_CHECKPOINT
 from sb_eval.ruler import TASKS, TaskSpec, generate, string_match_all
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LENGTHS = [4096]
 DEFAULT_NUM_SAMPLES = 500  # RULER's default
@@ -97,7 +102,12 @@ def tokenizer_name(kwargs: dict, needed_for: str) -> str:
     for key in TOKENIZER_KEYS:
         if isinstance(kwargs.get(key), str) and kwargs[key]:
             return kwargs[key]
-    raise ValueError(f"{needed_for}: pass --model_args pretrained=PATH, or --metadata '{{\"tokenizer\": \"PATH\"}}'")
+    logger.warning(
+        "%s: no tokenizer, pretrained or model named; counting tokens with the default checkpoint's tokenizer "
+        "(%s), which sb_hf evaluates without pretrained. For another model pass --model_args pretrained=PATH, "
+        "or --metadata '{\"tokenizer\": \"PATH\"}'", needed_for, DEFAULT_CHECKPOINT,
+    )
+    return str(DEFAULT_CHECKPOINT)
 
 
 @cache
