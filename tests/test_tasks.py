@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -14,8 +15,10 @@ import pytest
 import yaml
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import TaskIndex
+from transformers import AutoTokenizer
 
 from sb_eval import ruler
+from sb_eval.checkpoint import DEFAULT_CHECKPOINT
 from sb_eval.tasks import ruler_tasks
 from sb_eval.tokenizer import byte_level_tokenizer
 from test_ruler_helpers import write_standin_essays
@@ -90,9 +93,16 @@ def test_custom_dataset_reads_lengths_samples_seed_and_tokenizer_from_metadata(d
         assert ruler_tasks.process_results(doc, [" " + doc["outputs"][0]]) == {str(doc["max_length"]): 100.0}
 
 
+def test_custom_dataset_without_a_tokenizer_counts_with_the_default_checkpoints(data_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        split = ruler_tasks.custom_dataset(ruler_task="niah_single_1", max_seq_lengths=[1024], num_samples=2)
+    assert "no tokenizer, pretrained or model named" in caplog.text and "--model_args pretrained=PATH" in caplog.text
+    default_tokenizer = AutoTokenizer.from_pretrained(DEFAULT_CHECKPOINT)
+    for sample in split["test"]:
+        assert len(default_tokenizer(sample["input"]).input_ids) <= 1024 - 128
+
+
 def test_custom_dataset_errors_name_what_is_missing(data_dir, checkpoint):
-    with pytest.raises(ValueError, match=r"--model_args pretrained=PATH"):
-        ruler_tasks.custom_dataset(ruler_task="niah_single_1", max_seq_lengths=[1024])
     with pytest.raises(ValueError, match=r"max_seq_lengths='4096' must be a list"):
         ruler_tasks.custom_dataset(ruler_task="niah_single_1", max_seq_lengths="4096", tokenizer=str(checkpoint))
     with pytest.raises(ValueError, match=r"ruler_task='niah_single_7' is not one of"):
