@@ -24,9 +24,10 @@ another about them, each answered in place, every answer scored: some 60 answers
 tokens, where MQRAR, which small models do learn, has hundreds of targets per sequence.
 
 Repeated segments (`RepeatedSegments`) are the plainest copying there is: a random run of tokens,
-then the same run again and again, every repeat scored. Small transformers learn to copy such
-runs (induction heads, Olsson et al. 2022) within a few hundred steps, long before they would on
-text alone, and copying is the half of retrieval that the needle tasks then build on.
+then the same run again and again, every repeat scored; the in-context lookup that retrieval
+builds on (induction heads, Olsson et al. 2022). The default stick-breaking model learnt it
+in its first 400 steps, on such rows alone; 100 steps into the mixture that followed, it answered
+0.82 of held-out retrieval practice tokens (sb_eval/default_model/README.md).
 """
 
 from __future__ import annotations

@@ -164,13 +164,15 @@ class ConcatenatedBatches:
 @torch.no_grad()
 def offset_attention_logits(model: StickBreakingForCausalLM, offsets: Sequence[float]) -> None:
     """Sets the query and key biases of every layer so that head h's logits start `offsets[h]`
-    lower (or higher): q gets a * u and k gets -a * u, or +a * u for a positive offset (u a unit
-    vector, a = sqrt(|offset| / scale)), whose product adds offset to every logit; the q.(-a u) and (a u).k cross terms are
-    small at initialisation. A fresh stick-breaking head has logits near 0, so sigmoid 1/2 per
-    token: 2^-d of its attention reaches d tokens back, and the gradient that would teach it to
-    look further vanishes with d. A small 2-layer model learnt to copy repeated random
-    segments of 8-64 tokens in 200 steps with offsets (-2, -5), and not in 400 without (loss at
-    chance). The biases are parameters like any other: training moves them."""
+    away from where they would: q gets a * u and k gets -a * u (+a * u for a positive offset),
+    with u a unit vector and a = sqrt(|offset| / scale), so their product adds the offset to every
+    logit; the cross terms q . (-a u) and (a u) . k are small at initialisation.
+
+    Why: a fresh stick-breaking head has logits near 0, a break probability of 1/2 per token, so
+    2^-d of its attention reaches the token d back, and the gradient that would teach it to look
+    further vanishes with d. Without offsets, a 2-layer model stayed at chance on repeated random
+    segments for 400 steps, and the 8-layer default model never learnt to copy in 3000; with
+    them, both learnt to copy within 200-500 steps. The biases then train like any parameter."""
     config = model.config
     if not config.add_qkv_bias and not config.add_bias:
         raise ValueError("offset_attention_logits needs a model built with query-key biases (add_qkv_bias=True)")
