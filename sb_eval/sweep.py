@@ -503,6 +503,7 @@ def evaluate_point(lm, point: Point, loader: TaskLoader, settings: Settings, ver
     0 of a data-parallel run, where lm-eval returns no results."""
     start = time.perf_counter()
     try:
+        check_max_length(lm, point)
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=[point.task],
@@ -520,6 +521,23 @@ def evaluate_point(lm, point: Point, loader: TaskLoader, settings: Settings, ver
         logger.warning("%s %s at %d tokens failed: %s: %s", point.model.key, point.task, point.length,
                        type(error).__name__, error)
         return error_row(point, settings, versions, error, seconds, "evaluating")
+
+
+class MaxLengthError(ValueError):
+    """A model whose max_length is below a point's length: lm-eval would cut its prompts."""
+
+
+def check_max_length(lm, point: Point) -> None:
+    """lm-eval's HFLM cuts longer prompts from the left to max_length, silently; lm-eval's `hf`
+    takes max_length from the checkpoint's max_position_embeddings (the training length for
+    most). A point longer than that would be scored on its prompts' ends, so it becomes an error
+    row instead."""
+    max_length = getattr(lm, "max_length", None)
+    if isinstance(max_length, int) and max_length < point.length:
+        raise MaxLengthError(
+            f"{point.model.name}'s max_length is {max_length}, below this point's {point.length} tokens, so lm-eval "
+            f"would cut its prompts from the left; pass max_length={point.length} (or more) in its model arguments"
+        )
 
 
 def free_memory() -> None:

@@ -109,6 +109,26 @@ def test_two_models_give_rows_table_and_plots_and_a_failure_becomes_a_row(models
     assert "error (" not in (output / "summary.md").read_text()
 
 
+def test_a_length_beyond_the_models_max_length_is_an_error_row_not_a_truncated_score(data_dir, tmp_path):
+    """lm-eval's hf takes max_length from max_position_embeddings and would cut a longer prompt
+    from the left; the point fails and names the argument that fixes it."""
+    short = write_tiny_llama(
+        tmp_path / "llama-1k", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+    )
+    output = tmp_path / "out"
+    command = ["--model", "hf", "--model_args", f"pretrained={short}", "--tasks", "sb_niah_single_1",
+               "--lengths", "1024,2048", "--output", str(output), *FAST]
+    assert sweep.main(command) == 1
+    rows = read_lines(output / "results.jsonl")
+    assert [(row["length"], "error" in row) for row in rows] == [(1024, False), (2048, True)]
+    assert rows[1]["error"]["type"] == "MaxLengthError"
+    assert "max_length is 1024, below this point's 2048 tokens" in rows[1]["error"]["message"]
+    assert "pass max_length=2048" in rows[1]["error"]["message"]
+    command[3] += ",max_length=2048"  # the fix it names; another model spec, so both lengths run
+    assert sweep.main(command) == 0
+
+
 def test_the_sweep_closes_each_model_and_lets_it_go(models, data_dir, tmp_path, monkeypatch):
     # sb_hf with attention_stats: the sweep closes it (the file is complete) and, once the sweep
     # is done with it, nothing keeps its weights alive.
