@@ -20,10 +20,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .configuration import StickBreakingConfig
 from .modeling import StickBreakingForCausalLM
 
-# The trained checkpoint that ships in the package: sb_hf's model, and the RULER tasks'
-# tokenizer, when no pretrained is given. Its model card is the folder's README.md.
-DEFAULT_CHECKPOINT = Path(__file__).with_name("default_model")
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 

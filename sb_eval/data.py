@@ -35,6 +35,11 @@ from sb_eval import rdata
 from sb_eval.ruler.cache import write_atomically
 from sb_eval.ruler.corpora import BOOKS, ESSAY_SENTENCES_FILE, ESSAYS, LONG_DOCUMENTS, MissingCorpusError, data_dir, fetch_command
 
+# The trained checkpoint that ships in the package (offline like the corpora): sb_hf's model and
+# the tokenizer of the RULER and perplexity tasks when no pretrained is given. Its model card is
+# the folder's README.md.
+DEFAULT_CHECKPOINT = Path(__file__).with_name("default_model")
+
 
 @dataclass(frozen=True)
 class Corpus:

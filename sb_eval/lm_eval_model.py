@@ -1,7 +1,7 @@
 """`sb_hf`: lm-eval's HFLM for stick-breaking checkpoints, made safe for 64K-token requests.
 
 Without `pretrained`, it evaluates the checkpoint that ships in the package
-(sb_eval.checkpoint.DEFAULT_CHECKPOINT) and says so in the log.
+(sb_eval.data.DEFAULT_CHECKPOINT) and says so in the log.
 
 Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_args, data-parallel
 `accelerate launch`) carries over. What changes:
@@ -35,7 +35,8 @@ from tqdm import tqdm
 from sb_eval.kernels import BACKENDS
 
 from .attention_stats import StatisticsRecorder, UnsupportedArchitectureError
-from .checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_folder, check_tokenizer_folder
+from .checkpoint import check_checkpoint_folder, check_tokenizer_folder
+from .data import DEFAULT_CHECKPOINT
 from .modeling import StickBreakingForCausalLM
 
 logger = logging.getLogger(__name__)

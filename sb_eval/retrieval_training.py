@@ -124,13 +124,13 @@ def retrieval_samples(
         raise ValueError(f"lengths {list(lengths)} hold no retrieval practice task; use longer ones")
     # RULER fits a prompt and the task's generation budget into the length; an answer that takes
     # the whole budget (a long uuid under a small vocabulary) then leaves end-of-text outside it.
-    kept, overlong = [], 0
-    for (_, _, length), (samples, _) in zip(ruler_sets, per_set):
+    kept = []
+    for (name, _, length), (samples, _) in zip(ruler_sets, per_set):
         fitting = [sample for sample in samples if len(sample) <= length]
-        overlong += len(samples) - len(fitting)
+        if len(fitting) < len(samples):
+            logger.warning("retrieval practice: %d %s samples longer than %d tokens with end-of-text left out",
+                           len(samples) - len(fitting), name, length)
         kept += fitting
-    if overlong:
-        logger.warning("retrieval practice: %d samples longer than their length with end-of-text left out", overlong)
     return kept + [sample for samples, _ in per_set[len(ruler_sets):] for sample in samples]
 
 
@@ -213,8 +213,9 @@ class PackedSamples:
 class RepeatedSegments:
     """Batches of `batch_size` rows of `length` tokens (seeded by step): each row is a segment of
     uniformly random ids from `token_ids`, of a length drawn uniformly from `segment_lengths`
-    (inclusive bounds), repeated to the row's end. targets[b, t] is the next token wherever it
-    repeats one before it, IGNORE inside the first segment."""
+    (inclusive bounds), repeated to the row's end. targets[b, t] is the next token from the first
+    repeat's second token on, IGNORE before: a copy can be predicted only once a token has been
+    seen repeating, not where the first segment ends."""
 
     def __init__(self, token_ids: Sequence[int], length: int, batch_size: int, seed: int, segment_lengths: tuple[int, int]):
         shortest, longest = segment_lengths
@@ -231,7 +232,7 @@ class RepeatedSegments:
         segments = self.token_ids[torch.randint(len(self.token_ids), (self.batch_size, self.segment_lengths[1]), generator=generator)]
         positions = torch.arange(self.length + 1)
         rows = torch.gather(segments, 1, positions % sizes[:, None])  # [B, length + 1]: each segment tiled
-        targets = rows[:, 1:].masked_fill(positions[None, 1:] < sizes[:, None], IGNORE)
+        targets = rows[:, 1:].masked_fill(positions[None, 1:] <= sizes[:, None], IGNORE)
         return Batch(rows[:, :-1], targets)
 
 

@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         "arguments, 130 when interrupted (Ctrl-C stops cleanly, without a row for the point it was running).",
     )
     parser.add_argument("--model", default=SB_MODEL, help=f"lm-eval model name (default {SB_MODEL})")
-    parser.add_argument("--model_args", required=True, help="its arguments, as lm_eval's: pretrained=PATH[,key=value...]")
+    parser.add_argument("--model_args", default="",
+                        help="its arguments, as lm_eval's: pretrained=PATH[,key=value...] (sb_hf without pretrained "
+                             "evaluates the checkpoint that ships in the package)")
     parser.add_argument(
         "--compare", action="append", default=[], metavar="NAME:ARGS",
         help="another model to run the same points, e.g. hf:pretrained=PATH (repeatable)",
@@ -531,7 +533,8 @@ def check_max_length(lm, point: Point) -> None:
     """lm-eval's HFLM cuts longer prompts from the left to max_length, silently; lm-eval's `hf`
     takes max_length from the checkpoint's max_position_embeddings (the training length for
     most). A point longer than that would be scored on its prompts' ends, so it becomes an error
-    row instead."""
+    row instead. Lengths are compared as the task counts them: `mqrar` counts symbols, a few
+    tokens each, so its prompts can outgrow a max_length this check lets through."""
     max_length = getattr(lm, "max_length", None)
     if isinstance(max_length, int) and max_length < point.length:
         raise MaxLengthError(

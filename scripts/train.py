@@ -143,7 +143,7 @@ def text_data(args: argparse.Namespace):
         )
         data.update(dense_recall_rows=args.dense_recall_rows, dense_recall_pool=args.dense_recall_pool)
     if args.repeat_rows:
-        segment_lengths = repeat_segment_lengths(args)
+        segment_lengths = args.repeat_segment_lengths
         special = set(tokenizer.all_special_ids)
         token_ids = [token for token in range(len(tokenizer)) if token not in special]
         train_sources.append(RepeatedSegments(token_ids, args.seq_length, args.repeat_rows, args.seed, segment_lengths))
@@ -196,10 +196,15 @@ def logit_offsets(args: argparse.Namespace) -> tuple[float, float] | None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     offsets = logit_offsets(args)  # flags checked before any data is made
+    for flag in ("retrieval_rows", "dense_recall_rows", "repeat_rows", "repeat_only_steps"):
+        if getattr(args, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if (args.repeat_rows or args.repeat_only_steps) and args.data != "mixture":
+        raise SystemExit("--repeat-rows and --repeat-only-steps apply to --data mixture")
     if args.repeat_only_steps and not args.repeat_rows:
         raise SystemExit("--repeat-only-steps needs --repeat-rows (the repeated segments' settings and evaluation)")
     if args.repeat_rows:
-        repeat_segment_lengths(args)
+        args.repeat_segment_lengths = repeat_segment_lengths(args)  # "16,512" -> (16, 512)
     if args.data == "mqrar":
         tokenizer = word_level_tokenizer(mqrar.Vocabulary().symbols)
         train_source, eval_source = (mqrar_pool(args, count, seed) for count, seed in (
@@ -216,7 +221,7 @@ def main(argv=None) -> None:
         eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed,
         attention_backend=args.attention_backend,
         extra={"attention": args.attention, "seq_length": args.seq_length, "batch_size": args.batch_size,
-               "logit_offsets": args.logit_offsets, **data},
+               "logit_offsets": list(offsets) if offsets else None, **data},
     )
     parameters = sum(p.numel() for p in model.parameters())
     print(json.dumps({"parameters": parameters, **settings.extra}))

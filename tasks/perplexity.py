@@ -19,8 +19,8 @@ target_tokens K (default 512, below the smallest L), max_context (default 65536:
 leaves room for this many tokens, and documents shorter are not used; whatever lengths are asked
 for, the same windows), windows_per_document (default 4), corpus
 (default the fetched long documents, "aa-lcr"; anything `sb_eval.data.documents` accepts), and
-the tokenizer as for the RULER tasks (`tokenizer`, else `pretrained` or `model`). From the YAML's
-dataset_kwargs: metric_lengths, the lengths its metric_list declares: a length must be declared,
+the tokenizer as for the RULER tasks (`tokenizer`, else `pretrained` or `model`, else the default
+checkpoint's). From the YAML's dataset_kwargs: metric_lengths, the lengths its metric_list declares: a length must be declared,
 since lm-eval would average an undeclared metric's (log-likelihood, bytes) pairs as numbers.
 
 `sb_wikitext`: lm-eval's own Wikitext scoring (its detokenizer, process_results and metrics,
@@ -93,7 +93,7 @@ def sb_ppl_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
         )
     cut_lengths = sorted(set(lengths) | {length for length in declared or [] if target_tokens < length <= max_context})
     per_document = positive_int(kwargs.get("windows_per_document", DEFAULT_WINDOWS_PER_DOCUMENT), "metadata windows_per_document")
-    tokenizer_source = tokenizer_name(kwargs, "sb_ppl cuts windows in the model's tokens and needs its tokenizer")
+    tokenizer_source = tokenizer_name(kwargs)
     corpus = kwargs.get("corpus", LONG_DOCUMENTS)
     texts = documents(corpus)
     tokenizer = load_tokenizer(tokenizer_source)

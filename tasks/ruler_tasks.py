@@ -19,7 +19,7 @@ import datasets
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from sb_eval.checkpoint import DEFAULT_CHECKPOINT
+from sb_eval.data import DEFAULT_CHECKPOINT
 from sb_eval.ruler import TASKS, TaskSpec, generate, string_match_all
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,7 @@ def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     seed = kwargs.get("seed", 42)
     if not isinstance(seed, int):
         raise ValueError(f"metadata seed={seed!r} must be an integer")
-    needed_for = "RULER tasks fit each sample to a length in tokens and need the model's tokenizer"
-    tokenizer = load_tokenizer(tokenizer_name(kwargs, needed_for))
+    tokenizer = load_tokenizer(tokenizer_name(kwargs))
     label = kwargs.get("ruler_task") or spec.generator
     per_length = [
         generate(
@@ -96,18 +95,24 @@ def positive_int(value: Any, name: str) -> int:
     return value
 
 
-def tokenizer_name(kwargs: dict, needed_for: str) -> str:
-    """The tokenizer lm-eval's metadata names: `tokenizer`, else `pretrained` or `model`.
-    `needed_for` opens the error when none is named: what the task needs the tokenizer for."""
+def tokenizer_name(kwargs: dict) -> str:
+    """The tokenizer lm-eval's metadata names: `tokenizer`, else `pretrained` or `model`, else
+    the default checkpoint's (with a warning)."""
     for key in TOKENIZER_KEYS:
         if isinstance(kwargs.get(key), str) and kwargs[key]:
             return kwargs[key]
-    logger.warning(
-        "%s: no tokenizer, pretrained or model named; counting tokens with the default checkpoint's tokenizer "
-        "(%s), which sb_hf evaluates without pretrained. For another model pass --model_args pretrained=PATH, "
-        "or --metadata '{\"tokenizer\": \"PATH\"}'", needed_for, DEFAULT_CHECKPOINT,
-    )
+    _warn_default_tokenizer()
     return str(DEFAULT_CHECKPOINT)
+
+
+@cache
+def _warn_default_tokenizer() -> None:
+    """Once per process: every task of a group would otherwise repeat it."""
+    logger.warning(
+        "no tokenizer, pretrained or model named; the tasks count tokens with the default checkpoint's tokenizer "
+        "(%s), which sb_hf evaluates without pretrained. For another model pass --model_args pretrained=PATH, "
+        "or --metadata '{\"tokenizer\": \"PATH\"}'", DEFAULT_CHECKPOINT,
+    )
 
 
 @cache

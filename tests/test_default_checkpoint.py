@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sb_eval.checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_folder
+from sb_eval.checkpoint import check_checkpoint_folder
+from sb_eval.data import DEFAULT_CHECKPOINT
 from sb_eval.lm_eval_model import StickBreakingLM
 from sb_eval.ruler import TASKS, generate
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 from pathlib import Path
@@ -18,10 +17,9 @@ from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
 from sb_eval import data
-from sb_eval.checkpoint import DEFAULT_CHECKPOINT, tiny_config, write_random_checkpoint
+from sb_eval.checkpoint import tiny_config, write_random_checkpoint
 from sb_eval.ruler.corpora import MissingCorpusError
 from sb_eval.tasks import perplexity
-from sb_eval.tasks.ruler_tasks import tokenizer_name
 from sb_eval.tokenizer import END_OF_TEXT, byte_level_tokenizer
 from test_ruler_helpers import merging_bpe_tokenizer, standin_sentences
 
@@ -158,18 +156,10 @@ def test_bad_settings_are_named(settings, message, models, corpus):
         perplexity.sb_ppl_dataset(corpus=corpus, tokenizer=models["bytes"].tokenizer.name_or_path, **dict(SMALL, **settings))
 
 
-def test_the_default_corpus_and_the_tokenizer_are_asked_for(models, tmp_path, monkeypatch):
+def test_the_default_corpus_is_asked_for(models, tmp_path, monkeypatch):
     monkeypatch.setenv("SB_EVAL_DATA_DIR", str(tmp_path))
     with pytest.raises(MissingCorpusError, match="sb-eval data fetch aa-lcr"):
         perplexity.sb_ppl_dataset(tokenizer=models["bytes"].tokenizer.name_or_path)
-
-
-
-def test_without_a_named_tokenizer_the_default_checkpoints_is_used_and_said(caplog):
-    with caplog.at_level(logging.WARNING):
-        assert tokenizer_name({"max_seq_lengths": [1024]}, "sb_ppl") == str(DEFAULT_CHECKPOINT)
-    assert "sb_ppl: no tokenizer, pretrained or model named" in caplog.text and "pretrained=PATH" in caplog.text
-    assert tokenizer_name({"pretrained": "/my/model"}, "sb_ppl") == "/my/model"
 
 
 def test_the_yaml_declares_every_metric_of_its_lengths():

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from sb_eval.checkpoint import check_checkpoint_folder
 from sb_eval.data import write_sentences
+from sb_eval import retrieval_training
 from sb_eval.retrieval_training import (
     PackedSamples, PromptAnswer, RepeatedSegments, dense_recall_rows, retrieval_samples, retrieval_specs,
 )
@@ -337,6 +338,25 @@ def test_retrieval_samples_do_not_depend_on_the_number_of_workers(samples, essay
     assert not {tuple(s.prompt) for s in another_seed} & {tuple(s.prompt) for s in samples}
 
 
+def test_a_sample_whose_end_of_text_overruns_its_length_is_left_out_and_named(essay_file, caplog, monkeypatch):
+    """RULER fits prompt + generation budget; an answer taking the whole budget puts end-of-text
+    one token past the length. Such a sample (made here by lengthening one set's answers) must
+    not reach the packer, which would refuse the whole pool."""
+    make_set = retrieval_training._set_samples
+
+    def one_set_overruns(tokenizer, samples_per_set, seed, task, size):
+        samples, reason = make_set(tokenizer, samples_per_set, seed, task, size)
+        if task == retrieval_specs(essay_file)["niah_repeat"]:
+            samples = [PromptAnswer(sample.prompt, sample.answer + [0] * (size - len(sample) + 1)) for sample in samples]
+        return samples, reason
+
+    monkeypatch.setattr(retrieval_training, "_set_samples", one_set_overruns)
+    with caplog.at_level(logging.WARNING, logger="sb_eval.retrieval_training"):
+        samples = retrieval_samples(merging_bpe_tokenizer(), essay_file, [1024], 2, seed=7, workers=1)
+    assert "2 niah_repeat samples longer than 1024 tokens with end-of-text left out" in caplog.text
+    assert samples and all(len(sample) <= 1024 for sample in samples)
+
+
 def test_variants_a_length_cannot_hold_are_left_out_with_a_warning(essay_file, caplog):
     # With one token per byte, variable tracking's solved example alone needs more than 1024.
     with caplog.at_level(logging.WARNING, logger="sb_eval.retrieval_training"):
@@ -414,8 +434,9 @@ def test_repeated_segments_tile_a_random_segment_and_score_every_repeat():
         for inputs, targets in zip(batch.inputs.tolist(), batch.targets.tolist()):
             period = smallest_period(inputs)
             assert shortest <= period <= longest and set(inputs) <= set(SPARSE_IDS)
-            # position t predicts t + 1, which is known from t + 1 - period once t + 1 >= period
-            expected = [IGNORE if t + 1 < period else inputs[t + 1 - period] for t in range(length)]
+            # position t predicts t + 1, which repeats t + 1 - period; it is scored once t itself
+            # repeats a token (t >= period), not where the first segment ends
+            expected = [IGNORE if t < period else inputs[t + 1 - period] for t in range(length)]
             assert targets == expected
             periods.append(period)
     assert set(periods) == set(range(shortest, longest + 1))  # both bounds inclusive, every length drawn
@@ -425,10 +446,10 @@ def test_repeated_segments_draw_their_ids_from_all_the_given_ones():
     ids = [7, 19, 300, 41]
     batch = RepeatedSegments(ids, 12, batch_size=32, seed=0, segment_lengths=(4, 8)).batch(0)
     assert set(batch.inputs.flatten().tolist()) == set(ids)
-    # a one-token segment repeats a single id, every position after the first scored
+    # a one-token segment repeats a single id, every position from the second on scored
     constant = RepeatedSegments(ids, 12, batch_size=5, seed=0, segment_lengths=(1, 1)).batch(3)
     assert all(len(set(row)) == 1 for row in constant.inputs.tolist())
-    assert torch.equal(constant.targets, constant.inputs)
+    assert torch.equal(constant.targets[:, 1:], constant.inputs[:, 1:]) and (constant.targets[:, 0] == IGNORE).all()
 
 
 def test_repeated_segments_are_a_function_of_seed_and_step():
@@ -650,7 +671,7 @@ def test_the_training_script_mixes_text_retrieval_and_copying_practice(tmp_path,
         "--attention", "stickbreaking", "--data", "mixture", "--corpus", str(corpus), "--tokenizer", str(tokenizer_folder),
         "--seq-length", "1024", "--retrieval-lengths", "512,1024", "--retrieval-samples", "2", "--retrieval-rows", "1",
         "--dense-recall-rows", "1", "--dense-recall-pool", "4", "--repeat-rows", "1", "--repeat-segment-lengths", "4,16",
-        "--logit-offsets=0,-4",
+        "--logit-offsets=0,-4", "--repeat-only-steps", "1",
         "--batch-size", "4", "--layers", "1", "--hidden", "32", "--heads", "2", "--steps", "2", "--eval-every", "2",
         "--eval-batches", "1", "--eval-documents", "1", "--device", "cpu", "--attention-backend", "torch", "--output", str(output),
     ])
@@ -661,10 +682,11 @@ def test_the_training_script_mixes_text_retrieval_and_copying_practice(tmp_path,
     assert evaluation["eval_retrieval_positions"] > 0 and evaluation["eval_dense_recall_positions"] > 0
     assert math.isfinite(evaluation["eval_dense_recall_loss"])
     assert math.isfinite(evaluation["eval_repeats_loss"]) and 0 <= evaluation["eval_repeats_accuracy"] <= 1
-    # one row of 1024 tokens whose segment of 4..16 tokens leaves 1024 - length + 1 positions scored
-    assert 1024 - 16 + 1 <= evaluation["eval_repeats_positions"] <= 1024 - 4 + 1
+    # one row of 1024 tokens whose segment of 4..16 tokens leaves 1024 - length positions scored
+    assert 1024 - 16 <= evaluation["eval_repeats_positions"] <= 1024 - 4
     recorded = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert (recorded["repeat_rows"], recorded["repeat_segment_lengths"], recorded["logit_offsets"]) == (1, [4, 16], "0,-4")
+    assert (recorded["repeat_rows"], recorded["repeat_segment_lengths"], recorded["logit_offsets"]) == (1, [4, 16], [0.0, -4.0])
+    assert recorded["repeat_only_steps"] == 1
     # the checkpoint's query-key biases still hold the offsets (two warm-up steps barely move them)
     model = AutoModelForCausalLM.from_pretrained(output / "model")
     attention = model.transformer.h[0].attn
@@ -682,9 +704,16 @@ def test_bad_copying_and_offset_flags_name_the_flag(tmp_path):
                  "--hidden", "32", "--heads", "2", "--steps", "1", "--device", "cpu", "--output", str(tmp_path / "run")]
     with pytest.raises(SystemExit, match=r"--logit-offsets applies to --attention stickbreaking, not softmax"):
         script.main(["--attention", "softmax", "--logit-offsets=0,-4", *mqrar_run])
-    for bad in ("-4", "0,-4,-8", "zero,-4"):
+    for bad in ("-4", "0,-4,-8", "zero,-4", "nan,0", "0,inf"):
         with pytest.raises(SystemExit, match=rf"--logit-offsets={bad}: expected two finite numbers, FIRST,LAST"):
             script.main(["--attention", "stickbreaking", f"--logit-offsets={bad}", *mqrar_run])
+    for flags, message in (
+        (["--repeat-rows", "1"], "--repeat-rows and --repeat-only-steps apply to --data mixture"),
+        (["--repeat-rows", "-1"], "--repeat-rows must be >= 0, got -1"),
+        (["--repeat-only-steps", "-5"], "--repeat-only-steps must be >= 0, got -5"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            script.main(["--attention", "stickbreaking", *flags, *mqrar_run])
     assert not (tmp_path / "run" / "model").exists()
 
     def segment_lengths(value):

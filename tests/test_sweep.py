@@ -290,3 +290,8 @@ def test_report_shows_each_tasks_headline_latest_outcomes_and_errors(tmp_path):
     assert "bad sample" not in "\n".join(table)
     for path in written[1:]:
         assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_model_args_may_be_left_out_for_the_packaged_checkpoint():
+    arguments = sweep.build_parser().parse_args(["--tasks", "sb_niah_single_1", "--lengths", "1K", "--output", "out"])
+    assert (arguments.model, arguments.model_args) == ("sb_hf", "")

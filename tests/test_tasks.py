@@ -18,7 +18,7 @@ from lm_eval.tasks._index import TaskIndex
 from transformers import AutoTokenizer
 
 from sb_eval import ruler
-from sb_eval.checkpoint import DEFAULT_CHECKPOINT
+from sb_eval.data import DEFAULT_CHECKPOINT
 from sb_eval.tasks import ruler_tasks
 from sb_eval.tokenizer import byte_level_tokenizer
 from test_ruler_helpers import write_standin_essays
@@ -94,9 +94,12 @@ def test_custom_dataset_reads_lengths_samples_seed_and_tokenizer_from_metadata(d
 
 
 def test_custom_dataset_without_a_tokenizer_counts_with_the_default_checkpoints(data_dir, caplog):
+    ruler_tasks._warn_default_tokenizer.cache_clear()
     with caplog.at_level(logging.WARNING):
         split = ruler_tasks.custom_dataset(ruler_task="niah_single_1", max_seq_lengths=[1024], num_samples=2)
-    assert "no tokenizer, pretrained or model named" in caplog.text and "--model_args pretrained=PATH" in caplog.text
+        ruler_tasks.custom_dataset(ruler_task="niah_single_2", max_seq_lengths=[1024], num_samples=1)
+    assert caplog.text.count("no tokenizer, pretrained or model named") == 1  # once, not per task
+    assert "--model_args pretrained=PATH" in caplog.text
     default_tokenizer = AutoTokenizer.from_pretrained(DEFAULT_CHECKPOINT)
     for sample in split["test"]:
         assert len(default_tokenizer(sample["input"]).input_ids) <= 1024 - 128

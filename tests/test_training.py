@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from sb_eval.checkpoint import check_checkpoint_folder
 from sb_eval.tokenizer import byte_level_tokenizer, word_level_tokenizer
 from sb_eval.training import (
-    IGNORE, Batch, ModelSize, SequencePool, TokenWindows, TrainSettings, build_model, token_stream, train,
+    IGNORE, Batch, Curriculum, ModelSize, SequencePool, TokenWindows, TrainSettings, build_model, token_stream, train,
 )
 
 SYMBOLS = [f"s{i}" for i in range(16)]
@@ -263,3 +263,19 @@ def test_logit_offsets_are_refused_where_they_cannot_apply(tokenizer):
                                                        attention_head_type="mqa", add_qkv_bias=True))
     with pytest.raises(ValueError, match=r"one key head per query head"):
         offset_attention_logits(mqa, [0.0, -4.0])
+
+
+def test_a_curriculum_gives_its_first_source_before_the_switch_and_the_second_after():
+    class Constant:
+        def __init__(self, value):
+            self.value = value
+
+        def batch(self, step):
+            return Batch(torch.full((1, 2), self.value), torch.full((1, 2), step))
+
+    curriculum = Curriculum(Constant(1), 3, Constant(2))
+    assert [int(curriculum.batch(step).inputs[0, 0]) for step in range(5)] == [1, 1, 1, 2, 2]
+    assert int(curriculum.batch(4).targets[0, 0]) == 4  # each source is asked for the same step
+    assert int(Curriculum(Constant(1), 0, Constant(2)).batch(0).inputs[0, 0]) == 2
+    with pytest.raises(ValueError, match="until must be a step >= 0, got -1"):
+        Curriculum(Constant(1), -1, Constant(2))
