@@ -117,20 +117,20 @@ def retrieval_samples(
     sets += [(num_pairs, symbols) for num_pairs in mqrar_pairs for symbols in mqrar_symbols if symbols > 2 * num_pairs]
     make = partial(_set_samples, tokenizer, samples_per_set, seed)
     per_set = _map_in_processes(make, sets, workers, "retrieval samples", "set")
-    left_out = [(name, length, reason) for (name, _, length), (_, reason) in zip(ruler_sets, per_set) if reason]
-    for name, length, reason in left_out:
-        logger.warning("retrieval practice: %s left out at %d tokens: %s", name, length, reason)
-    if len(left_out) == len(ruler_sets):
-        raise ValueError(f"lengths {list(lengths)} hold no retrieval practice task; use longer ones")
-    # RULER fits a prompt and the task's generation budget into the length; an answer that takes
-    # the whole budget (a long uuid under a small vocabulary) then leaves end-of-text outside it.
-    kept = []
-    for (name, _, length), (samples, _) in zip(ruler_sets, per_set):
+    kept, left_out = [], 0
+    for (name, _, length), (samples, reason) in zip(ruler_sets, per_set):
+        if reason:
+            logger.warning("retrieval practice: %s left out at %d tokens: %s", name, length, reason)
+            left_out += 1
+        # RULER fits a prompt and the task's generation budget into the length; an answer that
+        # takes the whole budget (a long uuid under a small vocabulary) leaves end-of-text outside.
         fitting = [sample for sample in samples if len(sample) <= length]
         if len(fitting) < len(samples):
             logger.warning("retrieval practice: %d %s samples longer than %d tokens with end-of-text left out",
                            len(samples) - len(fitting), name, length)
         kept += fitting
+    if left_out == len(ruler_sets):
+        raise ValueError(f"lengths {list(lengths)} hold no retrieval practice task; use longer ones")
     return kept + [sample for samples, _ in per_set[len(ruler_sets):] for sample in samples]
 
 

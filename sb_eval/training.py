@@ -86,8 +86,7 @@ def build_model(
         model = StickBreakingForCausalLM(config)
         if logit_offsets is not None:
             first, last = logit_offsets
-            heads = size.heads
-            offset_attention_logits(model, [first + (last - first) * h / max(heads - 1, 1) for h in range(heads)])
+            offset_attention_logits(model, [first + (last - first) * h / max(size.heads - 1, 1) for h in range(size.heads)])
         return model
     if attention == "softmax":
         config = LlamaConfig(

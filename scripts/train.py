@@ -142,17 +142,20 @@ def text_data(args: argparse.Namespace):
             tokenizer, args.seq_length, args.eval_batches * args.dense_recall_rows, args.dense_recall_rows, args.seed + 1_000_000
         )
         data.update(dense_recall_rows=args.dense_recall_rows, dense_recall_pool=args.dense_recall_pool)
+    special = set(tokenizer.all_special_ids)
+    token_ids = [token for token in range(len(tokenizer)) if token not in special]
+
+    def repeats(rows: int, seed: int) -> RepeatedSegments:
+        return RepeatedSegments(token_ids, args.seq_length, rows, seed, args.repeat_segment_lengths)
+
     if args.repeat_rows:
-        segment_lengths = args.repeat_segment_lengths
-        special = set(tokenizer.all_special_ids)
-        token_ids = [token for token in range(len(tokenizer)) if token not in special]
-        train_sources.append(RepeatedSegments(token_ids, args.seq_length, args.repeat_rows, args.seed, segment_lengths))
-        eval_sources["repeats"] = RepeatedSegments(token_ids, args.seq_length, args.repeat_rows, args.seed + 1_000_000, segment_lengths)
-        data.update(repeat_rows=args.repeat_rows, repeat_segment_lengths=list(segment_lengths), repeat_only_steps=args.repeat_only_steps)
+        train_sources.append(repeats(args.repeat_rows, args.seed))
+        eval_sources["repeats"] = repeats(args.repeat_rows, args.seed + 1_000_000)
+        data.update(repeat_rows=args.repeat_rows, repeat_segment_lengths=list(args.repeat_segment_lengths),
+                    repeat_only_steps=args.repeat_only_steps)
     mixture_batches = ConcatenatedBatches(*train_sources)
-    if args.repeat_only_steps:
-        repeats_alone = RepeatedSegments(token_ids, args.seq_length, args.batch_size, args.seed + 2_000_000, segment_lengths)
-        return tokenizer, Curriculum(repeats_alone, args.repeat_only_steps, mixture_batches), eval_sources, data
+    if args.repeat_only_steps:  # main() requires --repeat-rows with it
+        return tokenizer, Curriculum(repeats(args.batch_size, args.seed + 2_000_000), args.repeat_only_steps, mixture_batches), eval_sources, data
     return tokenizer, mixture_batches, eval_sources, data
 
 
