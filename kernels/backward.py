@@ -1,6 +1,6 @@
 """Triton backward kernels: deterministic, no atomics or locks, O(T) extra memory.
 
-The gradient (DESIGN.md section 1), for query j, key i, z_ij = scale q_j . k_i, beta = sigmoid(z),
+The gradient, for query j, key i, z_ij = scale q_j . k_i, beta = sigmoid(z),
 A_ij = beta_ij prod_{i<k<j} (1 - beta_kj) = beta_ij W_ij (W: the stick left when key i is reached),
 upstream gradients do_j and drem_j, and a remainder r folded in as drem_j += do_j . r:
 

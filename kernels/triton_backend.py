@@ -10,11 +10,7 @@ import torch
 import triton
 from torch.autograd.function import once_differentiable
 
-from .backward import (
-    stickbreaking_backward_dkv_kernel,
-    stickbreaking_backward_dq_kernel,
-    stickbreaking_backward_totals_kernel,
-)
+from .backward import stickbreaking_backward_dkv_kernel, stickbreaking_backward_dq_kernel, stickbreaking_backward_totals_kernel
 from .decode import stickbreaking_combine_kernel, stickbreaking_split_kernel
 from .forward import stickbreaking_forward_kernel
 from .layout import HALT_BITS, triton_interpreting

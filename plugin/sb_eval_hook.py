@@ -10,7 +10,7 @@ placeholder and adds the installed task folder to every TaskManager, so that
 import sys
 
 MODEL_NAME = "sb_hf"
-MODEL_TARGET = "sb_eval.lm_eval_model:StickBreakingLM"
+MODEL_TARGET = "sb_eval.harness.stick_breaking_lm:StickBreakingLM"
 
 
 def _register_model(registry) -> None:
@@ -23,19 +23,15 @@ def _register_model(registry) -> None:
 
 
 def task_folder():
-    """sb-eval's task YAMLs. In an installed wheel they sit in sb_eval/tasks and are found
-    without importing sb_eval (which loads torch); an editable install maps them elsewhere."""
+    """sb-eval's task YAMLs: the folder of the package sb_eval.tasks (inside sb_eval in a wheel,
+    the checkout's tasks/ otherwise). Finding it imports sb_eval's __init__ alone, which is light."""
     from importlib.util import find_spec
     from pathlib import Path
 
-    spec = find_spec("sb_eval")
-    if spec is None or spec.origin is None:
+    spec = find_spec("sb_eval.tasks")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(spec.origin).parent / "tasks"
-    if folder.is_dir():
-        return folder
-    tasks = find_spec("sb_eval.tasks")
-    return None if tasks is None or tasks.origin is None else Path(tasks.origin).parent
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _add_task_folder(manager) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from sb_eval.files import write_atomically
 
 from .corpora import data_dir
 
@@ -31,18 +31,3 @@ def load(path: Path, key: dict[str, Any]) -> list[dict] | None:
 
 def store(path: Path, key: dict[str, Any], samples: list[dict]) -> None:
     write_atomically(path, json.dumps({"key": key, "samples": samples}, ensure_ascii=False).encode("utf-8"))
-
-
-def write_atomically(path: Path, content: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename it into place, so that a reader never
-    sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(content)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; these files are plain data
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise

@@ -14,7 +14,16 @@ import random
 
 from .corpora import essay_sentences
 from .fitting import Draft
-from .haystacks import NOISE, DistractorPool, PoolSample, RepeatedText, TextRun, TextRunFrom, depth_positions, evenly_spaced_depths
+from .haystacks import (
+    NOISE,
+    DistractorPool,
+    PoolSample,
+    RepeatedText,
+    TextRun,
+    TextRunFrom,
+    depth_positions,
+    evenly_spaced_depths,
+)
 from .registry import DrawSample, register_generator
 from .values import value_drawer
 

@@ -1,17 +1,20 @@
-"""sb-eval: long-context evaluation of stick-breaking attention language models.
+"""sb-eval: long-context evaluation of stick-breaking attention language models, as a plugin for
+EleutherAI's lm-evaluation-harness.
 
-Importing it registers ``model_type: "stickbreaking"`` with transformers' Auto classes, so
-``AutoModelForCausalLM.from_pretrained(folder)`` loads dolomite stick-breaking checkpoints.
+Importing the package does nothing else: each sub-package is imported where it is used
+(docs/architecture.md has the map). ``import sb_eval.model`` registers stick-breaking
+checkpoints with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from .configuration import StickBreakingConfig
-from .modeling import StickBreakingForCausalLM, StickBreakingModel
+from pathlib import Path as _Path
 
 __version__ = "0.1.0"
 
-AutoConfig.register(StickBreakingConfig.model_type, StickBreakingConfig, exist_ok=True)
-AutoModelForCausalLM.register(StickBreakingConfig, StickBreakingForCausalLM, exist_ok=True)
-
-__all__ = ["StickBreakingConfig", "StickBreakingForCausalLM", "StickBreakingModel"]
+# In a checkout, the sub-packages kernels/, ruler/ and tasks/ sit beside this folder (the wheel puts
+# them inside it), and Python started in the checkout's root imports this folder rather than an
+# installed copy: there they are found through the checkout's root. They are namespace packages
+# (no __init__.py), so that the root's kernels/ never shadows the `kernels` distribution that
+# transformers imports.
+_checkout = _Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "kernels" / "attention.py").is_file():
+    __path__.append(str(_checkout))

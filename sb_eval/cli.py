@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -26,32 +27,24 @@ def run_lm_eval(lm_eval_args: list[str]) -> None:
 
 
 def write_checkpoint(args: argparse.Namespace) -> None:
-    from .checkpoint import write_random_checkpoint
+    from sb_eval.model.saving import write_random_checkpoint
 
     folder = write_random_checkpoint(args.folder, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote a random stick-breaking checkpoint to {folder}")
 
 
-def fetch_data(data_args: list[str]) -> None:
-    from .data import main as data_main
+def command(module: str):
+    """A subcommand whose own parser (sb_eval.commands.<module>) takes its arguments; it exits with
+    the status its main returns."""
 
-    sys.exit(data_main(data_args))
+    def run(arguments: list[str]) -> None:
+        sys.exit(importlib.import_module(f"sb_eval.commands.{module}").main(arguments))
 
-
-def sweep(sweep_args: list[str]) -> None:
-    from .sweep import main as sweep_main
-
-    sys.exit(sweep_main(sweep_args))
-
-
-def attention_distance(distance_args: list[str]) -> None:
-    from .distance import main as distance_main
-
-    sys.exit(distance_main(distance_args))
+    return run
 
 
 # Subcommands whose arguments belong to another parser, passed on untouched.
-PASS_THROUGH = {"run": run_lm_eval, "data": fetch_data, "sweep": sweep, "distance": attention_distance}
+PASS_THROUGH = {"run": run_lm_eval, "data": command("data"), "sweep": command("sweep"), "distance": command("distance")}
 
 
 def main(argv: list[str] | None = None) -> None:

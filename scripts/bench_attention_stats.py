@@ -21,7 +21,7 @@ import json
 import torch
 from bench_model import llama_model, median_ms_and_peak, run_header, stick_breaking_model
 
-from sb_eval.attention_stats import collect_attention_statistics, stop_collecting
+from sb_eval.analysis.attention_stats import collecting_attention_statistics
 
 
 def measure(model, name: str, lengths: list[int], repeats: int) -> list[dict]:
@@ -32,9 +32,8 @@ def measure(model, name: str, lengths: list[int], repeats: int) -> list[dict]:
     for t in lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, t), device="cuda")
         plain_ms, plain_peak = median_ms_and_peak(decoder_forward, ids, repeats)
-        collected = collect_attention_statistics(model, "all")
-        stats_ms, stats_peak = median_ms_and_peak(decoder_forward, ids, repeats)
-        stop_collecting(model)
+        with collecting_attention_statistics(model, "all") as collected:
+            stats_ms, stats_peak = median_ms_and_peak(decoder_forward, ids, repeats)
         row = {
             "model": name, "T": t, "ms": plain_ms, "ms_with_stats": stats_ms,
             "time_ratio": stats_ms / plain_ms, "peak_extra_bytes": plain_peak,

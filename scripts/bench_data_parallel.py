@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from sb_eval.checkpoint import released_3b_config, write_random_checkpoint
-from sb_eval.ruler.cache import write_atomically
+from sb_eval.files import write_atomically
+from sb_eval.model.configuration import released_3b_config
+from sb_eval.model.saving import write_random_checkpoint
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -34,7 +35,7 @@ def worker(args: argparse.Namespace) -> None:
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from sb_eval.lm_eval_model import StickBreakingLM
+    from sb_eval.harness.stick_breaking_lm import StickBreakingLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = StickBreakingLM(pretrained=str(args.model), dtype="bfloat16", batch_size=1, device=device)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sb_eval.kernels import stickbreaking_attention
+from sb_eval.kernels.attention import stickbreaking_attention
 from sb_eval.kernels.triton_backend import (
     KernelConfig,
     backward_config,

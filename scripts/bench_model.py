@@ -26,10 +26,8 @@ import transformers
 import triton
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from sb_eval import StickBreakingForCausalLM
-from sb_eval.checkpoint import released_3b_config
-from sb_eval.modeling import CACHE_FIELD
-
+from sb_eval.model.configuration import released_3b_config
+from sb_eval.model.modeling import CACHE_FIELD, StickBreakingForCausalLM
 
 
 def stick_breaking_model(long_range: bool = False) -> torch.nn.Module:

@@ -28,7 +28,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from sb_eval.ruler.cache import write_atomically
+from sb_eval.files import write_atomically
 
 PAIRS = (32, 64, 96, 128, 160, 192)
 LEARNING_RATES = (1e-4, 10 ** (-10 / 3), 10 ** (-8 / 3), 1e-2)

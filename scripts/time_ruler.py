@@ -15,8 +15,9 @@ import time
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from sb_eval.ruler import TASKS, generate
 from sb_eval.ruler.corpora import essay_sentences
+from sb_eval.ruler.generate import generate
+from sb_eval.ruler.registry import TASKS
 
 
 def essay_bpe(vocab_size: int = 50257) -> PreTrainedTokenizerFast:

@@ -1,5 +1,5 @@
 """Train a small stick-breaking or softmax+RoPE model on MQRAR, on offline text, or on offline text
-mixed with retrieval practice (sb_eval.retrieval_training).
+mixed with retrieval practice (sb_eval.training.retrieval).
 
     python scripts/train.py --attention stickbreaking --data mqrar --num-pairs 64 --output runs/sb-64
     python scripts/train.py --attention softmax --data text --corpus aa-lcr --seq-length 2048 \\
@@ -20,12 +20,22 @@ from pathlib import Path
 
 import torch
 
-from sb_eval.data import documents, write_sentences
-from sb_eval.retrieval_training import PackedSamples, RepeatedSegments, dense_recall_rows, retrieval_samples
+from sb_eval.data.corpora import write_sentences
+from sb_eval.data.documents import documents
 from sb_eval.ruler import mqrar
-from sb_eval.tokenizer import byte_level_tokenizer, train_bpe_tokenizer, word_level_tokenizer
-from sb_eval.training import (
-    ATTENTION_KINDS, ConcatenatedBatches, Curriculum, ModelSize, SequencePool, TokenWindows, TrainSettings, build_model, token_stream, train,
+from sb_eval.tokenization import byte_level_tokenizer, train_bpe_tokenizer, word_level_tokenizer
+from sb_eval.training.retrieval import PackedSamples, RepeatedSegments, dense_recall_rows, retrieval_samples
+from sb_eval.training.trainer import (
+    ATTENTION_KINDS,
+    ConcatenatedBatches,
+    Curriculum,
+    ModelSize,
+    SequencePool,
+    TokenWindows,
+    TrainSettings,
+    build_model,
+    token_stream,
+    train,
 )
 
 

@@ -8,8 +8,8 @@ Both train the same shape on the same data for the same steps: 8 layers, hidden 
 first 400 steps are repeated random segments alone (copying practice); after that, batches of 32
 rows hold 12 of text (AA-LCR's reports, its first 5 held out, then 6 Austen novels and Moby
 Dick: some 4 M tokens), 6 of packed retrieval practice in the evaluation tasks' form, 8 of dense
-recall practice and 6 of repeated segments (sb_eval.retrieval_training). Stick-breaking heads
-start with logit offsets from 0 to -6 (sb_eval.training.offset_attention_logits). `--export DIR`
+recall practice and 6 of repeated segments (sb_eval.training.retrieval). Stick-breaking heads
+start with logit offsets from 0 to -6 (sb_eval.training.trainer.offset_attention_logits). `--export DIR`
 then writes OUTPUT/model in bfloat16 to DIR, the form the package ships. Needs `sb-eval data
 fetch aa-lcr books` first. Extra arguments go to scripts/train.py and override the recipe.
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train  # noqa: E402  (scripts/train.py)
 
 import sb_eval  # noqa: E402,F401  (registers the stick-breaking model with transformers)
-from sb_eval.checkpoint import save_checkpoint  # noqa: E402
+from sb_eval.model.saving import save_checkpoint  # noqa: E402
 
 RECIPE = [
     "--data", "mixture", "--corpus", "aa-lcr+books", "--eval-documents", "5", "--tokenizer", "bpe:8192",
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--export", type=Path, help="write the trained model here in bfloat16")
     args, rest = parser.parse_known_args(argv)
-    # The initial logit offsets exist for stick-breaking heads only (see sb_eval.training.offset_attention_logits).
+    # The initial logit offsets exist for stick-breaking heads only (see sb_eval.training.trainer.offset_attention_logits).
     offsets = ["--logit-offsets=0,-6"] if args.attention == "stickbreaking" else []
     train.main(RECIPE + offsets + ["--attention", args.attention, "--steps", str(args.steps), "--output", args.output, *rest])
     if args.export:

@@ -18,7 +18,8 @@ import datasets
 from tqdm import tqdm
 
 from sb_eval.ruler import mqrar
-from sb_eval.tasks.ruler_tasks import positive_int
+
+from .ruler_tasks import positive_int
 
 DEFAULT_NUM_SAMPLES = 100
 DEFAULT_QUERIES_PER_SEQUENCE = 4

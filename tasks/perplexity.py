@@ -39,11 +39,12 @@ from typing import Any
 import datasets
 from tqdm import tqdm
 
-from sb_eval.data import DocumentSourceError, documents
+from sb_eval.data.documents import DocumentSourceError, documents
 from sb_eval.ruler import cache as sample_cache
 from sb_eval.ruler.corpora import LONG_DOCUMENTS, MissingCorpusError, data_dir, fetch_command
 from sb_eval.ruler.tokens import TokenCounter
-from sb_eval.tasks.ruler_tasks import load_tokenizer, positive_int, tokenizer_name
+
+from .ruler_tasks import load_tokenizer, positive_int, tokenizer_name
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,9 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from sb_eval.data import DEFAULT_CHECKPOINT
-from sb_eval.ruler import TASKS, TaskSpec, generate, string_match_all
+from sb_eval.ruler.generate import generate
+from sb_eval.ruler.registry import TASKS, TaskSpec
+from sb_eval.ruler.scoring import string_match_all
 
 logger = logging.getLogger(__name__)
 

@@ -11,19 +11,19 @@ import transformers.integrations.sdpa_attention as sdpa_module
 from lm_eval.api.instance import Instance
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import sb_eval.modeling
-from sb_eval.attention_stats import (
+import sb_eval.model.modeling
+from sb_eval.analysis.attention_stats import (
     REMAINDER_CONVENTIONS,
     STATS_ATTENTION,
     AttentionStatistics,
-    collect_attention_statistics,
+    collecting_attention_statistics,
     query_distances,
     softmax_attention_distance,
-    stop_collecting,
 )
-from sb_eval.checkpoint import tiny_config, write_random_checkpoint
-from sb_eval.lm_eval_model import StickBreakingLM
-from sb_eval.modeling import StickBreakingForCausalLM
+from sb_eval.harness.stick_breaking_lm import StickBreakingLM
+from sb_eval.model.configuration import tiny_config
+from sb_eval.model.modeling import StickBreakingForCausalLM
+from sb_eval.model.saving import write_random_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # The definitions, written out over full matrices in float64.
@@ -90,13 +90,13 @@ def left_padded_batch(lengths, vocab, seed):
 def record_stick_breaking_inputs(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (q, k) of every stick-breaking attention call from now on, one per layer and pass."""
     calls = []
-    original = sb_eval.modeling.stickbreaking_attention
+    original = sb_eval.model.modeling.stickbreaking_attention
 
     def recording(q, k, v, **kwargs):
         calls.append((q, k))
         return original(q, k, v, **kwargs)
 
-    monkeypatch.setattr(sb_eval.modeling, "stickbreaking_attention", recording)
+    monkeypatch.setattr(sb_eval.model.modeling, "stickbreaking_attention", recording)
     return calls
 
 
@@ -139,8 +139,7 @@ def test_stick_breaking_statistics_match_explicit_matrices(variant, positions, m
     # "all": a left-padded batch (padding queries are not counted); "last": whole windows.
     lengths = (37, 24, 31) if positions == "all" else (37, 37)
     ids, mask = left_padded_batch(lengths, config.vocab_size, seed=1)
-    statistics = collect_attention_statistics(model, positions)
-    with torch.no_grad():
+    with collecting_attention_statistics(model, positions) as statistics, torch.no_grad():
         model(ids, attention_mask=mask)
 
     expected = []
@@ -171,8 +170,7 @@ def test_stick_breaking_statistics_through_the_triton_kernels(monkeypatch):
     results = []
     for backend in ("torch", "triton"):
         model.set_attention_backend(backend)
-        statistics = collect_attention_statistics(model, "all")
-        with torch.no_grad():
+        with collecting_attention_statistics(model, "all") as statistics, torch.no_grad():
             model(ids)
         results.append(statistics.to_dict())
     for convention in REMAINDER_CONVENTIONS:
@@ -203,12 +201,8 @@ def test_softmax_statistics_match_explicit_matrices(llama, positions, monkeypatc
         reference_logits = llama(ids, attention_mask=mask).logits
 
     calls = record_sdpa_inputs(monkeypatch)
-    statistics = collect_attention_statistics(llama, positions)
-    try:
-        with torch.no_grad():
-            logits = llama(ids, attention_mask=mask).logits
-    finally:
-        stop_collecting(llama)
+    with collecting_attention_statistics(llama, positions) as statistics, torch.no_grad():
+        logits = llama(ids, attention_mask=mask).logits
     assert torch.equal(logits, reference_logits)  # the model's outputs are SDPA's, unchanged
 
     T = ids.shape[1]
@@ -229,12 +223,8 @@ def test_softmax_statistics_without_padding_and_while_decoding(llama, monkeypatc
     against the cache. The last query of the prefill and of each step, against the explicit
     matrices of one forward pass over the same tokens."""
     prompt = torch.randint(0, 256, (1, 18), generator=torch.Generator().manual_seed(7))
-    statistics = collect_attention_statistics(llama, "last")
-    try:
-        with torch.no_grad():
-            generated = llama.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=256)
-    finally:
-        stop_collecting(llama)
+    with collecting_attention_statistics(llama, "last") as statistics, torch.no_grad():
+        generated = llama.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=256)
     found = statistics.to_dict()
     assert found["forward_passes"] == 3
     assert found["queries"][0] == [3] * 4  # positions 17 (prefill), 18 and 19 (steps)
@@ -314,26 +304,27 @@ def test_collection_is_off_unless_requested(llama, monkeypatch):
     torch.manual_seed(9)
     model = StickBreakingForCausalLM(tiny_config(n_layer=1, n_embd=64, n_inner=96)).eval()
     asked = []
-    original = sb_eval.modeling.stickbreaking_attention
+    original = sb_eval.model.modeling.stickbreaking_attention
 
     def recording(q, k, v, **kwargs):
         asked.append(kwargs["return_stats"])
         return original(q, k, v, **kwargs)
 
-    monkeypatch.setattr(sb_eval.modeling, "stickbreaking_attention", recording)
+    monkeypatch.setattr(sb_eval.model.modeling, "stickbreaking_attention", recording)
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         model(ids)
-        collect_attention_statistics(model)
-        model(ids)
-        stop_collecting(model)
+        with collecting_attention_statistics(model):
+            model(ids)
         model(ids)
     assert asked == [False, True, False]
-    collect_attention_statistics(llama)
-    assert llama.config._attn_implementation == STATS_ATTENTION
-    stop_collecting(llama)
+    with collecting_attention_statistics(llama):
+        assert llama.config._attn_implementation == STATS_ATTENTION
     assert llama.config._attn_implementation == "sdpa"
-    assert all(getattr(m, "attention_statistics", None) is None for m in llama.modules())
+    # nothing is left on the models: no hook, no attribute on a layer
+    for collected in (model, llama):
+        assert not collected.base_model._forward_pre_hooks
+        assert all(not hasattr(m, "attention_statistics") for m in collected.modules())
 
 
 def instances(kind, arguments):
@@ -384,7 +375,7 @@ def test_sb_hf_with_attention_stats_frees_its_model(tmp_path):
 
     closed = StickBreakingLM(pretrained=str(folder), device="cpu", batch_size=1, attention_stats=str(path))
     closed.close()
-    assert all(block.attn.statistics is None for block in closed.model.transformer.h)
+    assert not closed.model.base_model._forward_pre_hooks and not closed.model.base_model._forward_hooks
     path.unlink()
     model = weakref.ref(closed.model)
     del closed

@@ -14,9 +14,9 @@ from test_attention_stats import (
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sb_eval.attention_stats import collect_attention_statistics, stop_collecting
-from sb_eval.checkpoint import tiny_config
-from sb_eval.modeling import StickBreakingForCausalLM
+from sb_eval.analysis.attention_stats import collecting_attention_statistics
+from sb_eval.model.configuration import tiny_config
+from sb_eval.model.modeling import StickBreakingForCausalLM
 
 pytestmark = pytest.mark.gpu
 
@@ -46,8 +46,7 @@ def test_stick_breaking_statistics_from_the_kernels(dtype, monkeypatch):
     calls = record_stick_breaking_inputs(monkeypatch)
     ids, mask = left_padded_batch((1500, 1100, 700), config.vocab_size, seed=1)
     ids, mask = ids.cuda(), mask.cuda()
-    statistics = collect_attention_statistics(model, "all")
-    with torch.no_grad():
+    with collecting_attention_statistics(model, "all") as statistics, torch.no_grad():
         model.transformer(input_ids=ids, attention_mask=mask, use_cache=False)
     T = ids.shape[1]
     positions = torch.arange(T, device="cuda")
@@ -75,12 +74,8 @@ def test_softmax_statistics_beside_sdpa(dtype, monkeypatch):
     with torch.no_grad():
         reference = model(ids, attention_mask=mask).logits[real]
     calls = record_sdpa_inputs(monkeypatch)
-    statistics = collect_attention_statistics(model, "all")
-    try:
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask).logits[real]
-    finally:
-        stop_collecting(model)
+    with collecting_attention_statistics(model, "all") as statistics, torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits[real]
     assert torch.equal(logits, reference)
     T = ids.shape[1]
     positions = torch.arange(T, device="cuda")
@@ -115,9 +110,8 @@ def test_statistics_memory_is_linear_in_length():
     ids = torch.randint(0, 256, (1, T), device="cuda")
     sb = StickBreakingForCausalLM(tiny_config(n_embd=512, n_head=8, n_layer=1, n_inner=1024)).to("cuda", torch.bfloat16).eval()
     plain = peak_extra_bytes(lambda: sb.transformer(input_ids=ids, use_cache=False))
-    collect_attention_statistics(sb, "all")
-    with_stats = peak_extra_bytes(lambda: sb.transformer(input_ids=ids, use_cache=False))
-    stop_collecting(sb)
+    with collecting_attention_statistics(sb, "all"):
+        with_stats = peak_extra_bytes(lambda: sb.transformer(input_ids=ids, use_cache=False))
     assert with_stats - plain < 64 * T * 8 * 8  # a few dozen float64 values per query and head
 
     config = LlamaConfig(
@@ -127,7 +121,6 @@ def test_statistics_memory_is_linear_in_length():
     config._attn_implementation = "sdpa"
     llama = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
     plain = peak_extra_bytes(lambda: llama.model(input_ids=ids, use_cache=False))
-    collect_attention_statistics(llama, "all")
-    with_stats = peak_extra_bytes(lambda: llama.model(input_ids=ids, use_cache=False))
-    stop_collecting(llama)
+    with collecting_attention_statistics(llama, "all"):
+        with_stats = peak_extra_bytes(lambda: llama.model(input_ids=ids, use_cache=False))
     assert with_stats - plain < 2**30

@@ -8,14 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import sb_eval.checkpoint
-from sb_eval.checkpoint import (
-    CheckpointError,
-    check_tokenizer_folder,
-    tiny_config,
-    write_random_checkpoint,
-)
-from sb_eval.modeling import StickBreakingForCausalLM
+from sb_eval.model.checks import CheckpointError, check_tokenizer_folder
+from sb_eval.model.configuration import StickBreakingConfig, tiny_config
+from sb_eval.model.modeling import StickBreakingForCausalLM
+from sb_eval.model.saving import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +108,15 @@ def test_writer_leaves_nothing_half_written(tmp_path, monkeypatch):
     def failing_tokenizer():
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("sb_eval.tokenizer.byte_level_tokenizer", failing_tokenizer)
+    monkeypatch.setattr("sb_eval.model.saving.byte_level_tokenizer", failing_tokenizer)
     with pytest.raises(RuntimeError, match="disk full"):
         write_random_checkpoint(tmp_path / "ckpt", tiny_config(n_layer=1))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_released_3b_shapes_are_accepted():
-    """The released checkpoint's config (DESIGN.md section 6) builds the expected tensor shapes."""
-    config = sb_eval.checkpoint.StickBreakingConfig(
+    """The released checkpoint's config (docs/architecture.md, checkpoint format) builds the expected tensor shapes."""
+    config = StickBreakingConfig(
         vocab_size=50304, n_embd=2304, n_head=36, n_layer=40, n_inner=9216, attention_multiplier=1 / 64,
         m_emb=12, m_residual=0.22, m_width=9, sb_remainder=False, bos_token_id=0, eos_token_id=0,
         pad_token_id=50256,

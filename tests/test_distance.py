@@ -9,10 +9,12 @@ import transformers.integrations.sdpa_attention as sdpa_module
 from test_attention_stats import assert_statistics_match, explicit_statistics, softmax_matrix, stick_breaking_matrix
 from tiny_models import write_tiny_llama
 
-import sb_eval.modeling
-from sb_eval.checkpoint import tiny_config, write_random_checkpoint
-from sb_eval.distance import main, token_windows
-from sb_eval.tokenizer import byte_level_tokenizer
+import sb_eval.model.modeling
+from sb_eval.commands.distance import main
+from sb_eval.harness.distance import token_windows
+from sb_eval.model.configuration import tiny_config
+from sb_eval.model.saving import write_random_checkpoint
+from sb_eval.tokenization import byte_level_tokenizer
 
 LENGTH = 40
 DOCUMENTS = {
@@ -47,7 +49,7 @@ def test_windows_are_cut_per_document():
 
 def test_distance_command_matches_explicit_matrices(folders, tmp_path, monkeypatch):
     calls = {"sb": [], "hf": []}
-    sb_attention = sb_eval.modeling.stickbreaking_attention
+    sb_attention = sb_eval.model.modeling.stickbreaking_attention
     sdpa = sdpa_module.sdpa_attention_forward
 
     def sb_recording(q, k, v, **kwargs):
@@ -58,7 +60,7 @@ def test_distance_command_matches_explicit_matrices(folders, tmp_path, monkeypat
         calls["hf"].append((query, key))
         return sdpa(module, query, key, *args, **kwargs)
 
-    monkeypatch.setattr(sb_eval.modeling, "stickbreaking_attention", sb_recording)
+    monkeypatch.setattr(sb_eval.model.modeling, "stickbreaking_attention", sb_recording)
     monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", sdpa_recording)
     out = tmp_path / "out"
     code = main([

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from sb_eval.kernels import HALT_BITS, stickbreaking_attention
+from sb_eval.kernels.attention import stickbreaking_attention
+from sb_eval.kernels.layout import HALT_BITS
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 

@@ -8,9 +8,9 @@ both outputs carry a gradient.
 
 import pytest
 import torch
-
-from sb_eval.kernels import stickbreaking_attention
 from test_kernels import long_range_inputs, random_inputs, relative_error
+
+from sb_eval.kernels.attention import stickbreaking_attention
 
 GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
@@ -95,11 +95,7 @@ def test_remainder_key_mask_and_custom_scale(kernel_device):
 def test_any_split_of_the_keys_into_ranges_gives_the_same_gradients(range_pairs, kernel_device):
     """Pass 3's key ranges start from pass 1's snapshots; an odd number of ranges leaves an empty
     one. The default under the interpreter is 2 pairs."""
-    from sb_eval.kernels.triton_backend import (
-        BackwardConfig,
-        KernelConfig,
-        stickbreaking_attention_triton_backward,
-    )
+    from sb_eval.kernels.triton_backend import BackwardConfig, KernelConfig, stickbreaking_attention_triton_backward
 
     q, k, v = random_inputs(1, 2, 1, 70, 100, 16, torch.float32, kernel_device, seed=4)
     do, drem = (x.float() for x in upstream_gradients(q))

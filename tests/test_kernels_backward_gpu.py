@@ -3,10 +3,10 @@ gradients against the float64 definition, bitwise determinism, and memory linear
 
 import pytest
 import torch
-
-from sb_eval.kernels import stickbreaking_attention
 from test_kernels import long_range_inputs, random_inputs, relative_error
 from test_kernels_backward import check_gradients, gradients, upstream_gradients
+
+from sb_eval.kernels.attention import stickbreaking_attention
 
 pytestmark = pytest.mark.gpu
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
-from sb_eval.kernels import stickbreaking_attention
 from test_kernels import check_against_reference, long_range_inputs, random_inputs
+
+from sb_eval.kernels.attention import stickbreaking_attention
 
 pytestmark = pytest.mark.gpu
 

@@ -9,8 +9,9 @@ import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from sb_eval.checkpoint import CheckpointError, write_random_checkpoint
-from sb_eval.lm_eval_model import StickBreakingLM
+from sb_eval.harness.stick_breaking_lm import StickBreakingLM
+from sb_eval.model.checks import CheckpointError
+from sb_eval.model.saving import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +70,10 @@ def test_generate_until_matches_hflm(sb_lm, hf_lm):
 def test_truncation_warns_once_per_kind(folder, caplog):
     lm = StickBreakingLM(pretrained=str(folder), device="cpu", batch_size=1, max_length=32)
     long_pairs = [("word " * 40, " end"), ("more " * 50, " end")]
-    with caplog.at_level(logging.WARNING, logger="sb_eval.lm_eval_model"):
+    with caplog.at_level(logging.WARNING, logger="sb_eval.harness.stick_breaking_lm"):
         lm.loglikelihood(instances("loglikelihood", long_pairs))
         lm.generate_until(instances("generate_until", [("word " * 40, {"until": ["\n"], "max_gen_toks": 4})] * 2))
-    warnings = [r.getMessage() for r in caplog.records if r.name == "sb_eval.lm_eval_model"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sb_eval.harness.stick_breaking_lm"]
     assert len(warnings) == 2
     assert re.match(r"loglikelihood: a request of 25[03] tokens exceeds the 32-token limit", warnings[0])
     assert warnings[1].startswith("generate_until: a request of 200 tokens exceeds the 28-token limit")

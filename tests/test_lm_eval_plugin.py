@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
-
-from sb_eval.checkpoint import write_random_checkpoint
 from test_ruler_helpers import write_standin_essays
+
+from sb_eval.model.saving import write_random_checkpoint
 
 HOOK = Path(sysconfig.get_paths()["purelib"]) / "sb_eval_hook.pth"
 

@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import sb_eval.modeling
-from sb_eval.checkpoint import tiny_config, write_random_checkpoint
-from sb_eval.modeling import StickBreakingForCausalLM
+import sb_eval.model.modeling
+from sb_eval.model.configuration import tiny_config
+from sb_eval.model.modeling import StickBreakingForCausalLM
+from sb_eval.model.saving import write_random_checkpoint
 
 VARIANTS = {
     "released": dict(),
@@ -141,13 +142,13 @@ def test_generation_with_cache_equals_recompute(tiny_model):
 def test_decode_attends_once_per_new_token(tiny_model, monkeypatch):
     """Prefill once, then each new token is one single-query call against the grown cache."""
     calls = []
-    original = sb_eval.modeling.stickbreaking_attention
+    original = sb_eval.model.modeling.stickbreaking_attention
 
     def recording(q, k, v, **kwargs):
         calls.append((q.shape[2], k.shape[2]))
         return original(q, k, v, **kwargs)
 
-    monkeypatch.setattr(sb_eval.modeling, "stickbreaking_attention", recording)
+    monkeypatch.setattr(sb_eval.model.modeling, "stickbreaking_attention", recording)
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         tiny_model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=256)

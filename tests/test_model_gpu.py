@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from sb_eval.checkpoint import tiny_config, write_random_checkpoint
-from sb_eval.modeling import StickBreakingForCausalLM
+from sb_eval.model.configuration import tiny_config
+from sb_eval.model.modeling import StickBreakingForCausalLM
+from sb_eval.model.saving import write_random_checkpoint
 
 pytestmark = pytest.mark.gpu
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from lm_eval.tasks import TaskManager
 
-from sb_eval.checkpoint import tiny_config, write_random_checkpoint
+from sb_eval.model.configuration import tiny_config
+from sb_eval.model.saving import write_random_checkpoint
 from sb_eval.ruler import mqrar
 from sb_eval.ruler.mqrar import IGNORE, Vocabulary
 from sb_eval.tasks import mqrar as mqrar_task
-from sb_eval.tokenizer import word_level_tokenizer
+from sb_eval.tokenization import word_level_tokenizer
 
 TASKS_DIR = Path(mqrar_task.__file__).parent
 # The paper's letters and digits as ids of a small vocabulary: keys B P E X Z, values 1-6.
@@ -210,7 +211,7 @@ def word_level_checkpoint(tmp_path_factory):
 
 
 def test_lm_eval_scores_mqrar_with_sb_hf_as_the_token_form(word_level_checkpoint, tmp_path):
-    from sb_eval.lm_eval_model import StickBreakingLM
+    from sb_eval.harness.stick_breaking_lm import StickBreakingLM
 
     folder, vocabulary = word_level_checkpoint
     model = StickBreakingLM(pretrained=str(folder), attention_backend="torch", device="cpu", batch_size=4)

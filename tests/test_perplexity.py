@@ -13,15 +13,16 @@ import pytest
 import torch
 import yaml
 from lm_eval.tasks import TaskManager
+from test_ruler_helpers import merging_bpe_tokenizer, standin_sentences
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
-from sb_eval import data
-from sb_eval.checkpoint import tiny_config, write_random_checkpoint
+from sb_eval.data.documents import DocumentSourceError
+from sb_eval.model.configuration import tiny_config
+from sb_eval.model.saving import write_random_checkpoint
 from sb_eval.ruler.corpora import MissingCorpusError
 from sb_eval.tasks import perplexity
-from sb_eval.tokenizer import END_OF_TEXT, byte_level_tokenizer
-from test_ruler_helpers import merging_bpe_tokenizer, standin_sentences
+from sb_eval.tokenization import END_OF_TEXT, byte_level_tokenizer
 
 TASKS_DIR = Path(perplexity.__file__).parent
 SMALL = dict(max_seq_lengths=[128, 256, 512], target_tokens=32, windows_per_document=3, max_context=512)
@@ -70,7 +71,7 @@ TOKENIZERS = {"bytes": byte_level_tokenizer, "bpe": merging_bpe_tokenizer, "bpe_
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """sb_hf over a tiny random checkpoint per tokenizer, as lm-eval builds it."""
-    from sb_eval.lm_eval_model import StickBreakingLM
+    from sb_eval.harness.stick_breaking_lm import StickBreakingLM
 
     built = {}
     for name, make_tokenizer in TOKENIZERS.items():
@@ -202,7 +203,7 @@ def test_lm_eval_runs_sb_ppl_with_sb_hf(models, corpus):
 
 
 def test_sb_wikitext_without_wikitext_names_the_offline_alternative(offline_datasets):
-    with pytest.raises(data.DocumentSourceError) as raised:
+    with pytest.raises(DocumentSourceError) as raised:
         perplexity.wikitext_dataset()
     message = str(raised.value)
     assert "could not load document source 'hf:EleutherAI/wikitext_document_level:wikitext-2-raw-v1:test'" in message

@@ -17,22 +17,28 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from test_ruler_helpers import merging_bpe_tokenizer, standin_sentences
 from transformers import AutoModelForCausalLM
 
-from sb_eval.checkpoint import check_checkpoint_folder
-from sb_eval.data import write_sentences
-from sb_eval import retrieval_training
-from sb_eval.retrieval_training import (
-    PackedSamples, PromptAnswer, RepeatedSegments, dense_recall_rows, retrieval_samples, retrieval_specs,
-)
-from sb_eval.ruler import TASKS, TaskSpec, TextRun, generate
-from sb_eval.ruler.haystacks import TextRunFrom
-from sb_eval.ruler.registry import task_spec
+from sb_eval.data.corpora import write_sentences
+from sb_eval.model.checks import check_checkpoint_folder
+from sb_eval.model.modeling import StickBreakingForCausalLM
+from sb_eval.ruler.generate import generate, task_spec
+from sb_eval.ruler.haystacks import TextRun, TextRunFrom
+from sb_eval.ruler.registry import TASKS, TaskSpec
 from sb_eval.ruler.tokens import TokenCounter
 from sb_eval.ruler.values import random_word, value_drawer
-from sb_eval.tokenizer import byte_level_tokenizer
-from sb_eval.training import IGNORE, Batch, ConcatenatedBatches, evaluate, position_loss
-from test_ruler_helpers import merging_bpe_tokenizer, standin_sentences
+from sb_eval.tokenization import byte_level_tokenizer
+from sb_eval.training import retrieval as retrieval_training
+from sb_eval.training.retrieval import (
+    PackedSamples,
+    PromptAnswer,
+    RepeatedSegments,
+    dense_recall_rows,
+    retrieval_samples,
+    retrieval_specs,
+)
+from sb_eval.training.trainer import IGNORE, Batch, ConcatenatedBatches, evaluate, position_loss
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
@@ -351,7 +357,7 @@ def test_a_sample_whose_end_of_text_overruns_its_length_is_left_out_and_named(es
         return samples, reason
 
     monkeypatch.setattr(retrieval_training, "_set_samples", one_set_overruns)
-    with caplog.at_level(logging.WARNING, logger="sb_eval.retrieval_training"):
+    with caplog.at_level(logging.WARNING, logger="sb_eval.training.retrieval"):
         samples = retrieval_samples(merging_bpe_tokenizer(), essay_file, [1024], 2, seed=7, workers=1)
     assert "2 niah_repeat samples longer than 1024 tokens with end-of-text left out" in caplog.text
     assert samples and all(len(sample) <= 1024 for sample in samples)
@@ -359,7 +365,7 @@ def test_a_sample_whose_end_of_text_overruns_its_length_is_left_out_and_named(es
 
 def test_variants_a_length_cannot_hold_are_left_out_with_a_warning(essay_file, caplog):
     # With one token per byte, variable tracking's solved example alone needs more than 1024.
-    with caplog.at_level(logging.WARNING, logger="sb_eval.retrieval_training"):
+    with caplog.at_level(logging.WARNING, logger="sb_eval.training.retrieval"):
         samples = retrieval_samples(byte_level_tokenizer(), essay_file, [1024], 1, seed=7, workers=1)
     tokenizer = byte_level_tokenizer()
     prompts = [tokenizer.decode(sample.prompt) for sample in samples]
@@ -675,7 +681,7 @@ def test_the_training_script_mixes_text_retrieval_and_copying_practice(tmp_path,
         "--batch-size", "4", "--layers", "1", "--hidden", "32", "--heads", "2", "--steps", "2", "--eval-every", "2",
         "--eval-batches", "1", "--eval-documents", "1", "--device", "cpu", "--attention-backend", "torch", "--output", str(output),
     ])
-    check_checkpoint_folder(output / "model")
+    check_checkpoint_folder(output / "model", StickBreakingForCausalLM)
     rows = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     (evaluation,) = [row for row in rows if "eval_text_loss" in row]
     assert evaluation["step"] == 2 and math.isfinite(evaluation["eval_text_loss"]) and math.isfinite(evaluation["eval_retrieval_loss"])

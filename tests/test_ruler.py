@@ -6,12 +6,16 @@ import re
 from collections import Counter
 
 import pytest
-
-from sb_eval import ruler
-from sb_eval.ruler import TASKS, MissingCorpusError, TaskSpec, generate, string_match_all
-from sb_eval.ruler import registry
-from sb_eval.tokenizer import byte_level_tokenizer
 from test_ruler_helpers import merging_bpe_tokenizer, write_standin_essays
+
+from sb_eval.ruler import registry
+from sb_eval.ruler.corpora import MissingCorpusError
+from sb_eval.ruler.fitting import Draft
+from sb_eval.ruler.generate import generate
+from sb_eval.ruler.haystacks import NOISE, RepeatedText
+from sb_eval.ruler.registry import TASKS, TaskSpec
+from sb_eval.ruler.scoring import string_match_all
+from sb_eval.tokenization import byte_level_tokenizer
 
 NIAH_TASKS = [name for name, spec in TASKS.items() if spec.generator == "niah"]
 TOKENIZERS = {"bytes": byte_level_tokenizer, "bpe": merging_bpe_tokenizer}
@@ -101,7 +105,7 @@ def test_niah_wording_is_rulers_singular_for_one_answer_plural_otherwise():
 
 def test_noise_and_needle_haystacks_are_lines_and_the_essay_haystack_is_the_corpus_start(data_dir):
     noise = _generate("niah_single_1", num_samples=1)[0]["input"].split("\n")[1:-1]
-    assert sorted(set(noise))[1:] == [ruler.NOISE] and len(_needles("\n".join(noise))) == 1
+    assert sorted(set(noise))[1:] == [NOISE] and len(_needles("\n".join(noise))) == 1
     distractors = _generate("niah_multikey_2", num_samples=1)[0]["input"].split("\n")[1:-1]
     assert len(distractors) > 20 and all(_needles(line) for line in distractors)
     corpus = " ".join(write_standin_essays(data_dir))
@@ -170,7 +174,7 @@ def test_a_set_is_read_back_from_the_cache(monkeypatch, tmp_path):
     def no_generation(*args):
         raise AssertionError("generated again instead of reading the cache")
 
-    monkeypatch.setattr(registry, "_generate_set", no_generation)
+    monkeypatch.setattr("sb_eval.ruler.generate._generate_set", no_generation)
     assert _generate("niah_single_3", cache_dir=tmp_path / "cache") == first
     with pytest.raises(AssertionError, match="generated again"):
         _generate("niah_single_3", tokenizer="bytes", cache_dir=tmp_path / "cache")
@@ -187,17 +191,17 @@ def test_string_match_all_is_rulers_percentage_of_answers_found():
 
 
 def test_a_registered_generator_gets_the_same_fitting_seeding_and_caching():
-    @ruler.register_generator("test_passkey")
+    @registry.register_generator("test_passkey")
     def passkey(set_rng, digits):
         def draw(rng):
             key = str(rng.randrange(10 ** (digits - 1), 10**digits))
             depth = rng.random()
-            return ruler.Draft(
+            return Draft(
                 head="Remember the pass key.\n",
                 tail="\nWhat is the pass key?",
                 answer_prefix=" The pass key is",
                 outputs=[key],
-                haystack=ruler.RepeatedText(ruler.NOISE, " "),
+                haystack=RepeatedText(NOISE, " "),
                 inserts=[f"The pass key is {key}. Remember it."],
                 place=lambda units: [int(depth * units)],
             )
@@ -210,7 +214,7 @@ def test_a_registered_generator_gets_the_same_fitting_seeding_and_caching():
         assert all(f"The pass key is {s['outputs'][0]}. Remember it." in s["input"] for s in samples)
         assert all(2048 * 0.9 <= s["length"] + 16 <= 2048 for s in samples)
     finally:
-        del ruler.GENERATORS["test_passkey"]
+        del registry.GENERATORS["test_passkey"]
 
 
 def test_bad_arguments_are_named_with_what_is_valid(data_dir):
@@ -231,15 +235,15 @@ def test_bad_arguments_are_named_with_what_is_valid(data_dir):
     with pytest.raises(ValueError, match=r"solved example does not fit in max_seq_length=700"):
         _generate("vt", length=700, tokenizer="bytes")
 
-    @ruler.register_generator("test_unplaced")
+    @registry.register_generator("test_unplaced")
     def unplaced(set_rng):  # inserts a needle but does not say where
-        return lambda rng: ruler.Draft("Head.\n", "\nTail?", " Answer:", ["x"], ruler.RepeatedText(ruler.NOISE, " "), ["x"])
+        return lambda rng: Draft("Head.\n", "\nTail?", " Answer:", ["x"], RepeatedText(NOISE, " "), ["x"])
 
     try:
         with pytest.raises(ValueError, match=r"Draft.place\(\d+\) returned \[\]: it must give one unit index"):
             generate(TaskSpec("test_unplaced", 16), 1024, merging_bpe_tokenizer(), 1, use_cache=False)
     finally:
-        del ruler.GENERATORS["test_unplaced"]
+        del registry.GENERATORS["test_unplaced"]
     (data_dir / "essays" / "sentences.json").unlink()
     with pytest.raises(MissingCorpusError, match="sb-eval data fetch essays"):
         _generate("niah_single_2", use_cache=False)

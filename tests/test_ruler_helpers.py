@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from sb_eval.ruler.corpora import ESSAY_SENTENCES_FILE
-from sb_eval.tokenizer import END_OF_TEXT
+from sb_eval.tokenization import END_OF_TEXT
 
 
 @cache

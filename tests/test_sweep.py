@@ -17,12 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 from lm_eval.models.huggingface import HFLM
-
-from sb_eval import plots, sweep
-from sb_eval.checkpoint import tiny_config, write_random_checkpoint
-from sb_eval.lm_eval_model import StickBreakingLM
 from test_ruler_helpers import write_standin_essays
 from tiny_models import write_tiny_llama
+
+from sb_eval.commands import sweep as sweep_command
+from sb_eval.harness import sweep
+from sb_eval.harness.stick_breaking_lm import StickBreakingLM
+from sb_eval.model.configuration import tiny_config
+from sb_eval.model.saving import write_random_checkpoint
+from sb_eval.reports import sweep as plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # One sample per point and four generated tokens: the sweep, not the models, is under test.
@@ -78,7 +81,7 @@ def test_two_models_give_rows_table_and_plots_and_a_failure_becomes_a_row(models
     with monkeypatch.context() as patch:
         patch.setattr(StickBreakingLM, "generate_until", out_of_memory_at_2048)
         patch.setattr(sweep, "load_model", lambda model, settings: loads.append(model.name) or load_model(model, settings))
-        assert sweep.main(command) == 1
+        assert sweep_command.main(command) == 1
 
     assert loads == ["sb_hf", "hf"]  # each model once, for all its lengths
     rows = read_lines(output / "results.jsonl")
@@ -101,7 +104,7 @@ def test_two_models_give_rows_table_and_plots_and_a_failure_becomes_a_row(models
 
     # Rerun: only the error row's point runs again, appended; nothing earlier is rewritten.
     before = (output / "results.jsonl").read_bytes()
-    assert sweep.main(command) == 0
+    assert sweep_command.main(command) == 0
     after = (output / "results.jsonl").read_bytes()
     assert after.startswith(before)
     (retried,) = read_lines(output / "results.jsonl")[4:]
@@ -119,14 +122,14 @@ def test_a_length_beyond_the_models_max_length_is_an_error_row_not_a_truncated_s
     output = tmp_path / "out"
     command = ["--model", "hf", "--model_args", f"pretrained={short}", "--tasks", "sb_niah_single_1",
                "--lengths", "1024,2048", "--output", str(output), *FAST]
-    assert sweep.main(command) == 1
+    assert sweep_command.main(command) == 1
     rows = read_lines(output / "results.jsonl")
     assert [(row["length"], "error" in row) for row in rows] == [(1024, False), (2048, True)]
     assert rows[1]["error"]["type"] == "MaxLengthError"
     assert "max_length is 1024, below this point's 2048 tokens" in rows[1]["error"]["message"]
     assert "pass max_length=2048" in rows[1]["error"]["message"]
     command[3] += ",max_length=2048"  # the fix it names; another model spec, so both lengths run
-    assert sweep.main(command) == 0
+    assert sweep_command.main(command) == 0
 
 
 def test_the_sweep_closes_each_model_and_lets_it_go(models, data_dir, tmp_path, monkeypatch):
@@ -138,7 +141,7 @@ def test_the_sweep_closes_each_model_and_lets_it_go(models, data_dir, tmp_path, 
     weights = []
     evaluate_point = sweep.evaluate_point
     monkeypatch.setattr(sweep, "evaluate_point", lambda lm, *args: weights.append(weakref.ref(lm.model)) or evaluate_point(lm, *args))
-    assert sweep.main(command) == 0
+    assert sweep_command.main(command) == 0
     assert len(weights) == 1 and weights[0]() is None
     statistics = json.loads(stats.read_text())["statistics"]
     assert statistics["forward_passes"] > 0
@@ -189,7 +192,7 @@ def test_ctrl_c_stops_the_sweep_without_a_row_for_the_running_point(models, data
     output = tmp_path / "out"
     command = ["--model", "hf", "--model_args", models["llama"], "--tasks", "sb_niah_single_1",
                "--lengths", "1024,2048,4096", "--output", str(output), *FAST]
-    assert sweep.main(command) == 130
+    assert sweep_command.main(command) == 130
     assert [(row["length"], "error" in row) for row in read_lines(output / "results.jsonl")] == [(1024, False)]
     assert "| sb_niah_single_1 | hf:llama | <length> |" in (output / "summary.md").read_text()
 
@@ -207,7 +210,7 @@ def test_resume_ignores_a_torn_last_line_and_appends_after_it(models, data_dir, 
     (output / "results.jsonl").write_text(json.dumps(done) + "\n" + torn)
     command = ["--model", "hf", "--model_args", models["llama"], "--tasks", "sb_niah_single_1",
                "--lengths", "1024,2048", "--output", str(output), *FAST]
-    assert sweep.main(command) == 0
+    assert sweep_command.main(command) == 0
     lines = (output / "results.jsonl").read_text().splitlines()
     assert lines[:2] == [json.dumps(done), torn]  # kept as they were
     (new,) = [json.loads(line) for line in lines[2:]]
@@ -217,7 +220,7 @@ def test_resume_ignores_a_torn_last_line_and_appends_after_it(models, data_dir, 
 
     # Results made with other settings are not resumed as if they were this run's.
     other = command[:-len(FAST)] + ["--metadata", '{"num_samples": 2}', "--gen_kwargs", "max_gen_toks=4", "--device", "cpu"]
-    assert sweep.main(other) == 2
+    assert sweep_command.main(other) == 2
 
 
 def test_only_rank_0_writes(models, data_dir, tmp_path, monkeypatch):
@@ -225,7 +228,7 @@ def test_only_rank_0_writes(models, data_dir, tmp_path, monkeypatch):
     output = tmp_path / "out"
     command = ["--model", "hf", "--model_args", models["llama"], "--tasks", "sb_niah_single_1",
                "--lengths", "1024", "--output", str(output), *FAST]
-    assert sweep.main(command) == 0
+    assert sweep_command.main(command) == 0
     assert not output.exists()
 
 
@@ -246,7 +249,7 @@ def test_argument_errors_name_the_argument_before_any_model_loads(arguments, mes
                "--lengths": "1024", "--output": str(tmp_path / "out")}
     for name, value in zip(arguments[::2], arguments[1::2]):
         command[name] = value
-    assert sweep.main([part for pair in command.items() for part in pair]) == 2
+    assert sweep_command.main([part for pair in command.items() for part in pair]) == 2
     error = capsys.readouterr().err
     assert "sb-eval sweep: error:" in error
     assert re.search(message, error), error
@@ -293,5 +296,5 @@ def test_report_shows_each_tasks_headline_latest_outcomes_and_errors(tmp_path):
 
 
 def test_model_args_may_be_left_out_for_the_packaged_checkpoint():
-    arguments = sweep.build_parser().parse_args(["--tasks", "sb_niah_single_1", "--lengths", "1K", "--output", "out"])
+    arguments = sweep_command.build_parser().parse_args(["--tasks", "sb_niah_single_1", "--lengths", "1K", "--output", "out"])
     assert (arguments.model, arguments.model_args) == ("sb_hf", "")

@@ -15,14 +15,15 @@ import pytest
 import yaml
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import TaskIndex
-from transformers import AutoTokenizer
-
-from sb_eval import ruler
-from sb_eval.data import DEFAULT_CHECKPOINT
-from sb_eval.tasks import ruler_tasks
-from sb_eval.tokenizer import byte_level_tokenizer
 from test_ruler_helpers import write_standin_essays
 from tiny_models import write_tiny_llama
+from transformers import AutoTokenizer
+
+from sb_eval.data import DEFAULT_CHECKPOINT
+from sb_eval.ruler.generate import generate
+from sb_eval.ruler.registry import GENERATORS, TASKS
+from sb_eval.tasks import ruler_tasks
+from sb_eval.tokenization import byte_level_tokenizer
 
 TASKS_DIR = Path(ruler_tasks.__file__).parent
 DOCS = Path(__file__).parents[1] / "docs" / "adding-tasks.md"
@@ -62,7 +63,7 @@ def data_dir(tmp_path, monkeypatch):
 def test_names_do_not_clash_with_lm_evals_own_tasks():
     configs = [_task_config(path) for path in TASKS_DIR.glob("[!_]*.yaml")]
     ours = {config.get("group") or config["task"] for config in configs}
-    ruler_tasks = {f"sb_{name}" for name in ruler.TASKS if name != "vt"} | {"sb_ruler_vt", "ruler_niah"}
+    ruler_tasks = {f"sb_{name}" for name in TASKS if name != "vt"} | {"sb_ruler_vt", "ruler_niah"}
     assert ours == ruler_tasks | {"mqrar", "sb_ppl", "sb_wikitext"}
     # lm-eval's own folder alone: an installed sb-eval adds its tasks to every TaskManager
     lm_evals_own = TaskIndex().build([Path(lm_eval.tasks.__file__).parent])
@@ -72,7 +73,7 @@ def test_names_do_not_clash_with_lm_evals_own_tasks():
 def test_each_task_generates_as_much_as_ruler_and_the_group_averages_all_niah_tasks():
     for path in NIAH_YAMLS + [TASKS_DIR / "sb_ruler_vt.yaml"]:
         config = _task_config(path)
-        spec = ruler.TASKS[config["dataset_kwargs"]["ruler_task"]]
+        spec = TASKS[config["dataset_kwargs"]["ruler_task"]]
         assert config["generation_kwargs"]["max_gen_toks"] == spec.tokens_to_generate, path.name
         assert config["generation_kwargs"]["do_sample"] is False
     group = _task_config(TASKS_DIR / "ruler_niah.yaml")
@@ -86,7 +87,7 @@ def test_custom_dataset_reads_lengths_samples_seed_and_tokenizer_from_metadata(d
     metadata = dict(max_seq_lengths=[1024, 2048], num_samples=3, seed=5, pretrained=str(checkpoint), version=1.0, dtype="float32")
     docs = ruler_tasks.custom_dataset(ruler_task="niah_multikey_2", **metadata)["test"]
     assert docs["max_length"] == [1024, 2048] * 3
-    same = ruler.generate("niah_multikey_2", 2048, byte_level_tokenizer(), 3, seed=5)
+    same = generate("niah_multikey_2", 2048, byte_level_tokenizer(), 3, seed=5)
     assert [doc["input"] for doc in docs if doc["max_length"] == 2048] == [s["input"] for s in same]
     for doc in docs:
         assert ruler_tasks.doc_to_text(doc) + doc["answer_prefix"] == doc["input"]
@@ -140,7 +141,7 @@ def test_the_docs_worked_examples_run(data_dir, checkpoint, tmp_path):
             assert f"The pass key is {doc['outputs'][0]}. Remember it." in doc["input"]
             assert 0.9 * doc["max_length"] <= doc["length"] + 16 <= doc["max_length"]
     finally:
-        ruler.GENERATORS.pop("passkey", None)
+        GENERATORS.pop("passkey", None)
 
 
 def test_lm_eval_runs_ruler_niah_at_two_lengths(data_dir, checkpoint, tmp_path):

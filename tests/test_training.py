@@ -7,10 +7,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sb_eval.checkpoint import check_checkpoint_folder
-from sb_eval.tokenizer import byte_level_tokenizer, word_level_tokenizer
-from sb_eval.training import (
-    IGNORE, Batch, Curriculum, ModelSize, SequencePool, TokenWindows, TrainSettings, build_model, token_stream, train,
+from sb_eval.model.checks import check_checkpoint_folder
+from sb_eval.model.modeling import StickBreakingForCausalLM
+from sb_eval.tokenization import byte_level_tokenizer, word_level_tokenizer
+from sb_eval.training.trainer import (
+    IGNORE,
+    Batch,
+    Curriculum,
+    ModelSize,
+    SequencePool,
+    TokenWindows,
+    TrainSettings,
+    build_model,
+    token_stream,
+    train,
 )
 
 SYMBOLS = [f"s{i}" for i in range(16)]
@@ -55,7 +65,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, toke
     assert any("eval_accuracy" in row for row in rows)
 
     if attention == "stickbreaking":
-        check_checkpoint_folder(folder)
+        check_checkpoint_folder(folder, StickBreakingForCausalLM)
     loaded = AutoModelForCausalLM.from_pretrained(folder)
     assert loaded.config.model_type == ("stickbreaking" if attention == "stickbreaking" else "llama")
     batch = eval_source.batch(0)
@@ -155,7 +165,7 @@ def test_the_training_script_trains_mqrar_and_writes_a_checkpoint_sb_hf_loads(tm
         "--pool-size", "16", "--batch-size", "4", "--hidden", "32", "--heads", "2", "--steps", "2",
         "--eval-batches", "1", "--attention-backend", "torch", "--device", "cpu", "--output", str(tmp_path),
     ])
-    check_checkpoint_folder(tmp_path / "model")
+    check_checkpoint_folder(tmp_path / "model", StickBreakingForCausalLM)
     from transformers import AutoTokenizer
 
     from sb_eval.ruler import mqrar
@@ -166,7 +176,7 @@ def test_the_training_script_trains_mqrar_and_writes_a_checkpoint_sb_hf_loads(tm
 
 
 def test_a_learnt_bpe_round_trips_text_and_ends_with_end_of_text():
-    from sb_eval.tokenizer import train_bpe_tokenizer
+    from sb_eval.tokenization import train_bpe_tokenizer
 
     texts = ["the stick breaks nearest first, and the stick is what remains"] * 20
     tokenizer = train_bpe_tokenizer(texts, vocab_size=300)
@@ -210,15 +220,15 @@ def test_logit_offsets_spread_evenly_over_the_heads_of_every_layer(tokenizer):
 def captured_logits(model, input_ids: torch.Tensor, monkeypatch) -> list[torch.Tensor]:
     """Each layer's logits scale * q . k [B, H, T, T] on a forward pass, taken where the model hands
     q and k to the attention op."""
-    import sb_eval.modeling
+    import sb_eval.model.modeling
 
-    logits, attention = [], sb_eval.modeling.stickbreaking_attention
+    logits, attention = [], sb_eval.model.modeling.stickbreaking_attention
 
     def recording(q, k, v, *, scale, **options):
         logits.append(scale * q @ k.transpose(-1, -2))
         return attention(q, k, v, scale=scale, **options)
 
-    monkeypatch.setattr(sb_eval.modeling, "stickbreaking_attention", recording)
+    monkeypatch.setattr(sb_eval.model.modeling, "stickbreaking_attention", recording)
     with torch.no_grad():
         model(input_ids=input_ids, use_cache=False)
     monkeypatch.undo()
@@ -245,9 +255,9 @@ def test_offsets_shift_the_logits_of_real_hidden_states_by_about_the_offset(toke
 
 
 def test_logit_offsets_are_refused_where_they_cannot_apply(tokenizer):
-    from sb_eval.configuration import StickBreakingConfig
-    from sb_eval.modeling import StickBreakingForCausalLM
-    from sb_eval.training import offset_attention_logits
+    from sb_eval.model.configuration import StickBreakingConfig
+    from sb_eval.model.modeling import StickBreakingForCausalLM
+    from sb_eval.training.trainer import offset_attention_logits
 
     with pytest.raises(ValueError, match=r"logit_offsets apply to stick-breaking attention only, not 'softmax'"):
         build_model("softmax", size(tokenizer), tokenizer, logit_offsets=(0.0, -4.0))

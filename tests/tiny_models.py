@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sb_eval.tokenizer import byte_level_tokenizer
+from sb_eval.tokenization import byte_level_tokenizer
 
 
 def write_tiny_llama(folder: Path, seed: int = 0, **config) -> Path:

@@ -38,20 +38,22 @@ import random
 from bisect import bisect_right
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from sb_eval.ruler import TaskSpec, generate, mqrar
+from sb_eval.ruler import mqrar
 from sb_eval.ruler.fitting import TooShortError
+from sb_eval.ruler.generate import generate
 from sb_eval.ruler.niah import NEEDLE, prompt_parts
+from sb_eval.ruler.registry import TaskSpec
 from sb_eval.ruler.values import value_drawer
 
-from .training import IGNORE, Batch, SequencePool
+from .trainer import IGNORE, Batch, SequencePool
 
 logger = logging.getLogger(__name__)
 

@@ -1,24 +1,22 @@
-"""Checkpoint folders: checks before loading, and small random checkpoints in the released format.
+"""Checks of a checkpoint folder before it is loaded.
 
 The checks read only config.json and the safetensors headers (no weights), so a wrong folder
 fails in milliseconds with one message that names the file and the field, instead of loading
-gigabytes and then warning that weights were left random.
+gigabytes and then warning that weights were left random. The tensors a config needs come from
+the model class itself (built on the meta device), which the caller passes in.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from .configuration import StickBreakingConfig
-from .modeling import StickBreakingForCausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -49,11 +47,15 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from error
 
 
-def check_checkpoint_folder(folder: str | os.PathLike, allow_pickle: bool = False) -> None:
-    """Raises CheckpointError unless `folder` holds a loadable stick-breaking checkpoint.
+def check_checkpoint_folder(
+    folder: str | os.PathLike, model_class: type[PreTrainedModel], allow_pickle: bool = False
+) -> None:
+    """Raises CheckpointError unless `folder` holds a checkpoint that `model_class` (a stick-breaking
+    model class, sb_eval.model.modeling) loads.
 
     Checks config.json's model_type and fields, that the weights are safetensors (pickle only
-    with allow_pickle), and that the tensor names and shapes are exactly those the config needs.
+    with allow_pickle), and that the tensor names and shapes are exactly those that
+    `model_class(config)` has.
     """
     folder = Path(folder)
     raw = read_config(folder)
@@ -83,7 +85,7 @@ def check_checkpoint_folder(folder: str | os.PathLike, allow_pickle: bool = Fals
             "from_pretrained(..., use_safetensors=False), or allow_pickle=True in sb_hf's "
             "--model_args"
         )
-    check_tensor_shapes(folder, config, shards)
+    check_tensor_shapes(folder, config, shards, model_class)
 
 
 def safetensors_shards(folder: Path) -> list[Path]:
@@ -105,13 +107,13 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
 
 
-def check_tensor_shapes(folder: Path, config: StickBreakingConfig, shards: list[Path]) -> None:
+def check_tensor_shapes(folder: Path, config: StickBreakingConfig, shards: list[Path], model_class: type[PreTrainedModel]) -> None:
     found: dict[str, tuple[tuple[int, ...], Path]] = {}
     for shard in shards:
         for name, shape in read_safetensors_shapes(shard).items():
             found[name] = (shape, shard)
     with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in StickBreakingForCausalLM(config).state_dict().items()}
+        expected = {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
     if config.tie_word_embeddings:
         found.pop("lm_head.weight", None)  # some exporters save the tied copy too
 
@@ -153,74 +155,3 @@ def check_tokenizer_folder(folder: str | os.PathLike) -> None:
             f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save one beside the "
             "weights or pass tokenizer=PATH in --model_args"
         )
-
-
-def tiny_config(**overrides) -> StickBreakingConfig:
-    """A small stick-breaking config in the released format, sized for CPU tests and demos:
-    the 3B's choices (swiglu, rmsnorm, muP multipliers, attention_multiplier 1/head_dim, no
-    remainder, tied embeddings) at 4 layers x 128 wide, for the byte-level tokenizer's 257 ids."""
-    fields = dict(
-        vocab_size=257, n_positions=2048, n_embd=128, n_layer=4, n_head=4, n_inner=256,
-        activation_function="swiglu", normalization_function="rmsnorm", layer_norm_epsilon=1e-5,
-        attention_multiplier=1 / 32, m_emb=12.0, m_residual=0.22, m_width=2.0,
-        sb_remainder=False, tie_word_embeddings=True,
-        bos_token_id=256, eos_token_id=256, pad_token_id=256,
-    )
-    fields.update(overrides)
-    return StickBreakingConfig(**fields)
-
-
-def released_3b_config(**overrides) -> StickBreakingConfig:
-    """The released 3B checkpoint's config (DESIGN.md section 6), for benchmarks at its shapes."""
-    fields = dict(
-        vocab_size=50304, n_positions=4096, n_embd=2304, n_layer=40, n_head=36, n_inner=9216,
-        activation_function="swiglu", normalization_function="rmsnorm", layer_norm_epsilon=1e-5,
-        attention_multiplier=1 / 64, m_emb=12, m_residual=0.22, m_width=9, sb_remainder=False,
-        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=50256,
-    )
-    fields.update(overrides)
-    return StickBreakingConfig(**fields)
-
-
-def write_random_checkpoint(
-    folder: str | os.PathLike,
-    config: StickBreakingConfig | None = None,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    overwrite: bool = False,
-    device: str | torch.device = "cpu",
-) -> Path:
-    """Writes a randomly initialised stick-breaking checkpoint and the byte-level tokenizer.
-
-    `device` is where the weights are initialised (a GPU makes billions of them fast). The folder
-    is built beside the target and renamed into place, so a crash leaves nothing half-written.
-    Returns the folder.
-    """
-    from .tokenizer import byte_level_tokenizer
-
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
-    config = config or tiny_config()
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = StickBreakingForCausalLM(config).to(dtype)
-    return save_checkpoint(model, byte_level_tokenizer(), folder)
-
-
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike) -> Path:
-    """The model (safetensors) and its tokenizer, written beside `folder` and renamed into place
-    (replacing what was there), so a crash leaves nothing half-written. Returns the folder."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder

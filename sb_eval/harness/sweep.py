@@ -1,7 +1,5 @@
-"""`sb-eval sweep`: models x tasks x context lengths through lm-eval, one JSON line per point.
-
-    sb-eval sweep --model sb_hf --model_args pretrained=A --compare hf:pretrained=B \\
-        --tasks ruler_niah,sb_ruler_vt --lengths 2048,4096,8192 --output runs/a-vs-b
+"""The engine of `sb-eval sweep` (sb_eval.commands.sweep): models x tasks x context lengths
+through lm-eval, one JSON line per point.
 
 A point is one (model, task, length): one lm-eval evaluation of the task with the metadata
 max_seq_lengths=[length] merged over --metadata. Each model is loaded once and runs its lengths
@@ -9,7 +7,7 @@ shortest first. A finished point is appended to OUTPUT/results.jsonl at once and
 so a sweep that dies loses at most the point it was running; the same command run again skips the
 points that have a result and retries the ones whose row is an error. The file is only ever
 appended to. At the end, OUTPUT/summary.md and OUTPUT/plots/<task>.png are made from every row in
-it (sb_eval.plots).
+it (sb_eval.reports.sweep).
 
 Under `accelerate launch` every process runs every point (lm-eval splits each point's requests
 between them); all processes read results.jsonl before any of them writes, and only global rank 0
@@ -18,8 +16,6 @@ writes.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import difflib
 import gc
 import importlib.metadata
@@ -38,22 +34,21 @@ from pathlib import Path
 from typing import Any
 
 import lm_eval
+import sb_eval_hook
 import torch
 from lm_eval.tasks import TaskManager
-from lm_eval.tasks._factory import TaskFactory
-from lm_eval.tasks._index import Kind
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
-from sb_eval import tasks as sb_eval_tasks
+from sb_eval.reports.sweep import write_report
 
-from .plots import write_report
+from . import lm_eval_compat
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
 SB_MODEL = "sb_hf"
-TASKS_FOLDER = Path(sb_eval_tasks.__file__).parent
+TASKS_FOLDER = sb_eval_hook.task_folder()
 # The most of an error's traceback a row keeps (its end, where the cause is).
 TRACEBACK_CHARS = 4000
 # What identifies a row's point; a line without them is not a row (a torn line, say).
@@ -106,75 +101,29 @@ class Settings:
     train_length: int | None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sb-eval sweep",
-        description="Evaluate models on tasks at several context lengths with lm-eval: one JSON line per "
-        "(model, task, length) in OUTPUT/results.jsonl as each finishes, then OUTPUT/summary.md and "
-        "OUTPUT/plots/<task>.png.",
-        epilog="Resuming: run the same command again. Points with a result in results.jsonl are skipped; "
-        "points whose row is an error (out of memory, a failed sample, ...) are retried; the file is only "
-        "appended to. A folder's results must all come from the same --metadata, --limit and --gen_kwargs. "
-        "Exit status: 0 when every point has a result, 1 when some ended in an error row, 2 for bad "
-        "arguments, 130 when interrupted (Ctrl-C stops cleanly, without a row for the point it was running).",
+def prepare(args) -> tuple[list[Point], list[dict], TaskLoader, Settings]:
+    """The points of `sb-eval sweep` from its parsed arguments (sb_eval.commands.sweep), every one
+    checked before any model is loaded, and the rows its output folder already holds. Raises
+    SweepArgumentError naming the argument that cannot work."""
+    models = [ModelSpec(args.model, args.model_args)] + [parse_model_spec(spec) for spec in args.compare]
+    check_models(models)
+    lengths = parse_lengths(args.lengths)
+    settings = Settings(
+        output=args.output,
+        metadata=parse_metadata(args.metadata),
+        limit=parse_limit(args.limit),
+        gen_kwargs=parse_gen_kwargs(args.gen_kwargs),
+        device=args.device,
+        batch_size=parse_batch_size(args.batch_size),
+        max_batch_size=args.max_batch_size,
+        train_length=parse_train_length(args.train_length),
     )
-    parser.add_argument("--model", default=SB_MODEL, help=f"lm-eval model name (default {SB_MODEL})")
-    parser.add_argument("--model_args", default="",
-                        help="its arguments, as lm_eval's: pretrained=PATH[,key=value...] (sb_hf without pretrained "
-                             "evaluates the checkpoint that ships in the package)")
-    parser.add_argument(
-        "--compare", action="append", default=[], metavar="NAME:ARGS",
-        help="another model to run the same points, e.g. hf:pretrained=PATH (repeatable)",
-    )
-    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups, e.g. ruler_niah,sb_ruler_vt")
-    parser.add_argument("--lengths", required=True, help="comma-separated context lengths in tokens, e.g. 2048,4096 or 2K,4K")
-    parser.add_argument("--output", required=True, type=Path, help="results folder (created; reused to resume)")
-    parser.add_argument(
-        "--metadata", default="{}",
-        help='JSON object passed to every task, e.g. \'{"num_samples": 100}\'; the sweep sets max_seq_lengths itself',
-    )
-    parser.add_argument("--train_length", type=int, help="the models' training context length, marked in the plots")
-    parser.add_argument("--device", help="as lm_eval's --device (default: cuda when there is one)")
-    parser.add_argument("--batch_size", default="1", help="as lm_eval's --batch_size: a number, auto or auto:N")
-    parser.add_argument("--max_batch_size", type=int, help="as lm_eval's --max_batch_size")
-    parser.add_argument("--limit", help="as lm_eval's --limit: samples per point (below 1: a fraction)")
-    parser.add_argument("--gen_kwargs", default="", help="as lm_eval's --gen_kwargs, e.g. max_gen_toks=32")
-    parser.add_argument(
-        "--include_path", action="append", default=[], type=Path,
-        help="a folder of your own task YAMLs (repeatable), as lm_eval's --include_path",
-    )
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    """Runs `sb-eval sweep ARGS`; returns 0 when every point has a result, 1 when some ended in an
-    error row, 2 for bad arguments, 130 when interrupted."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        models = [ModelSpec(args.model, args.model_args)] + [parse_model_spec(spec) for spec in args.compare]
-        check_models(models)
-        lengths = parse_lengths(args.lengths)
-        settings = Settings(
-            output=args.output,
-            metadata=parse_metadata(args.metadata),
-            limit=parse_limit(args.limit),
-            gen_kwargs=parse_gen_kwargs(args.gen_kwargs),
-            device=args.device,
-            batch_size=parse_batch_size(args.batch_size),
-            max_batch_size=args.max_batch_size,
-            train_length=parse_train_length(args.train_length),
-        )
-        task_names = [name.strip() for name in args.tasks.split(",") if name.strip()]
-        loader = TaskLoader(task_names, args.include_path)
-        rows = read_rows(settings.output / RESULTS_FILE)
-        check_same_settings(rows, settings)
-    except SweepArgumentError as error:
-        parser.print_usage(sys.stderr)
-        print(f"sb-eval sweep: error: {error}", file=sys.stderr)
-        return 2
+    task_names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    loader = TaskLoader(task_names, args.include_path)
+    rows = read_rows(settings.output / RESULTS_FILE)
+    check_same_settings(rows, settings)
     points = [Point(model, task, length) for model in models for length in lengths for task in task_names]
-    return run_sweep(points, rows, loader, settings)
+    return points, rows, loader, settings
 
 
 def split_model_spec(spec: str) -> ModelSpec | None:
@@ -219,7 +168,7 @@ def model_class(name: str) -> type:
     if name == SB_MODEL:
         # The start-up hook registers it in installed copies; importing it directly also works
         # where the hook is not installed (editable installs).
-        from .lm_eval_model import StickBreakingLM
+        from sb_eval.harness.stick_breaking_lm import StickBreakingLM
 
         return StickBreakingLM
     import lm_eval.models  # noqa: F401  (lm-eval's own models register on import)
@@ -313,7 +262,7 @@ class TaskLoader:
                 raise SweepArgumentError(f"--include_path {folder} is not a folder")
         folders = [TASKS_FOLDER, *include_paths]
         manager = TaskManager(include_path=folders, include_defaults=False)
-        if not self._all_indexed(manager.task_index, names):
+        if not self._all_indexed(lm_eval_compat.task_index(manager), names):
             manager = TaskManager(include_path=folders)  # lm-eval's own tasks as well
         self.manager = manager
         self._check(names)
@@ -326,15 +275,14 @@ class TaskLoader:
             entry = index.get(pending.pop())
             if entry is None:
                 return False
-            if entry.kind is Kind.GROUP:
-                children = (entry.cfg or {}).get("task", [])
-                pending += [child for child in (children if isinstance(children, list) else [children]) if isinstance(child, str)]
+            if lm_eval_compat.is_group(entry):
+                pending += lm_eval_compat.group_members(entry)
         return True
 
     def _check(self, names: list[str]) -> None:
-        index = self.manager.task_index
+        index = lm_eval_compat.task_index(self.manager)
         ours = sorted(name for name, entry in index.items()
-                      if entry.yaml_path is not None and entry.yaml_path.parent == TASKS_FOLDER)
+                      if (path := lm_eval_compat.yaml_path(entry)) is not None and path.parent == TASKS_FOLDER)
         for name in names:
             if name not in index:
                 close = difflib.get_close_matches(name, list(index), n=3)
@@ -343,18 +291,15 @@ class TaskLoader:
                     f"--tasks: unknown task {name!r}.{hint} sb-eval's tasks: {', '.join(ours)}; lm-eval's own are "
                     "listed by `lm_eval ls tasks`; your own folders go in --include_path"
                 )
-            if index[name].kind is Kind.TAG:
-                members = sorted(entry_name for entry_name, entry in index.items() if name in entry.tags)
+            if lm_eval_compat.is_tag(index[name]):
+                members = sorted(entry_name for entry_name, entry in index.items() if name in lm_eval_compat.tags(entry))
                 raise SweepArgumentError(
                     f"--tasks: {name!r} is a tag, which has no result of its own; name its tasks "
                     f"({', '.join(members)}) or a group"
                 )
 
     def manager_with(self, metadata: dict[str, Any]) -> TaskManager:
-        manager = copy.copy(self.manager)
-        manager.metadata = metadata
-        manager._factory = TaskFactory(meta=metadata)
-        return manager
+        return lm_eval_compat.manager_with_metadata(self.manager, metadata)
 
 
 def point_metadata(point: Point, settings: Settings) -> dict[str, Any]:

@@ -7,7 +7,11 @@ that do not change inference (dropout, init method, ...) are kept as plain attri
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import PretrainedConfig
+
+from sb_eval.kernels.attention import BACKENDS
 
 ACTIVATIONS = ("swiglu", "gelu", "gelu_pytorch_tanh", "silu", "relu")
 GATED_ACTIVATIONS = ("swiglu",)
@@ -25,6 +29,9 @@ class StickBreakingConfig(PretrainedConfig):
         sb_remainder_bias: the paper's remainder bias (App. C): add rem_j * r_h, r learned per head.
         sb_group_norm: a per-head GroupNorm on the attention output (paper App. C).
         sb_attend_current: a query also attends to its own position.
+
+    Not saved with the checkpoint: attention_backend, which sb_eval.kernels backend the layers
+    run ("auto": triton on CUDA, torch elsewhere), a choice of the machine that runs the model.
     """
 
     model_type = "stickbreaking"
@@ -67,6 +74,7 @@ class StickBreakingConfig(PretrainedConfig):
         bos_token_id: int | None = 0,
         eos_token_id: int | None = 0,
         pad_token_id: int | None = 50256,
+        attention_backend: str = "auto",
         **kwargs,
     ) -> None:
         self.vocab_size = vocab_size
@@ -96,6 +104,7 @@ class StickBreakingConfig(PretrainedConfig):
         self.sb_group_norm = sb_group_norm
         self.sb_attend_current = sb_attend_current
         self.use_cache = use_cache
+        self.attention_backend = attention_backend
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,
@@ -117,6 +126,12 @@ class StickBreakingConfig(PretrainedConfig):
         if self.attention_multiplier is None:
             return self.head_dim**-0.5
         return float(self.attention_multiplier)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As transformers' (what config.json holds), without the runtime attention_backend."""
+        output = super().to_dict()
+        output.pop("attention_backend", None)
+        return output
 
     def validate_fields(self) -> None:
         """Raises ValueError naming the config.json field that cannot describe a model we run."""
@@ -147,7 +162,36 @@ class StickBreakingConfig(PretrainedConfig):
                 f"position_embedding_type is {self.position_embedding_type!r}; stick-breaking models "
                 "use none ('nope')"
             )
+        if self.attention_backend not in BACKENDS:
+            problems.append(f"attention_backend is {self.attention_backend!r}; expected one of {BACKENDS}")
         if self.add_bias and self.add_qkv_bias:
             problems.append("add_bias and add_qkv_bias are both set; dolomite allows one of them")
         if problems:
             raise ValueError("config.json: " + "; ".join(problems))
+
+
+def tiny_config(**overrides) -> StickBreakingConfig:
+    """A small stick-breaking config in the released format, sized for CPU tests and demos:
+    the 3B's choices (swiglu, rmsnorm, muP multipliers, attention_multiplier 1/head_dim, no
+    remainder, tied embeddings) at 4 layers x 128 wide, for the byte-level tokenizer's 257 ids."""
+    fields = dict(
+        vocab_size=257, n_positions=2048, n_embd=128, n_layer=4, n_head=4, n_inner=256,
+        activation_function="swiglu", normalization_function="rmsnorm", layer_norm_epsilon=1e-5,
+        attention_multiplier=1 / 32, m_emb=12.0, m_residual=0.22, m_width=2.0,
+        sb_remainder=False, tie_word_embeddings=True,
+        bos_token_id=256, eos_token_id=256, pad_token_id=256,
+    )
+    fields.update(overrides)
+    return StickBreakingConfig(**fields)
+
+
+def released_3b_config(**overrides) -> StickBreakingConfig:
+    """The released 3B checkpoint's config (shawntan/stickbreaking-3b's config.json), for benchmarks at its shapes."""
+    fields = dict(
+        vocab_size=50304, n_positions=4096, n_embd=2304, n_layer=40, n_head=36, n_inner=9216,
+        activation_function="swiglu", normalization_function="rmsnorm", layer_norm_epsilon=1e-5,
+        attention_multiplier=1 / 64, m_emb=12, m_residual=0.22, m_width=9, sb_remainder=False,
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=50256,
+    )
+    fields.update(overrides)
+    return StickBreakingConfig(**fields)

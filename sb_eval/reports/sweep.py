@@ -1,4 +1,4 @@
-"""The report of a sweep, made from every row of its results.jsonl (sb_eval.sweep): summary.md,
+"""The report of a sweep, made from every row of its results.jsonl (sb_eval.commands.sweep): summary.md,
 a table of the headline metric (rows task x model, columns context lengths), and one PNG per task
 with the headline metric against length, one line per model.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from sb_eval.ruler.cache import write_atomically
+from sb_eval.files import write_atomically
 
 SUMMARY_FILE = "summary.md"
 # The y-axis title for a metric named by the length itself.

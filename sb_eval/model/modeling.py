@@ -1,9 +1,17 @@
 """Stick-breaking causal language models in transformers, loading dolomite checkpoints as they are.
 
-Architecture (DESIGN.md section 6): x = wte(ids) * m_emb; each block adds
+Architecture (docs/architecture.md, checkpoint format): x = wte(ids) * m_emb; each block adds
 m_residual * attn(norm(x)) and m_residual * mlp(norm(x)); logits = ln_f(x) @ wte.T / m_width.
 Attention is stick-breaking (``sb_eval.kernels``) with no position embedding, so left padding
 only needs the padding keys masked, and prefill followed by decode is exact.
+
+Importing this module registers ``model_type: "stickbreaking"`` with transformers' Auto classes,
+so that ``AutoModelForCausalLM.from_pretrained(folder)`` loads such checkpoints.
+
+What a forward pass does besides the model's arithmetic comes in as arguments: the attention
+backend is the config's (``set_attention_backend``), and ``attention_statistics`` (an
+sb_eval.analysis.attention_stats.AttentionStatistics, usually handed in by a forward pre-hook)
+receives every layer's per-query distance and remainder.
 """
 
 from __future__ import annotations
@@ -13,11 +21,12 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from sb_eval.kernels import BACKENDS, stickbreaking_attention
+from sb_eval.kernels.attention import BACKENDS, stickbreaking_attention
 
+from .checks import check_checkpoint_folder
 from .configuration import GATED_ACTIVATIONS, StickBreakingConfig
 
 # transformers renamed the cache argument and output field from past_key_values to cache (5.2x).
@@ -67,9 +76,7 @@ class StickBreakingAttention(nn.Module):
             nn.Parameter(torch.zeros(self.num_heads, self.head_dim)) if config.sb_remainder_bias else None
         )
         self.group_norm = nn.GroupNorm(self.num_heads, config.n_embd) if config.sb_group_norm else None
-        self.backend = "auto"
-        # An sb_eval.attention_stats.AttentionStatistics while statistics are collected.
-        self.statistics = None
+        self.config = config  # read at each call: the attention backend can change after loading
 
     def split_heads(self, qkv: torch.Tensor):
         """[B, T, qkv_size] -> q [B, Hq, T, D], k and v [B, Hkv, T, D]."""
@@ -91,7 +98,10 @@ class StickBreakingAttention(nn.Module):
         hidden: torch.Tensor,
         cache: DynamicCache | None,
         key_mask: torch.Tensor | None,
+        attention_statistics=None,
     ) -> torch.Tensor:
+        """hidden [B, T, n_embd] -> [B, T, n_embd]; key_mask [B, past + T] bool or None;
+        attention_statistics: an AttentionStatistics that records this call, or None."""
         B, T, _ = hidden.shape
         q, k, v = self.split_heads(self.c_attn(hidden))
         current_v = v
@@ -105,13 +115,13 @@ class StickBreakingAttention(nn.Module):
             attend_current=self.attend_current,
             remainder=self.remainder_bias,
             key_mask=key_mask,
-            return_stats=self.statistics is not None,
-            backend=self.backend,
+            return_stats=attention_statistics is not None,
+            backend=self.config.attention_backend,
         )
         o, rem = outputs[:2]
-        if self.statistics is not None:
+        if attention_statistics is not None:
             tokens_back = outputs[2]
-            self.statistics.record_stick_breaking(
+            attention_statistics.record_stick_breaking(
                 self.layer_idx, tokens_back, rem, k.shape[2], key_mask, self.attend_current
             )
         if self.add_value_remainder:
@@ -156,8 +166,8 @@ class StickBreakingBlock(nn.Module):
         self.mlp = StickBreakingMLP(config)
         self.m_residual = config.m_residual
 
-    def forward(self, x, cache, key_mask):
-        attn = self.attn(self.ln_1(x), cache, key_mask)
+    def forward(self, x, cache, key_mask, attention_statistics=None):
+        attn = self.attn(self.ln_1(x), cache, key_mask, attention_statistics)
         if self.m_residual is not None:
             attn = attn * self.m_residual
         x = x + attn
@@ -175,14 +185,13 @@ class StickBreakingPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """As transformers', but a local folder is checked first (sb_eval.checkpoint): safetensors
-        only unless use_safetensors=False, and exactly the tensors and shapes config.json needs."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, check_folder: bool = True, **kwargs):
+        """As transformers', but a local folder is checked first (sb_eval.model.checks):
+        safetensors only unless use_safetensors=False, and exactly the tensors and shapes
+        config.json needs. check_folder=False skips that for a caller that has just checked it."""
         folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-        if os.path.isdir(folder):
-            from .checkpoint import check_checkpoint_folder
-
-            check_checkpoint_folder(folder, allow_pickle=kwargs.get("use_safetensors") is False)
+        if check_folder and os.path.isdir(folder):
+            check_checkpoint_folder(folder, cls, allow_pickle=kwargs.get("use_safetensors") is False)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @torch.no_grad()
@@ -225,10 +234,12 @@ class StickBreakingModel(StickBreakingPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: DynamicCache | None = None,
+        attention_statistics=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids [B, T] (or inputs_embeds [B, T, n_embd]); attention_mask [B, past + T] with 0
-        for padding (any side); cache holds the keys and values of earlier calls."""
+        for padding (any side); cache holds the keys and values of earlier calls;
+        attention_statistics records every layer's attention (see the module's docstring)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = cache if cache is not None else past_key_values
@@ -246,7 +257,7 @@ class StickBreakingModel(StickBreakingPreTrainedModel):
         for block in self.h:
             if output_hidden_states:
                 all_hidden.append(x)
-            x = block(x, cache if use_cache else None, key_mask)
+            x = block(x, cache if use_cache else None, key_mask, attention_statistics)
         x = self.ln_f(x)
         if output_hidden_states:
             all_hidden.append(x)
@@ -282,17 +293,11 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def set_attention_backend(self, backend: str) -> None:
-        """Chooses the kernels backend for every layer: "auto", "triton", "torch" or "reference"."""
+        """Chooses the kernels backend every layer uses, in the config (not saved with it): "auto",
+        "triton", "torch" or "reference"."""
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-        for block in self.transformer.h:
-            block.attn.backend = backend
-
-    def set_attention_statistics(self, statistics) -> None:
-        """Hands every layer's per-query distance and remainder to ``statistics`` (an
-        sb_eval.attention_stats.AttentionStatistics), or stops that with None."""
-        for block in self.transformer.h:
-            block.attn.statistics = statistics
+        self.config.attention_backend = backend
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., n_embd] final hidden states -> [..., vocab] logits (divided by m_width)."""
@@ -313,6 +318,7 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         past_key_values: DynamicCache | None = None,
+        attention_statistics=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits [B, T, vocab] (only the last ``logits_to_keep`` positions when it is > 0, as
@@ -324,6 +330,7 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            attention_statistics=attention_statistics,
         )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -342,3 +349,7 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
+
+
+AutoConfig.register(StickBreakingConfig.model_type, StickBreakingConfig, exist_ok=True)
+AutoModelForCausalLM.register(StickBreakingConfig, StickBreakingForCausalLM, exist_ok=True)

@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from sb_eval.ruler.cache import write_atomically
-
-from .checkpoint import save_checkpoint
-from .configuration import StickBreakingConfig
-from .modeling import StickBreakingForCausalLM
+from sb_eval.files import write_atomically
+from sb_eval.model.configuration import StickBreakingConfig
+from sb_eval.model.modeling import StickBreakingForCausalLM
+from sb_eval.model.saving import save_checkpoint
 
 ATTENTION_KINDS = ("stickbreaking", "softmax")
 IGNORE = -100

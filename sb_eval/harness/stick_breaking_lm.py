@@ -5,8 +5,8 @@ Without `pretrained`, it evaluates the checkpoint that ships in the package
 
 Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_args, data-parallel
 `accelerate launch`) carries over. What changes:
-- the checkpoint folder is checked before loading (sb_eval.checkpoint), safetensors only unless
-  allow_pickle=True;
+- the checkpoint folder is checked once, before anything is loaded (sb_eval.model.checks),
+  safetensors only unless allow_pickle=True;
 - log-likelihoods come from the decoder's hidden states, turned into log-probs only at the
   continuation positions and `logprob_chunk_size` positions at a time (a full [T, vocab]
   log-softmax at 64K tokens and a 50K vocabulary is ~13 GB);
@@ -14,7 +14,7 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
   request kind that gives the lengths;
 - max_length defaults to 65536: stick-breaking has no position embedding to outgrow;
 - with attention_stats=PATH, every forward pass adds its attention statistics (how far back each
-  head looks, sb_eval.attention_stats) to a JSON file at PATH; `close()` writes it a last time.
+  head looks, sb_eval.analysis.attention_stats) to a JSON file at PATH; `close()` writes it a last time.
 
 Own model args (popped before HFLM sees them, recorded in the results' model info):
 attention_backend (auto | triton | torch | reference), logprob_chunk_size, allow_pickle,
@@ -32,12 +32,13 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
-from sb_eval.kernels import BACKENDS
+from sb_eval.analysis.attention_stats import StatisticsRecorder, UnsupportedArchitectureError
+from sb_eval.data import DEFAULT_CHECKPOINT
+from sb_eval.kernels.attention import BACKENDS
+from sb_eval.model.checks import check_checkpoint_folder, check_tokenizer_folder
+from sb_eval.model.modeling import StickBreakingForCausalLM
 
-from .attention_stats import StatisticsRecorder, UnsupportedArchitectureError
-from .checkpoint import check_checkpoint_folder, check_tokenizer_folder
-from .data import DEFAULT_CHECKPOINT
-from .modeling import StickBreakingForCausalLM
+from .lm_eval_compat import require_supported_lm_eval
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class StickBreakingLM(HFLM):
                 "stick-breaking model trained at 2K tokens (%s; model card: README.md there)", DEFAULT_CHECKPOINT,
             )
             pretrained = DEFAULT_CHECKPOINT
+        require_supported_lm_eval()
         if attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
         if int(logprob_chunk_size) < 1:
@@ -73,7 +75,7 @@ class StickBreakingLM(HFLM):
                     f"pretrained={pretrained} is not a local folder; sb_hf loads checkpoints from "
                     "disk and downloads nothing"
                 )
-            check_checkpoint_folder(folder, allow_pickle=bool(allow_pickle))
+            check_checkpoint_folder(folder, StickBreakingForCausalLM, allow_pickle=bool(allow_pickle))
             if tokenizer is None:
                 check_tokenizer_folder(folder)
             pretrained = str(folder)
@@ -103,6 +105,10 @@ class StickBreakingLM(HFLM):
             self.attention_recorder = StatisticsRecorder(
                 self.model, self.attention_stats_path(), {"pretrained": source, **self.get_model_info()}
             )
+
+    def _create_model(self, *args, **kwargs) -> None:
+        # The folder was checked in __init__, before HFLM read anything from it.
+        super()._create_model(*args, check_folder=False, **kwargs)
 
     def attention_stats_path(self) -> Path:
         """attention_stats, with .rankN before the suffix when several processes evaluate."""

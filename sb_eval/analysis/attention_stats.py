@@ -19,6 +19,11 @@ over the query positions it counts (every non-padding position that sees at leas
 only the last position of each forward pass); it never holds a T x T matrix:
 stick-breaking models hand it the kernel's fused per-query distance, and softmax models go through
 ``softmax_attention_distance``, a blocked online-softmax pass beside the model's own SDPA call.
+
+``collecting_attention_statistics(model)`` hands an AttentionStatistics to the attention layers
+of every forward pass as the forward argument ``attention_statistics`` (a forward pre-hook adds
+it), which stick-breaking layers take as an argument and transformers passes on to the attention
+function of a softmax model; nothing is attached to the layers.
 """
 
 from __future__ import annotations
@@ -27,25 +32,24 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sb_eval.ruler.cache import write_atomically
+from sb_eval.files import write_atomically
+
+from .definitions import POSITIONS, REMAINDER_CONVENTIONS, SIGN_NOTE
 
 logger = logging.getLogger(__name__)
 
-REMAINDER_CONVENTIONS = ("ignore", "renormalize", "farthest")
-POSITIONS = ("all", "last")
 # The name under which the softmax path is registered with transformers' attention interfaces.
 STATS_ATTENTION = "sb_eval_stats"
-# Attribute that carries the AttentionStatistics on each attention module while it collects.
-STATISTICS_ATTRIBUTE = "attention_statistics"
-SIGN_NOTE = (
-    "tokens_back = query position - key position, in tokens (>= 0); the paper reports the "
-    "signed distance key - query, i.e. -tokens_back"
-)
+# The forward argument that carries an AttentionStatistics to the attention layers.
+STATISTICS_ARGUMENT = "attention_statistics"
 # Upper bound on the elements of one [batch, heads, query block, key block] logit tile of the
 # softmax path: 2^24 float32 values are 64 MiB.
 SOFTMAX_TILE_ELEMENTS = 1 << 24
@@ -304,17 +308,18 @@ def stats_attention_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    attention_statistics: AttentionStatistics | None = None,
     **kwargs,
 ):
-    """transformers' SDPA attention, unchanged, plus the statistics of the module's collector
-    (attribute STATISTICS_ATTRIBUTE) when it has one. query [B, Hq, Tq, D] and key [B, Hkv, Tk, D]
-    arrive with RoPE applied and the cache appended, as the model attends with them."""
+    """transformers' SDPA attention, unchanged, plus the statistics of this call recorded into
+    `attention_statistics` when the forward pass carries one. query [B, Hq, Tq, D] and key
+    [B, Hkv, Tk, D] arrive with RoPE applied and the cache appended, as the model attends with them."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     output = sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
-    statistics: AttentionStatistics | None = getattr(module, STATISTICS_ATTRIBUTE, None)
+    statistics = attention_statistics
     if statistics is not None:
         if kwargs.get("s_aux") is not None:
             raise UnsupportedArchitectureError(
@@ -356,35 +361,33 @@ def register_stats_attention() -> None:
 # Switching collection on and off.
 
 
-def collect_attention_statistics(model: nn.Module, positions: str = "all") -> AttentionStatistics:
-    """Starts collecting on a stick-breaking model (the kernel's fused statistics) or a
-    transformers softmax model (which then attends through SDPA, its outputs unchanged).
-    Returns the collector; ``stop_collecting`` turns it off."""
-    from .modeling import StickBreakingForCausalLM
+@contextmanager
+def collecting_attention_statistics(model: nn.Module, positions: str = "all") -> Iterator[AttentionStatistics]:
+    """Collects, while the block runs, the statistics of every forward pass of the model's decoder
+    (model.base_model): a stick-breaking model's from the kernel's fused statistics, a transformers
+    softmax model's (which attends through SDPA meanwhile, its outputs unchanged) from the blocked
+    pass. Yields the AttentionStatistics; afterwards the model is as it was (a softmax model back
+    on SDPA)."""
+    from sb_eval.model.modeling import StickBreakingForCausalLM
 
     config = model.config
     statistics = AttentionStatistics(config.num_hidden_layers, config.num_attention_heads, positions)
-    if isinstance(model, StickBreakingForCausalLM):
-        model.set_attention_statistics(statistics)
-        return statistics
-    modules = softmax_attention_modules(model)
-    register_stats_attention()
-    model.set_attn_implementation(STATS_ATTENTION)
-    for module in modules:
-        setattr(module, STATISTICS_ATTRIBUTE, statistics)
-    return statistics
+    softmax = not isinstance(model, StickBreakingForCausalLM)
+    if softmax:
+        softmax_attention_modules(model)  # raises for an architecture the statistics cannot observe
+        register_stats_attention()
+        model.set_attn_implementation(STATS_ATTENTION)
+    hook = model.base_model.register_forward_pre_hook(partial(_pass_statistics, statistics), with_kwargs=True)
+    try:
+        yield statistics
+    finally:
+        hook.remove()
+        if softmax:
+            model.set_attn_implementation("sdpa")
 
 
-def stop_collecting(model: nn.Module) -> None:
-    """Turns collection off; a softmax model keeps attending through SDPA."""
-    from .modeling import StickBreakingForCausalLM
-
-    if isinstance(model, StickBreakingForCausalLM):
-        model.set_attention_statistics(None)
-        return
-    for module in softmax_attention_modules(model):
-        setattr(module, STATISTICS_ATTRIBUTE, None)
-    model.set_attn_implementation("sdpa")
+def _pass_statistics(statistics: AttentionStatistics, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return args, {**kwargs, STATISTICS_ARGUMENT: statistics}
 
 
 def softmax_attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -424,11 +427,11 @@ class StatisticsRecorder:
     """
 
     def __init__(self, model: nn.Module, path: str | Path, info: dict, flush_seconds: float = 60.0) -> None:
-        self.model = model
         self.path = Path(path)
         self.info = dict(info)
         self.flush_seconds = flush_seconds
-        self.statistics = collect_attention_statistics(model, positions="all")
+        self._collection = ExitStack()
+        self.statistics = self._collection.enter_context(collecting_attention_statistics(model, positions="all"))
         self._hook = model.base_model.register_forward_hook(self._after_forward)
         self._written_at = time.monotonic()
         self.write()
@@ -447,7 +450,7 @@ class StatisticsRecorder:
         self.write()
         self._last_write.detach()
         self._hook.remove()
-        stop_collecting(self.model)
+        self._collection.close()
 
 
 def _write_statistics(path: Path, info: dict, statistics: AttentionStatistics) -> None:

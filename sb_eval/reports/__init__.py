@@ -1,0 +1,1 @@
+"""Reports people read: Markdown tables and PNG plots made from results on disk."""
