@@ -1,10 +1,12 @@
-"""What sb-eval's lm-eval hook adds to the start-up of every Python process in the environment.
+"""What sb-eval adds to the start-up of Python processes: the lm-eval hook in every one, and the
+`sb-eval` command's help.
 
     python scripts/bench_startup.py [--runs 30]
 
 Runs `python -X importtime -c pass` repeatedly and reports the median import time of the
 `sb_eval_hook` module (imported by sb_eval_hook.pth at start-up) beside the median total of
-the modules imported at start-up.
+the modules imported at start-up; then the median wall time of `sb-eval --help` and of each
+subcommand's `--help` (python -m sb_eval.cli).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import time
 
 
 def import_times(code: str) -> tuple[dict[str, int], int]:
@@ -42,6 +45,15 @@ def main() -> None:
     total = statistics.median(total for _, total in runs)
     print(f"python {sys.version.split()[0]}: start-up imports {total / 1000:.2f} ms in all, "
           f"of which sb_eval_hook {hook / 1000:.3f} ms (median of {args.runs} runs)")
+    for command in ([], ["sweep"], ["distance"], ["data"], ["run"]):
+        seconds = statistics.median(help_seconds(command) for _ in range(max(3, args.runs // 10)))
+        print(f"sb-eval {' '.join(command + ['--help'])}: {seconds:.2f} s")
+
+
+def help_seconds(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "sb_eval.cli", *command, "--help"], capture_output=True, check=True)
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
