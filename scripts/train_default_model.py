@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).parent))
 import train  # noqa: E402  (scripts/train.py)
 
-import sb_eval  # noqa: E402,F401  (registers the stick-breaking model with transformers)
+import sb_eval.model  # noqa: E402,F401  (registers the stick-breaking model with transformers)
 from sb_eval.model.saving import save_checkpoint  # noqa: E402
 
 RECIPE = [
