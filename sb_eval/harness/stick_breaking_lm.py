@@ -13,6 +13,10 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
 - a prompt longer than max_length is truncated from the left as HFLM does, with one warning per
   request kind that gives the lengths;
 - max_length defaults to 65536: stick-breaking has no position embedding to outgrow;
+- generation writes keys and values into a preallocated cache (sb_eval.model.cache), and
+  batch_size=auto finds the largest batch that fits on the GPU for the requests at hand (their
+  longest prompt and generation budget, or their longest scoring window), from max_batch_size
+  down on out-of-memory; off the GPU, auto means 1;
 - with attention_stats=PATH, every forward pass adds its attention statistics (how far back each
   head looks, sb_eval.analysis.attention_stats) to a JSON file at PATH; `close()` writes it a last time.
 
@@ -24,17 +28,21 @@ attention_stats.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import find_executable_batch_size
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import Collator
+from lm_eval.models.utils import Collator, normalize_gen_kwargs
 from tqdm import tqdm
 
 from sb_eval.analysis.attention_stats import StatisticsRecorder, UnsupportedArchitectureError
 from sb_eval.data import DEFAULT_CHECKPOINT
 from sb_eval.kernels.attention import BACKENDS
+from sb_eval.model.cache import PreallocatedCache
 from sb_eval.model.checks import check_checkpoint_folder, check_tokenizer_folder
 from sb_eval.model.modeling import StickBreakingForCausalLM
 
@@ -143,12 +151,83 @@ class StickBreakingLM(HFLM):
         return self._written_after(super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm))
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        return self._written_after(super().generate_until(requests, disable_tqdm=disable_tqdm))
+        with self._batch_size_for(lambda: self._generation_probe(requests)):
+            return self._written_after(super().generate_until(requests, disable_tqdm=disable_tqdm))
 
     def _written_after(self, results):
         if self.attention_recorder is not None:
             self.attention_recorder.write()
         return results
+
+    @contextmanager
+    def _batch_size_for(self, make_probe: Callable[[], Callable[[int], None]]) -> Iterator[None]:
+        """With batch_size=auto, HFLM's batch size is, while the block runs, the largest that
+        make_probe()'s probe (a forward pass as large as the block's biggest batch) runs with."""
+        if self.batch_size_per_gpu != "auto":
+            yield
+            return
+        self.batch_size_per_gpu = self._largest_batch(make_probe())
+        try:
+            yield
+        finally:
+            self.batch_size_per_gpu = "auto"
+
+    def _largest_batch(self, probe: Callable[[int], None]) -> int:
+        """The largest batch size for which probe(batch_size) runs, trying max_batch_size first and
+        smaller ones after each CUDA out-of-memory (accelerate's find_executable_batch_size); the
+        smallest over processes; 1 off the GPU, where running out of memory ends the process
+        rather than raising."""
+        if self.device.type != "cuda":
+            return 1
+
+        @find_executable_batch_size(starting_batch_size=self.max_batch_size)
+        def fitting(batch_size: int) -> int:
+            probe(batch_size)
+            return batch_size
+
+        batch_size = fitting()
+        torch.cuda.empty_cache()
+        if self.world_size > 1:
+            batch_size = min(self.all_gather(torch.tensor([batch_size], device=self.device)).tolist())
+        logger.info("sb_hf: batch_size=auto chose %d", batch_size)
+        return batch_size
+
+    def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
+        """HFLM's batch_size=auto detection (loglikelihood_rolling calls it), with the scoring
+        probe: HFLM's would take full [batch, max_length, vocab] log-softmaxes."""
+        if requests:
+            _, context, continuation = requests[pos]
+            width = len(self.scoring_window(context, continuation)[0])
+        else:
+            width = self.max_length
+        return self._largest_batch(self._scoring_probe(width))
+
+    def _generation_probe(self, requests) -> Callable[[int], None]:
+        """A prefill of the longest prompt (as HFLM truncates it) into a cache with room for the
+        largest generation budget, and one decoding step."""
+        budget = max(normalize_gen_kwargs(request.args[1], self.max_gen_toks)["max_gen_toks"] for request in requests)
+        prompt = min(max(len(self.tok_encode(request.args[0])) for request in requests), self.max_length - budget)
+
+        def probe(batch_size: int) -> None:
+            ids = torch.ones(batch_size, prompt, dtype=torch.long, device=self.device)
+            cache = PreallocatedCache(prompt + budget)
+            with torch.no_grad():
+                self.model(input_ids=ids, use_cache=True, cache=cache, logits_to_keep=1)
+                self.model(input_ids=ids[:, :1], use_cache=True, cache=cache, logits_to_keep=1)
+
+        return probe
+
+    def _scoring_probe(self, width: int) -> Callable[[int], None]:
+        """A forward pass over windows of `width` tokens and one chunk of log-probabilities per
+        window, as _loglikelihood_tokens runs them."""
+
+        def probe(batch_size: int) -> None:
+            ids = torch.ones(batch_size, width, dtype=torch.long, device=self.device)
+            with torch.no_grad():
+                hidden = self.model.transformer(input_ids=ids, use_cache=False).last_hidden_state
+                F.log_softmax(self.model.logits_from_hidden(hidden[:, -self.logprob_chunk_size :]).float(), dim=-1)
+
+        return probe
 
     def warn_truncation(self, kind: str, length: int, limit: int) -> None:
         """Warns the first time a request of `kind` is cut to its last `limit` tokens."""
@@ -174,7 +253,13 @@ class StickBreakingLM(HFLM):
         continuation tokens); returns (sum of continuation log-probs, whether greedy decoding
         reproduces the continuation) per request, in the original order."""
         collator = Collator(requests, sort_fn=lambda req: (-len(req[1]) - len(req[2]), tuple(req[1] + req[2])))
-        batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 1)
+        if override_bs:
+            batch_size = override_bs
+        elif self.batch_size_per_gpu == "auto":
+            width = max(len(self.scoring_window(context, continuation)[0]) for _, context, continuation in requests)
+            batch_size = self._largest_batch(self._scoring_probe(width))
+        else:
+            batch_size = self.batch_size
         progress = tqdm(
             total=len(requests), disable=disable_tqdm or self.rank != 0,
             desc="Running loglikelihood requests",

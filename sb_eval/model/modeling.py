@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from sb_eval.kernels.attention import BACKENDS, stickbreaking_attention
 
+from .cache import PreallocatedCache
 from .checks import check_checkpoint_folder
 from .configuration import GATED_ACTIVATIONS, StickBreakingConfig
 
@@ -96,7 +98,7 @@ class StickBreakingAttention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        cache: DynamicCache | None,
+        cache: Cache | None,
         key_mask: torch.Tensor | None,
         attention_statistics=None,
     ) -> torch.Tensor:
@@ -106,9 +108,8 @@ class StickBreakingAttention(nn.Module):
         q, k, v = self.split_heads(self.c_attn(hidden))
         current_v = v
         if cache is not None:
-            # k and v are views into c_attn's output; cached as they are, they would keep the
-            # queries' part of it alive too (1.5x the cache's memory).
-            k, v = cache.update(k.contiguous(), v.contiguous(), self.layer_idx)
+            # Both kinds of cache copy k and v (views into c_attn's output) into their own storage.
+            k, v = cache.update(k, v, self.layer_idx)
         outputs = stickbreaking_attention(
             q, k, v,
             scale=self.scale,
@@ -229,23 +230,24 @@ class StickBreakingModel(StickBreakingPreTrainedModel):
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        cache: DynamicCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        past_key_values: DynamicCache | None = None,
+        past_key_values: Cache | None = None,
         attention_statistics=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids [B, T] (or inputs_embeds [B, T, n_embd]); attention_mask [B, past + T] with 0
-        for padding (any side); cache holds the keys and values of earlier calls;
+        for padding (any side); cache holds the keys and values of earlier calls (any transformers
+        Cache; without one, a PreallocatedCache is made, sized to this call);
         attention_statistics records every layer's attention (see the module's docstring)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
-            cache = DynamicCache()
+            cache = PreallocatedCache()
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         if self.config.m_emb is not None:
             x = x * self.config.m_emb
@@ -299,6 +301,15 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         self.config.attention_backend = backend
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        """As transformers', but where it would make a DynamicCache (which concatenates the whole
+        cache for every new token), a PreallocatedCache with room for max_cache_length tokens (the
+        prompt and max_new_tokens). A cache the caller passes is used as it is."""
+        given = model_kwargs.get(CACHE_FIELD) is not None
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        if not given and type(model_kwargs.get(CACHE_FIELD)) is DynamicCache:
+            model_kwargs[CACHE_FIELD] = PreallocatedCache(max_cache_length)
+
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., n_embd] final hidden states -> [..., vocab] logits (divided by m_width)."""
         weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
@@ -311,13 +322,13 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        cache: DynamicCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
-        past_key_values: DynamicCache | None = None,
+        past_key_values: Cache | None = None,
         attention_statistics=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:

@@ -1,0 +1,129 @@
+"""A key-value cache whose buffers are allocated ahead: each layer's keys and values are written in
+place, and attention reads views of the filled part, never a concatenated copy.
+
+transformers' DynamicCache concatenates every new token's keys and values onto the whole cache, so
+decoding one token against a 64K-token cache copies the cache (24 GB at the released 3B's shapes).
+Here a layer's buffers, [batch, kv_heads, capacity, head_dim], are made once with room for
+`capacity` tokens (the prompt and the tokens to generate, as `generate` knows them); a write past
+the end grows them by at least GROWTH times, one copy, so that use without a known length stays
+cheap too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+# When a write does not fit, the buffers grow to at least this many times their capacity.
+GROWTH = 1.25
+# Capacities are rounded up to a multiple of this many tokens.
+CAPACITY_STEP = 256
+
+
+class PreallocatedLayer(CacheLayerMixin):
+    """One layer's keys and values in preallocated buffers; `keys` and `values` are views of their
+    filled part, [batch, kv_heads, filled, head_dim]."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, capacity: int = 0) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.filled = 0
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._allocate(key_states, value_states, max(self.capacity, key_states.shape[-2]))
+        self.is_initialized = True
+
+    def _allocate(self, key_like: torch.Tensor, value_like: torch.Tensor, tokens: int) -> None:
+        """New buffers for at least `tokens` tokens, holding the filled part of the old ones."""
+        capacity = CAPACITY_STEP * math.ceil(tokens / CAPACITY_STEP)
+        batch, heads, _, key_dim = key_like.shape
+        key_buffer = key_like.new_empty(batch, heads, capacity, key_dim)
+        value_buffer = value_like.new_empty(batch, heads, capacity, value_like.shape[-1])
+        if self.filled:
+            key_buffer[:, :, : self.filled] = self.keys
+            value_buffer[:, :, : self.filled] = self.values
+        self._key_buffer, self._value_buffer, self.capacity = key_buffer, value_buffer, capacity
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        self.keys = self._key_buffer[:, :, : self.filled]
+        self.values = self._value_buffer[:, :, : self.filled]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes key_states and value_states [batch, kv_heads, new, head_dim] after the filled part;
+        returns views of all keys and values so far, [batch, kv_heads, filled, head_dim]."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if self.filled + new > self.capacity:
+            self._allocate(key_states, value_states, max(self.filled + new, math.ceil(GROWTH * self.capacity)))
+        self._key_buffer[:, :, self.filled : self.filled + new] = key_states
+        self._value_buffer[:, :, self.filled : self.filled + new] = value_states
+        self.filled += new
+        self._refresh_views()
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of transformers' mask builders: the keys a query block sees."""
+        return self.filled + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+    def get_max_length(self) -> int:
+        return -1  # it grows on demand
+
+    def reset(self) -> None:
+        self.filled = 0
+        if self.is_initialized:
+            self._refresh_views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forgets the last `tokens_to_remove` tokens (a negative count, as transformers passes it)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self.filled = max(0, self.filled + tokens_to_remove)
+        if self.is_initialized:
+            self._refresh_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._key_buffer = self._key_buffer.repeat_interleave(repeats, dim=0)
+            self._value_buffer = self._value_buffer.repeat_interleave(repeats, dim=0)
+            self._refresh_views()
+
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        if self.is_initialized:
+            rows = rows.to(self._key_buffer.device)
+            self._key_buffer = self._key_buffer.index_select(0, rows)
+            self._value_buffer = self._value_buffer.index_select(0, rows)
+            self._refresh_views()
+
+
+class PreallocatedCache(Cache):
+    """A cache of PreallocatedLayers with room for `capacity` tokens each (they grow beyond it
+    when asked to). `generate` on a StickBreakingForCausalLM makes one sized to its prompt and
+    max_new_tokens; pass one yourself as `cache=` (or `past_key_values=`) to forward or generate."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be a number of tokens >= 0, got {capacity}")
+        self.capacity = capacity
+        super().__init__(layer_class_to_replicate=self._new_layer)
+
+    def _new_layer(self) -> PreallocatedLayer:
+        return PreallocatedLayer(self.capacity)

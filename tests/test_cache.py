@@ -1,0 +1,146 @@
+"""The preallocated key-value cache (sb_eval.model.cache): generation with it equals recomputation
+and transformers' DynamicCache, it grows when it must, and sb_hf's batches answer as single
+requests do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from transformers import DynamicCache
+
+from sb_eval.harness.stick_breaking_lm import StickBreakingLM
+from sb_eval.model.cache import CAPACITY_STEP, PreallocatedCache
+from sb_eval.model.configuration import tiny_config
+from sb_eval.model.modeling import CACHE_FIELD, StickBreakingForCausalLM
+from sb_eval.model.saving import write_random_checkpoint
+
+PAD = 256
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = StickBreakingForCausalLM(tiny_config(n_layer=2, n_embd=64, n_head=4, n_inner=128, num_key_value_heads=2,
+                                                 attention_head_type="gqa")).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(5.0)  # sticks that last: every cached key matters
+    model.set_attention_backend("torch")
+    return model
+
+
+def left_padded(lengths: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(0, 256, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+def recomputed(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuation from a full forward pass over everything so far at every step."""
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+def test_generation_with_the_preallocated_cache_equals_recomputation_and_dynamic_cache(model):
+    ids, mask = left_padded((33, 20, 27), seed=1)
+    cached = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD,
+                            return_dict_in_generate=True)
+    assert isinstance(getattr(cached, CACHE_FIELD), PreallocatedCache)
+    assert torch.equal(cached.sequences, recomputed(model, ids, mask, 12))
+    dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD,
+                             **{CACHE_FIELD: DynamicCache()}, return_dict_in_generate=True)
+    assert isinstance(getattr(dynamic, CACHE_FIELD), DynamicCache)  # a cache the caller passes is kept
+    assert torch.equal(dynamic.sequences, cached.sequences)
+
+
+def test_generate_sizes_the_cache_for_prompt_and_new_tokens(model):
+    ids, mask = left_padded((300,), seed=2)
+    result = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=PAD,
+                            return_dict_in_generate=True)
+    cache = getattr(result, CACHE_FIELD)
+    assert cache.get_seq_length() == 304  # the last new token is never fed back
+    assert all(layer.capacity == 2 * CAPACITY_STEP for layer in cache.layers)  # 305 rounded up, no growth
+
+
+def test_the_cache_grows_past_its_capacity_and_keeps_what_it_holds(model):
+    ids, mask = left_padded((30,), seed=3)
+    cache = PreallocatedCache(capacity=8)
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :20], attention_mask=mask[:, :20], **{CACHE_FIELD: cache}).logits
+        layer = cache.layers[0]
+        capacity, buffer = layer.capacity, layer.keys.untyped_storage().data_ptr()
+        rest = model(input_ids=ids[:, 20:], attention_mask=mask, **{CACHE_FIELD: cache}).logits
+        whole = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert capacity == CAPACITY_STEP and layer.keys.untyped_storage().data_ptr() == buffer  # room for all 30: no copy
+    assert torch.allclose(torch.cat([first, rest], dim=1), whole, atol=1e-5)
+    grown = PreallocatedCache(capacity=1)
+    keys = torch.randn(1, 2, CAPACITY_STEP + 3, 16)
+    grown.update(keys[:, :, :CAPACITY_STEP], keys[:, :, :CAPACITY_STEP], 0)
+    all_keys, _ = grown.update(keys[:, :, CAPACITY_STEP:], keys[:, :, CAPACITY_STEP:], 0)
+    assert grown.layers[0].capacity == 2 * CAPACITY_STEP and torch.equal(all_keys, keys)
+
+
+def test_crop_and_batch_selection(model):
+    cache = PreallocatedCache()
+    keys = torch.randn(3, 2, 10, 16)
+    cache.update(keys, -keys, 0)
+    cache.crop(-4)
+    assert cache.get_seq_length() == 6 and torch.equal(cache.layers[0].keys, keys[:, :, :6])
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(cache.layers[0].values, -keys[[2, 0], :, :6])
+    more, _ = cache.update(keys[:2, :, :1], keys[:2, :, :1], 0)
+    assert torch.equal(more[:, :, 6], keys[:2, :, 0])
+    with pytest.raises(ValueError, match="negative number of tokens"):
+        cache.crop(2)
+    with pytest.raises(ValueError, match="capacity must be a number of tokens >= 0"):
+        PreallocatedCache(-1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    config = tiny_config(n_layer=2, n_embd=64, n_head=4, n_inner=128)
+    return write_random_checkpoint(tmp_path_factory.mktemp("sb") / "ckpt", config, seed=5)
+
+
+def requests(prompts: list[str], max_gen_toks: int = 6) -> list[Instance]:
+    gen_kwargs = {"until": [], "max_gen_toks": max_gen_toks, "do_sample": False}
+    return [Instance("generate_until", {}, (prompt, gen_kwargs), index) for index, prompt in enumerate(prompts)]
+
+
+def test_batched_generation_answers_as_single_requests_do(checkpoint):
+    prompts = [f"Request {i}: " + "abcdefghij"[: i + 1] * (3 + 5 * i) for i in range(5)]
+    single = StickBreakingLM(pretrained=str(checkpoint), device="cpu", batch_size=1, attention_backend="torch")
+    batched = StickBreakingLM(pretrained=str(checkpoint), device="cpu", batch_size=4, attention_backend="torch")
+    answers = single.generate_until(requests(prompts))
+    assert batched.generate_until(requests(prompts)) == answers
+    assert len(set(answers)) > 1  # the prompts are told apart
+
+
+def test_batch_size_auto_shrinks_on_out_of_memory_and_means_one_off_the_gpu(checkpoint, monkeypatch):
+    lm = StickBreakingLM(pretrained=str(checkpoint), device="cpu", batch_size="auto", max_batch_size=64, attention_backend="torch")
+    assert lm._largest_batch(lambda batch_size: None) == 1
+    tried = []
+
+    def probe(batch_size: int) -> None:
+        tried.append(batch_size)
+        if batch_size > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(StickBreakingLM, "device", property(lambda self: torch.device("cuda")))
+    assert lm._largest_batch(probe) == 5 and tried[0] == 64 and tried[-1] == 5 and tried == sorted(tried, reverse=True)
+    # generate_until runs HFLM with the chosen size, then is auto again
+    monkeypatch.setattr(StickBreakingLM, "_largest_batch", lambda self, probe: 3)
+    seen = []
+    monkeypatch.setattr("lm_eval.models.huggingface.HFLM.generate_until", lambda self, reqs, disable_tqdm=False: seen.append(self.batch_size) or [])
+    lm.generate_until(requests(["x"]))
+    assert seen == [3] and lm.batch_size == "auto"
