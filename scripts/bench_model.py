@@ -1,12 +1,16 @@
 """Prefill and decode of a stick-breaking model with the released 3B's shapes beside a same-shaped
 Llama with SDPA attention, on one GPU, random weights, bf16, batch 1.
 
-    python scripts/bench_model.py [--lengths 16384,65536] [--decode-cache 65536] [--json out.json]
+    python scripts/bench_model.py [--lengths 16384,65536] [--decode-cache 65536] [--profile 65536] [--json out.json]
 
 Prefill: one forward over T tokens that fills the cache and returns the last position's logits.
-Decode: median time per token of single-token steps against a cache of --decode-cache tokens.
-Peak memory: the most the CUDA allocator held during each prefill. Both models use transformers'
-DynamicCache, so the cache handling they share costs the same on both sides.
+Decode: median time per token of single-token steps against a cache of --decode-cache tokens,
+for the stick-breaking models with transformers' DynamicCache (which concatenates the cache every
+token) and with sb-eval's PreallocatedCache (which writes in place), beside the floor: the time to
+read the cache and the weights once at the copy bandwidth measured in the same run.
+Peak memory: the most the CUDA allocator held during each prefill. --profile T prints, for each
+model, where one prefill of T tokens spends its GPU time (torch.profiler, by kernel), so that the
+time outside the attention kernel can be read off.
 
 With random weights every logit is near 0, each key takes half the remaining stick and early
 halting skips all but the nearest few dozen keys, which flatters stick-breaking. The
@@ -24,8 +28,10 @@ import statistics
 import torch
 import transformers
 import triton
+from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from sb_eval.model.cache import PreallocatedCache
 from sb_eval.model.configuration import released_3b_config
 from sb_eval.model.modeling import CACHE_FIELD, StickBreakingForCausalLM
 
@@ -92,37 +98,78 @@ def run_header() -> dict:
     }
 
 
+DECODE_STEPS = 12
+
+
+def new_cache(kind: str, capacity: int):
+    return PreallocatedCache(capacity) if kind == "preallocated" else DynamicCache()
+
+
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor):
-    cache = DynamicCache()
+def prefill(model, ids: torch.Tensor, cache_kind: str = "dynamic"):
+    cache = new_cache(cache_kind, ids.shape[1] + DECODE_STEPS)
     model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache})
     return cache
 
 
 @torch.no_grad()
-def measure(model, name: str, lengths: list[int], decode_cache: int, repeats: int) -> list[dict]:
+def measure(model, name: str, lengths: list[int], decode_cache: int, repeats: int, cache_kinds: tuple[str, ...]) -> list[dict]:
     rows = []
     vocab = model.config.vocab_size
     for t in lengths:
         ids = torch.randint(0, vocab, (1, t), device="cuda")
-        ms, peak = median_ms_and_peak(lambda x: prefill(model, x), ids, repeats)
+        ms, peak = median_ms_and_peak(lambda x: prefill(model, x, cache_kinds[-1]), ids, repeats)
         rows.append({"model": name, "kind": "prefill", "T": t, "ms": ms, "peak_extra_bytes": peak})
         print(f"{name:14s} prefill T={t:<6d} {rows[-1]['ms']:9.1f} ms  peak extra {peak / 2**30:6.2f} GiB", flush=True)
         del ids
         torch.cuda.empty_cache()
 
     ids = torch.randint(0, vocab, (1, decode_cache), device="cuda")
-    cache = prefill(model, ids)
-    token = ids[:, -1:]
-    steps = []
-    for _ in range(12):
-        steps.append(elapsed_ms(lambda: model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache})))
-    per_token = statistics.median(steps[2:])
-    rows.append({"model": name, "kind": "decode", "T": decode_cache, "ms": per_token})
-    print(f"{name:14s} decode  cache={decode_cache:<6d} {per_token:9.2f} ms/token", flush=True)
-    del cache, ids
-    torch.cuda.empty_cache()
+    for cache_kind in cache_kinds:
+        cache = prefill(model, ids, cache_kind)
+        token = ids[:, -1:]
+        steps = [elapsed_ms(lambda: model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache})) for _ in range(DECODE_STEPS)]
+        per_token = statistics.median(steps[2:])
+        rows.append({"model": name, "kind": "decode", "cache": cache_kind, "T": decode_cache, "ms": per_token})
+        print(f"{name:14s} decode  cache={decode_cache:<6d} {cache_kind:12s} {per_token:9.2f} ms/token", flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    del ids
     return rows
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second a device-to-device copy of 4 GiB moves, counting bytes read and written."""
+    source = torch.empty(2**31, dtype=torch.bfloat16, device="cuda")
+    target = torch.empty_like(source)
+    ms = statistics.median(elapsed_ms(lambda: target.copy_(source)) for _ in range(5))
+    del source, target
+    torch.cuda.empty_cache()
+    return 2 * 2**32 / (ms / 1000)
+
+
+def decode_floor_ms(model, cache_tokens: int, bandwidth: float) -> float:
+    """Reading the cache [layers x 2 x kv_heads x T x head_dim] and every weight once, in ms."""
+    config = model.config
+    cache_bytes = 2 * config.n_layer * config.num_key_value_heads * cache_tokens * config.head_dim * 2
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (cache_bytes + weight_bytes) / bandwidth * 1000
+
+
+@torch.no_grad()
+def kernel_breakdown(model, name: str, t: int, top: int = 12) -> None:
+    """GPU time of one prefill of t tokens by CUDA kernel, the largest first."""
+    ids = torch.randint(0, model.config.vocab_size, (1, t), device="cuda")
+    prefill(model, ids[:, :1024])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        prefill(model, ids)
+        torch.cuda.synchronize()
+    events = [e for e in profiler.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    print(f"{name} prefill T={t}: {total / 1000:.1f} ms of GPU time by kernel", flush=True)
+    for event in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        print(f"  {event.device_time_total / 1000:9.1f} ms {100 * event.device_time_total / total:5.1f}%  x{event.count:<5d} {event.key[:90]}")
 
 
 def main() -> None:
@@ -130,6 +177,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="16384,65536")
     parser.add_argument("--decode-cache", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--profile", type=int, help="print a by-kernel breakdown of one prefill of this many tokens")
     parser.add_argument("--json")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -141,15 +189,28 @@ def main() -> None:
         "sb-long-range": lambda: stick_breaking_model(long_range=True),
         "llama-sdpa": llama_model,
     }
+    bandwidth = copy_bandwidth()
+    header["copy_bytes_per_s"] = bandwidth
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+    floors = {}
     for name, build in builds.items():
         model = build()
-        rows += measure(model, name, lengths, args.decode_cache, args.repeats)
+        cache_kinds = ("dynamic",) if name.startswith("llama") else ("dynamic", "preallocated")
+        rows += measure(model, name, lengths, args.decode_cache, args.repeats, cache_kinds)
+        floors[name] = decode_floor_ms(model, args.decode_cache, bandwidth / 2)  # reading alone: half the traffic
+        if args.profile:
+            kernel_breakdown(model, name, args.profile)
         del model
         torch.cuda.empty_cache()
+    for row in rows:
+        if row["kind"] == "decode":
+            row["floor_ms"] = floors[row["model"]]
+            print(f"{row['model']:14s} decode {row['cache']:12s} {row['ms']:7.2f} ms = {row['ms'] / row['floor_ms']:5.2f}x "
+                  f"the floor of reading cache and weights once ({row['floor_ms']:.2f} ms)")
     for kind, t in sorted({(r["kind"], r["T"]) for r in rows}):
         llama = next(r for r in rows if (r["kind"], r["T"], r["model"]) == (kind, t, "llama-sdpa"))
         for name in ("sb-random", "sb-long-range"):
-            sb = next(r for r in rows if (r["kind"], r["T"], r["model"]) == (kind, t, name))
+            sb = [r for r in rows if (r["kind"], r["T"], r["model"]) == (kind, t, name)][-1]
             line = f"{name:14s} {kind:8s} T={t:<6d} time {sb['ms'] / llama['ms']:5.2f}x llama's"
             if "peak_extra_bytes" in sb:
                 line += f", peak memory {sb['peak_extra_bytes'] / llama['peak_extra_bytes']:5.2f}x"

@@ -50,3 +50,39 @@ def test_generation_on_gpu_equals_recompute(model):
             next_token = model(prompt, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             prompt = torch.cat([prompt, next_token], 1)
         assert torch.equal(generated[row, ids.shape[1]:], prompt[0, -16:])
+
+
+@torch.no_grad()
+def test_preallocated_cache_decodes_as_the_dynamic_cache_does(model):
+    """bf16 on the Triton kernels: the preallocated cache's strided views give the same logits as
+    transformers' concatenated DynamicCache, bit for bit."""
+    from transformers import DynamicCache
+
+    from sb_eval.model.cache import PreallocatedCache
+    from sb_eval.model.modeling import CACHE_FIELD
+
+    bf16 = model.to(torch.bfloat16)
+    try:
+        ids, mask = left_padded_batch([1500, 700, 1100], seed=2)
+        outputs = {}
+        for kind, cache in (("preallocated", PreallocatedCache(1600)), ("dynamic", DynamicCache())):
+            steps = [bf16(ids, attention_mask=mask, logits_to_keep=1, **{CACHE_FIELD: cache}).logits]
+            step_mask = mask
+            for _ in range(8):
+                token = steps[-1][:, -1].argmax(-1, keepdim=True)
+                step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], 1)
+                steps.append(bf16(token, attention_mask=step_mask, **{CACHE_FIELD: cache}).logits)
+            outputs[kind] = torch.cat(steps, 1)
+        assert torch.equal(outputs["preallocated"], outputs["dynamic"])
+    finally:
+        model.float()
+
+
+@torch.no_grad()
+def test_a_left_padded_batch_generates_what_its_rows_generate_alone(model):
+    ids, mask = left_padded_batch([1500, 700, 1100], seed=3)
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=256)
+    for row in range(ids.shape[0]):
+        alone = ids[row, mask[row].bool()][None]
+        single = model.generate(alone, max_new_tokens=12, do_sample=False, pad_token_id=256)
+        assert torch.equal(batched[row, ids.shape[1]:], single[0, alone.shape[1]:])
