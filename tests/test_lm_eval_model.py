@@ -9,7 +9,7 @@ import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from sb_eval.harness.stick_breaking_lm import StickBreakingLM
+from sb_eval.harness.stick_breaking_lm import PromptTooLongError, StickBreakingLM
 from sb_eval.model.checks import CheckpointError
 from sb_eval.model.saving import write_random_checkpoint
 
@@ -31,7 +31,7 @@ def hf_lm(folder):
 
 
 def instances(kind, arguments):
-    return [Instance(request_type=kind, doc={}, arguments=args, idx=i) for i, args in enumerate(arguments)]
+    return [Instance(request_type=kind, doc={}, arguments=args, idx=i, metadata=("task", i, 1)) for i, args in enumerate(arguments)]
 
 
 LOGLIKELIHOOD = [
@@ -67,8 +67,16 @@ def test_generate_until_matches_hflm(sb_lm, hf_lm):
     assert ours == theirs
 
 
-def test_truncation_warns_once_per_kind(folder, caplog):
+def test_a_prompt_longer_than_max_length_is_an_error_naming_the_sample(folder):
     lm = StickBreakingLM(pretrained=str(folder), device="cpu", batch_size=1, max_length=32)
+    with pytest.raises(PromptTooLongError, match=r"^task, document 1: loglikelihood request of 25[03] tokens, more than the 32 that max_length=32"):
+        lm.loglikelihood(instances("loglikelihood", [("short", " end"), ("word " * 50, " end")]))
+    with pytest.raises(PromptTooLongError, match=r"^task, document 0: generate_until request of 200 tokens, more than the 28 .*truncate_long_prompts=true"):
+        lm.generate_until(instances("generate_until", [("word " * 40, {"until": ["\n"], "max_gen_toks": 4})]))
+
+
+def test_truncation_when_asked_warns_once_per_kind(folder, caplog):
+    lm = StickBreakingLM(pretrained=str(folder), device="cpu", batch_size=1, max_length=32, truncate_long_prompts="yes")
     long_pairs = [("word " * 40, " end"), ("more " * 50, " end")]
     with caplog.at_level(logging.WARNING, logger="sb_eval.harness.stick_breaking_lm"):
         lm.loglikelihood(instances("loglikelihood", long_pairs))

@@ -10,8 +10,11 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
 - log-likelihoods come from the decoder's hidden states, turned into log-probs only at the
   continuation positions and `logprob_chunk_size` positions at a time (a full [T, vocab]
   log-softmax at 64K tokens and a 50K vocabulary is ~13 GB);
-- a prompt longer than max_length is truncated from the left as HFLM does, with one warning per
-  request kind that gives the lengths;
+- a prompt longer than max_length is an error that names the sample, its length and max_length
+  (HFLM silently keeps its last tokens); truncate_long_prompts=true truncates as HFLM does, with
+  one warning per request kind;
+- every model argument is checked: unknown ones are an error that suggests the nearest, and
+  booleans are read strictly (true/false, 1/0, yes/no);
 - max_length defaults to 65536: stick-breaking has no position embedding to outgrow;
 - generation writes keys and values into a preallocated cache (sb_eval.model.cache), and
   batch_size=auto finds the largest batch that fits on the GPU for the requests at hand (their
@@ -22,11 +25,12 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
 
 Own model args (popped before HFLM sees them, recorded in the results' model info):
 attention_backend (auto | triton | torch | reference), logprob_chunk_size, allow_pickle,
-attention_stats.
+attention_stats, truncate_long_prompts.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,12 +49,17 @@ from sb_eval.kernels.attention import BACKENDS
 from sb_eval.model.cache import PreallocatedCache
 from sb_eval.model.checks import check_checkpoint_folder, check_tokenizer_folder
 from sb_eval.model.modeling import StickBreakingForCausalLM
+from sb_eval.options import check_known, from_pretrained_argument_names, parse_bool
 
 from .lm_eval_compat import require_supported_lm_eval
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 65536
+
+
+class PromptTooLongError(ValueError):
+    """A request longer than the model's max_length, which would be scored on its last tokens."""
 
 
 class StickBreakingLM(HFLM):
@@ -63,8 +72,12 @@ class StickBreakingLM(HFLM):
         max_length: int | None = None,
         tokenizer=None,
         attention_stats: str | None = None,
+        truncate_long_prompts: bool = False,
         **kwargs,
     ) -> None:
+        kwargs = checked_model_arguments(kwargs)
+        allow_pickle = parse_bool(allow_pickle, "allow_pickle")
+        truncate_long_prompts = parse_bool(truncate_long_prompts, "truncate_long_prompts")
         if pretrained is None:
             logger.warning(
                 "sb_hf: no pretrained=PATH given; evaluating sb-eval's default checkpoint, a 17M-parameter "
@@ -92,8 +105,10 @@ class StickBreakingLM(HFLM):
         kwargs.setdefault("backend", "causal")
         self.attention_backend = attention_backend
         self.logprob_chunk_size = int(logprob_chunk_size)
-        self.allow_pickle = bool(allow_pickle)
+        self.allow_pickle = allow_pickle
+        self.truncate_long_prompts = truncate_long_prompts
         self._warned_truncation: set[str] = set()
+        self._request_names: dict = {}  # request arguments -> "task, document N", for errors
         super().__init__(
             pretrained=pretrained,
             tokenizer=tokenizer,
@@ -139,20 +154,31 @@ class StickBreakingLM(HFLM):
             sb_allow_pickle=self.allow_pickle,
             sb_max_length=self.max_length,
             sb_attention_stats=self.attention_stats,
+            sb_truncate_long_prompts=self.truncate_long_prompts,
         )
         return info
 
     # With attention_stats, the file is rewritten as each kind of request finishes (and, between,
     # at most every StatisticsRecorder.flush_seconds and at exit).
     def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._name_requests(requests)
         return self._written_after(super().loglikelihood(requests, disable_tqdm=disable_tqdm))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         return self._written_after(super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm))
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        self._name_requests(requests)
         with self._batch_size_for(lambda: self._generation_probe(requests)):
             return self._written_after(super().generate_until(requests, disable_tqdm=disable_tqdm))
+
+    def _name_requests(self, requests) -> None:
+        """Remembers "task, document N" for each request, by its context (generation) or its
+        (context, continuation) texts (log-likelihoods), as they reach the methods below."""
+        self._request_names = {
+            request.args[0] if request.request_type == "generate_until" else request.args: f"{request.task_name}, document {request.doc_id}"
+            for request in requests
+        }
 
     def _written_after(self, results):
         if self.attention_recorder is not None:
@@ -196,8 +222,8 @@ class StickBreakingLM(HFLM):
         """HFLM's batch_size=auto detection (loglikelihood_rolling calls it), with the scoring
         probe: HFLM's would take full [batch, max_length, vocab] log-softmaxes."""
         if requests:
-            _, context, continuation = requests[pos]
-            width = len(self.scoring_window(context, continuation)[0])
+            request, context, continuation = requests[pos]
+            width = len(self.scoring_window(context, continuation, request)[0])
         else:
             width = self.max_length
         return self._largest_batch(self._scoring_probe(width))
@@ -229,6 +255,19 @@ class StickBreakingLM(HFLM):
 
         return probe
 
+    def too_long(self, kind: str, request, length: int, limit: int) -> None:
+        """A request (its context, or (context, continuation)) of `length` tokens where `limit`
+        fit: an error naming it, or with truncate_long_prompts, a warning the first time a request
+        of `kind` is cut."""
+        if not self.truncate_long_prompts:
+            name = self._request_names.get(request, "a request")
+            raise PromptTooLongError(
+                f"{name}: {kind} request of {length} tokens, more than the {limit} that max_length={self.max_length} "
+                "allows; pass a larger max_length in --model_args (sb_hf has no position embedding to outgrow), "
+                "or truncate_long_prompts=true to keep the last tokens as lm-eval does"
+            )
+        self.warn_truncation(kind, length, limit)
+
     def warn_truncation(self, kind: str, length: int, limit: int) -> None:
         """Warns the first time a request of `kind` is cut to its last `limit` tokens."""
         if kind in self._warned_truncation:
@@ -243,7 +282,9 @@ class StickBreakingLM(HFLM):
     def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
         input_ids, attention_mask = super().tok_batch_encode(strings, padding_side, None, truncation)
         if left_truncate_len and input_ids.shape[1] > left_truncate_len:
-            self.warn_truncation("generate_until", int(attention_mask.sum(1).max()), left_truncate_len)
+            lengths = attention_mask.sum(1).tolist()
+            longest = max(range(len(strings)), key=lengths.__getitem__)
+            self.too_long("generate_until", strings[longest], int(lengths[longest]), left_truncate_len)
             input_ids = input_ids[:, -left_truncate_len:]
             attention_mask = attention_mask[:, -left_truncate_len:]
         return input_ids, attention_mask
@@ -256,7 +297,7 @@ class StickBreakingLM(HFLM):
         if override_bs:
             batch_size = override_bs
         elif self.batch_size_per_gpu == "auto":
-            width = max(len(self.scoring_window(context, continuation)[0]) for _, context, continuation in requests)
+            width = max(len(self.scoring_window(context, continuation, request)[0]) for request, context, continuation in requests)
             batch_size = self._largest_batch(self._scoring_probe(width))
         else:
             batch_size = self.batch_size
@@ -266,7 +307,7 @@ class StickBreakingLM(HFLM):
         )
         results = []
         for batch in collator.get_batched(n=batch_size):
-            windows = [self.scoring_window(context, continuation) for _, context, continuation in batch]
+            windows = [self.scoring_window(context, continuation, request) for request, context, continuation in batch]
             width = max(len(tokens) for tokens, _ in windows)
             inputs = torch.full((len(windows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
             for row, (tokens, _) in enumerate(windows):
@@ -291,12 +332,13 @@ class StickBreakingLM(HFLM):
         progress.close()
         return collator.get_original(results)
 
-    def scoring_window(self, context: list[int], continuation: list[int]) -> tuple[list[int], int]:
-        """The model input for one request: context + continuation without its last token, cut
-        to its last max_length tokens; and the number of continuation tokens it predicts."""
+    def scoring_window(self, context: list[int], continuation: list[int], request=None) -> tuple[list[int], int]:
+        """The model input for one request (its (context, continuation) texts, or None): context +
+        continuation without its last token, cut to its last max_length tokens (see too_long);
+        and the number of continuation tokens it predicts."""
         total = len(context) + len(continuation)
         if total > self.max_length + 1:
-            self.warn_truncation("loglikelihood", total - 1, self.max_length)
+            self.too_long("loglikelihood", request, total - 1, self.max_length)
         tokens = (context + continuation)[-(self.max_length + 1) :][:-1]
         return tokens, len(continuation)
 
@@ -313,3 +355,25 @@ class StickBreakingLM(HFLM):
                 total += log_probs.gather(-1, chunk_targets[:, None]).sum().item()
                 greedy = greedy and bool((log_probs.argmax(-1) == chunk_targets).all())
         return total, greedy
+
+
+def checked_model_arguments(arguments: dict) -> dict:
+    """The model arguments sb_hf hands to HFLM, checked: each must be HFLM's or one transformers'
+    from_pretrained reads (anything else would become a stray config field), and HFLM's
+    booleans are read strictly."""
+    parameters = inspect.signature(HFLM.__init__).parameters
+    own = [name for name in inspect.signature(StickBreakingLM.__init__).parameters if name not in ("self", "kwargs")]
+    hflm = [name for name in parameters if name not in ("self", "kwargs", "pretrained", "max_length", "tokenizer")]
+    check_known(arguments, own + hflm, "sb_hf's --model_args", also_accepted=from_pretrained_argument_names())
+    return {
+        name: parse_bool(value, name) if _is_boolean(parameters.get(name)) and value is not None else value
+        for name, value in arguments.items()
+    }
+
+
+def _is_boolean(parameter: inspect.Parameter | None) -> bool:
+    """Whether HFLM declares the parameter a boolean only (bool, or bool | None)."""
+    if parameter is None:
+        return False
+    annotation = str(parameter.annotation)
+    return "bool" in annotation and not any(other in annotation for other in ("str", "int", "dict"))

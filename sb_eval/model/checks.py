@@ -9,6 +9,7 @@ the model class itself (built on the meta device), which the caller passes in.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -89,22 +90,81 @@ def check_checkpoint_folder(
 
 
 def safetensors_shards(folder: Path) -> list[Path]:
+    """The weight files: model.safetensors.index.json's shards (each checked to exist), or
+    model.safetensors; [] when there are neither."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        return sorted({folder / name for name in weight_map.values()})
+        try:
+            weight_map = json.loads(index.read_bytes()).get("weight_map")
+        except (ValueError, AttributeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} is not a safetensors index: expected a JSON object whose \"weight_map\" maps "
+                                  "tensor names to shard file names")
+        shards = sorted({folder / name for name in weight_map.values()})
+        for shard in shards:
+            if not shard.is_file():
+                raise CheckpointError(f"{shard} is listed in {index.name} but does not exist")
+        return shards
     single = folder / "model.safetensors"
     return [single] if single.is_file() else []
 
 
+# Bytes per element of each safetensors dtype.
+SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+# A header longer than this is not a checkpoint's (the released 3B's is ~40 KB).
+MAX_HEADER_BYTES = 100 * 2**20
+
+
 def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors file's JSON header, without reading the data."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} is listed in the checkpoint's index but does not exist")
-    with open(path, "rb") as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_size))
-    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+    """Tensor name -> shape from a safetensors file's header, without reading the data; the header
+    checked first: its length, its JSON, every tensor's dtype, shape and byte range inside the
+    file, and the file ending where the last tensor does. Raises CheckpointError naming the file
+    and what is wrong."""
+    size = path.stat().st_size
+    problem = f"{path} is not a safetensors file"
+    if size < 8:
+        raise CheckpointError(f"{problem}: it has {size} bytes, fewer than the 8 of a header length (cut off?)")
+    with open(path, "rb") as file:
+        (header_size,) = struct.unpack("<Q", file.read(8))
+        if header_size > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{problem}: its first 8 bytes give a header of {header_size} bytes, but the file "
+                                  f"has {size} bytes (cut off, or not safetensors)")
+        raw = file.read(header_size)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{problem}: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{problem}: its header is not a JSON object")
+    data_size = size - 8 - header_size
+    shapes, end_of_data = {}, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+        element = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        if element is None or not _integers(shape) or not _integers(offsets) or len(offsets) != 2:
+            raise CheckpointError(f"{path}: tensor {name!r} has no valid dtype, shape and data_offsets in the header")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size or end - begin != element * math.prod(shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ({entry['dtype']} {shape}) claims bytes {begin}..{end} of a data section of "
+                f"{data_size} bytes, which {'cannot hold them' if end > data_size else 'is not its size'} (cut off or damaged)"
+            )
+        shapes[name] = tuple(shape)
+        end_of_data = max(end_of_data, end)
+    if end_of_data != data_size:
+        raise CheckpointError(f"{path}: its tensors end at byte {end_of_data} of a data section of {data_size} bytes "
+                              "(a file that was cut off or appended to)")
+    return shapes
+
+
+def _integers(value) -> bool:
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
 
 
 def check_tensor_shapes(folder: Path, config: StickBreakingConfig, shards: list[Path], model_class: type[PreTrainedModel]) -> None:
