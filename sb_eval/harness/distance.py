@@ -17,6 +17,7 @@ from tqdm import tqdm
 from sb_eval.analysis.attention_stats import AttentionStatistics, collecting_attention_statistics
 from sb_eval.analysis.definitions import SIGN_NOTE
 from sb_eval.data.documents import documents
+from sb_eval.files import OutputFolderError, check_output_folder
 
 from .sweep import ModelSpec, model_class, split_model_spec
 
@@ -57,6 +58,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise DistanceArgumentError(f"--windows must be at least 1, got {args.windows}")
     if args.batch_size < 1:
         raise DistanceArgumentError(f"--batch_size must be at least 1, got {args.batch_size}")
+    try:
+        check_output_folder(args.output, "--output")
+    except OutputFolderError as error:
+        raise DistanceArgumentError(str(error)) from None
 
 
 def parse_model_spec(spec: str) -> ModelSpec:
@@ -79,6 +84,8 @@ def model_arguments(model: ModelSpec, args: argparse.Namespace) -> dict:
             "nothing: save the model to a folder first and pass that folder"
         )
     arguments["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if arguments["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise DistanceArgumentError(f"--device {args.device}: this machine has no CUDA device; use --device cpu (the default here)")
     if args.dtype:
         arguments["dtype"] = args.dtype
     arguments["batch_size"] = args.batch_size
