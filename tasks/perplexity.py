@@ -453,11 +453,10 @@ def rolling_windows(text: str, encoding: LmEvalEncoding, lengths: Sequence[int])
 def _whitespace_request(text: str, ids: list[int], cut: list[int], encoding: LmEvalEncoding,
                         encoded: tuple[list[int], list[int]] | None, window: tuple[int, int, int]) -> tuple[int, int, int] | None:
     """A window (tokens start..split its context, split..end its targets) whose context ends in
-    whitespace, which HFLM moved into the
-    continuation when it encoded the window's request as `encoded`: the request that scores that
-    whitespace alone after the rest of the context, when both encode to the window's tokens (the
-    model then sees exactly lm-eval's window, and the difference of the two is its
-    log-likelihood); else None."""
+    whitespace, which HFLM moved into the continuation when it encoded the window's request as
+    `encoded`: the request that scores that whitespace alone after the rest of the context, when
+    both encode to the window's tokens (the model then sees exactly lm-eval's window, and the
+    difference of the two is its log-likelihood); else None."""
     start, split, end = window
     context = text[cut[start] : cut[split]]
     stripped = context.rstrip()

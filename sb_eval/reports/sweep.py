@@ -188,9 +188,12 @@ def _coverage_markdown(outcomes: dict[tuple[str, str, int], dict], tasks: list[s
         return []
     return [
         "",
-        "What the lengths cover: documents longer than each length (in the model's tokens) and, in brackets, "
-        f"their share of all tokens. {WHOLE_DOCUMENTS_MARK}, here and in the table above, marks a length no document is longer than: there every "
-        "document is scored whole, so that length and any longer one give the same values and measure no more context.",
+        (
+            "What the lengths cover: documents longer than each length (in the model's tokens) and, in brackets, their "
+            f"share of all tokens. {WHOLE_DOCUMENTS_MARK}, here and in the table above, marks a length no document is "
+            "longer than: there every document is scored whole, so that length and any longer one give the same values "
+            "and measure no more context."
+        ),
         "",
         "| task | model | longest document | " + " | ".join(str(length) for length in lengths) + " |",
         "|---|---|---:|" + "---:|" * len(lengths),
