@@ -287,13 +287,13 @@ WIKITEXT_NAME = "wikitext"
 @dataclass(frozen=True)
 class ScoredWindow:
     """One of lm-eval's rolling windows of one length, as the requests that score it: its
-    log-likelihood is that of request `plus`, minus that of request `minus` where there is one
-    (the whitespace HFLM moves out of a context, scored alone). `exact`: the model sees exactly
-    the tokens lm-eval's loglikelihood_rolling gives it and scores the same ones (rolling_windows
-    says what is scored otherwise)."""
+    log-likelihood is the sum of those of the requests `plus`, minus that of request `minus`
+    where there is one (the whitespace HFLM moves out of a context, scored alone). `exact`: the
+    model sees exactly the tokens lm-eval's loglikelihood_rolling gives it and scores the same
+    ones (rolling_windows says what is scored otherwise)."""
 
     length: int
-    plus: int
+    plus: tuple[int, ...]
     minus: int | None
     exact: bool
 
@@ -390,7 +390,8 @@ def wikitext_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
             "tokens": tokens,
             "lengths": lengths,
             "requests": [{"start": start, "split": split, "end": end} for start, split, end in requests],
-            "windows": [asdict(window) | {"minus": -1 if window.minus is None else window.minus} for window in windows],
+            "windows": [asdict(window) | {"plus": list(window.plus), "minus": -1 if window.minus is None else window.minus}
+                        for window in windows],
         })
     approximate = sum(not w["exact"] for row in rows for w in row["windows"])
     logger.info("sb_wikitext: %d documents of %s, %d requests; %d of %d windows not exactly lm-eval's", len(rows), source,
@@ -416,8 +417,11 @@ def rolling_windows(text: str, encoding: LmEvalEncoding, lengths: Sequence[int])
       whitespace run at the end of a text differently from the same run inside it; approximate);
     - else (a context of whitespace alone, which HFLM cannot send) the targets' text is scored
       after the prefix token alone (approximate).
-    Either way every character of the text is scored once per length. An empty text has no
-    windows.
+    Either way every character of the text is scored once per length, and no request makes the
+    model see or score more than the length's tokens: where a text re-encodes to more tokens
+    (a boundary inside a character, whose bytes are tokens of their own, moves the character into
+    the next window), its first characters are scored by a request of their own. An empty text
+    has no windows.
     """
     if not text:
         return 0, [], []
@@ -427,26 +431,36 @@ def rolling_windows(text: str, encoding: LmEvalEncoding, lengths: Sequence[int])
     def index(chars: tuple[int, int, int]) -> int:
         return requests.setdefault(chars, len(requests))
 
+    def fits(encoded: tuple[list[int], list[int]] | None, length: int) -> bool:
+        """HFLM's model input (context + continuation less its last token) within the length."""
+        return encoded is not None and len(encoded[0]) + len(encoded[1]) - 1 <= length
+
+    def alone(split: int, end: int, length: int) -> tuple[int, ...]:
+        """Requests scoring text[split:end] after the prefix token, as few as fit the length."""
+        head = split
+        while head < end - 1 and not fits(encoding.request("", text[head:end]), length):
+            head += 1
+        return tuple(index((first, first, last)) for first, last in ((split, head), (head, end)) if first < last)
+
     windows = []
     for length in lengths:
         # positions rather than tokens, so that each window says where in the text it lies; -1 is the prefix token
         for context, targets in map(make_disjoint_window, get_rolling_token_windows(list(range(len(ids))), -1, length, 1)):
             start, split, end = context[0], targets[0], targets[-1] + 1
-            alone = (cut[split], cut[split], cut[end])  # the targets after the prefix token
             if start < 0:
                 exact = encoding.request("", text[cut[split] : cut[end]]) == ([encoding.prefix], ids[split:end])
-                windows.append(ScoredWindow(length, index(alone), None, exact))
+                windows.append(ScoredWindow(length, alone(cut[split], cut[end], length), None, exact))
                 continue
             whole = (cut[start], cut[split], cut[end])
             encoded = encoding.request(text[cut[start] : cut[split]], text[cut[split] : cut[end]])
             if encoded == (ids[start:split], ids[split:end]):
-                windows.append(ScoredWindow(length, index(whole), None, True))
+                windows.append(ScoredWindow(length, (index(whole),), None, True))
             elif (whitespace := _whitespace_request(text, ids, cut, encoding, encoded, (start, split, end))) is not None:
-                windows.append(ScoredWindow(length, index(whole), index(whitespace), True))
-            elif encoded is not None and encoded[0] == ids[start:split]:
-                windows.append(ScoredWindow(length, index(whole), None, False))  # its context, its text tokenized otherwise
+                windows.append(ScoredWindow(length, (index(whole),), index(whitespace), True))
+            elif fits(encoded, length) and encoded[0] == ids[start:split]:
+                windows.append(ScoredWindow(length, (index(whole),), None, False))  # its context, its text tokenized otherwise
             else:
-                windows.append(ScoredWindow(length, index(alone), None, False))
+                windows.append(ScoredWindow(length, alone(cut[split], cut[end], length), None, False))
     return len(ids), list(requests), windows
 
 
@@ -499,7 +513,8 @@ def wikitext_results(doc: dict, results: list[tuple[float, bool]]) -> dict[str, 
     windows = {length: [0, 0] for length in doc["lengths"]}
     for window in doc["windows"]:
         length = window["length"]
-        loglikelihoods[length] += results[window["plus"]][0] - (results[window["minus"]][0] if window["minus"] >= 0 else 0.0)
+        loglikelihoods[length] += sum(results[plus][0] for plus in window["plus"])
+        loglikelihoods[length] -= results[window["minus"]][0] if window["minus"] >= 0 else 0.0
         windows[length][0] += 1
         windows[length][1] += not window["exact"]
     tokens = doc["tokens"]
