@@ -43,6 +43,7 @@ refused), add_bos_token and prefix_token_id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -431,6 +432,11 @@ def rolling_windows(text: str, encoding: LmEvalEncoding, lengths: Sequence[int])
     def index(chars: tuple[int, int, int]) -> int:
         return requests.setdefault(chars, len(requests))
 
+    @functools.cache  # a document shorter than several lengths is one same request at each
+    def encoded_at(start: int, split: int, end: int) -> tuple[list[int], list[int]] | None:
+        """HFLM's encoding of the request text[start:split], text[split:end] (characters)."""
+        return encoding.request(text[start:split], text[split:end])
+
     def fits(encoded: tuple[list[int], list[int]] | None, length: int) -> bool:
         """HFLM's model input (context + continuation less its last token) within the length."""
         return encoded is not None and len(encoded[0]) + len(encoded[1]) - 1 <= length
@@ -438,7 +444,7 @@ def rolling_windows(text: str, encoding: LmEvalEncoding, lengths: Sequence[int])
     def alone(split: int, end: int, length: int) -> tuple[int, ...]:
         """Requests scoring text[split:end] after the prefix token, as few as fit the length."""
         head = split
-        while head < end - 1 and not fits(encoding.request("", text[head:end]), length):
+        while head < end - 1 and not fits(encoded_at(head, head, end), length):
             head += 1
         return tuple(index((first, first, last)) for first, last in ((split, head), (head, end)) if first < last)
 
@@ -448,11 +454,11 @@ def rolling_windows(text: str, encoding: LmEvalEncoding, lengths: Sequence[int])
         for context, targets in map(make_disjoint_window, get_rolling_token_windows(list(range(len(ids))), -1, length, 1)):
             start, split, end = context[0], targets[0], targets[-1] + 1
             if start < 0:
-                exact = encoding.request("", text[cut[split] : cut[end]]) == ([encoding.prefix], ids[split:end])
+                exact = encoded_at(cut[split], cut[split], cut[end]) == ([encoding.prefix], ids[split:end])
                 windows.append(ScoredWindow(length, alone(cut[split], cut[end], length), None, exact))
                 continue
             whole = (cut[start], cut[split], cut[end])
-            encoded = encoding.request(text[cut[start] : cut[split]], text[cut[split] : cut[end]])
+            encoded = encoded_at(cut[start], cut[split], cut[end])
             if encoded == (ids[start:split], ids[split:end]):
                 windows.append(ScoredWindow(length, (index(whole),), None, True))
             elif (whitespace := _whitespace_request(text, ids, cut, encoding, encoded, (start, split, end))) is not None:
