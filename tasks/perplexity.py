@@ -23,13 +23,27 @@ the tokenizer as for the RULER tasks (`tokenizer`, else `pretrained` or `model`,
 checkpoint's). From the YAML's dataset_kwargs: metric_lengths, the lengths its metric_list declares: a length must be declared,
 since lm-eval would average an undeclared metric's (log-likelihood, bytes) pairs as numbers.
 
-`sb_wikitext`: lm-eval's own Wikitext scoring (its detokenizer, process_results and metrics,
-named by reference in the YAML) on the document-level Wikitext-2 test split loaded through
-`datasets`, or on another `corpus`.
+`sb_wikitext`: lm-eval's Wikitext perplexity at every length L in `max_seq_lengths` in one run.
+lm-eval's own `wikitext` scores each document with loglikelihood_rolling in windows of the
+model's max_length, so one run gives one length. Here each document's windows of every L are
+cut as lm-eval's rolling scheme cuts them (its own get_rolling_token_windows) and sent as plain
+loglikelihood requests, whose texts HFLM re-encodes to the windows' tokens (checked for each
+window, as for sb_ppl); the document's log-likelihood at L is the sum over its windows. Metrics
+per L: lm-eval's `word_perplexity_L`, `byte_perplexity_L` and `bits_per_byte_L` (its
+process_results: words and bytes of the page as read, before its detokenizer), `windows_L` and
+`approximate_windows_L`, and what L means for the corpus: `documents_longer_L` and
+`tokens_in_longer_L`; and `longest_document` in tokens.
+
+Metadata: max_seq_lengths (default 2048..65536, each declared in the YAML), corpus (default
+document-level Wikitext-2's test split through `datasets`), detokenize (lm-eval's Wikitext
+detokenizer; default true for a `datasets` source named wikitext, false for others), the
+tokenizer as above, and from --model_args as HFLM uses them: max_length (lengths above it are
+refused), add_bos_token and prefix_token_id.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -37,9 +51,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import datasets
+from lm_eval.api.instance import Instance
+from lm_eval.api.task import ConfigurableTask
+from lm_eval.tasks.wikitext.preprocess_wikitext import process_results as wikitext_process_results
+from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from sb_eval.data.documents import DocumentSourceError, documents
+from sb_eval.data.documents import HF_PREFIX, DocumentSourceError, documents
 from sb_eval.ruler import cache as sample_cache
 from sb_eval.ruler.corpora import LONG_DOCUMENTS, MissingCorpusError, data_dir, fetch_command
 from sb_eval.ruler.tokens import TokenCounter
@@ -197,10 +216,7 @@ class _WindowFinder:
 
     def __init__(self, text: str, ids: list[int], offsets: list[tuple[int, int]], tokenizer: Any, encode: Encode, prefix: list[int]):
         self.text, self.ids, self.tokenizer, self.encode, self.prefix = text, ids, tokenizer, encode, prefix
-        # Where the text splits before token i: the end of token i-1, or the start of token i if
-        # that comes first (two tokens of one character; their cut is rejected by the checks).
-        # Whitespace a tokenizer leaves out of its offsets thus goes with the token after it.
-        self.cut = [0] + [min(end, start) for (_, end), (start, _) in zip(offsets, offsets[1:])] + [len(text)]
+        self.cut = token_cuts(text, offsets)
         self.clean: dict[int, bool] = {}
 
     def windows(self, lengths: list[int], target_tokens: int, count: int, max_context: int) -> list[tuple[int, int, dict[int, int]]]:
@@ -254,33 +270,305 @@ class _WindowFinder:
         return self.clean[i]
 
 
+def token_cuts(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """Where `text` splits before each token, from the tokens' character offsets: n + 1 positions
+    for n tokens, the first 0 and the last len(text). Before token i: the end of token i-1, or the
+    start of token i if that comes first (two tokens of one character; a request cut there does
+    not re-encode to them, which the callers check). Whitespace a tokenizer leaves out of its
+    offsets thus goes with the token after it."""
+    return [0] + [min(end, start) for (_, end), (start, _) in zip(offsets, offsets[1:])] + [len(text)]
+
+
 WIKITEXT = "hf:EleutherAI/wikitext_document_level:wikitext-2-raw-v1:test"
+# Sources whose `datasets` name holds this are Wikitext: lm-eval's detokenizer undoes their
+# tokenization (" @-@ ", " , ") by default, and leaves other corpora alone.
+WIKITEXT_NAME = "wikitext"
+
+
+@dataclass(frozen=True)
+class ScoredWindow:
+    """One of lm-eval's rolling windows of one length, as the requests that score it: its
+    log-likelihood is the sum of those of the requests `plus`, minus that of request `minus`
+    where there is one (the whitespace HFLM moves out of a context, scored alone). `exact`: the
+    model sees exactly the tokens lm-eval's loglikelihood_rolling gives it and scores the same
+    ones (rolling_windows says what is scored otherwise)."""
+
+    length: int
+    plus: tuple[int, ...]
+    minus: int | None
+    exact: bool
+
+
+class LmEvalEncoding:
+    """Text to tokens as lm-eval's HFLM does it, for one tokenizer and the model's arguments:
+    `encode` is its tok_encode (the tokenizer's special tokens, or add_bos_token's choice; none
+    for a text that starts with the prefix token's text), `request` what its loglikelihood makes
+    of a (context, continuation) request, and `prefix` its prefix_token_id (prefix_token_id, else
+    the tokenizer's bos, else its eos)."""
+
+    def __init__(self, tokenizer: Any, add_bos_token: Any = None, prefix_token_id: Any = None):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("sb_wikitext needs a fast (Rust) Hugging Face tokenizer: it cuts documents at tokens by their offsets")
+        if add_bos_token is not None and not isinstance(add_bos_token, bool):
+            raise ValueError(f"model argument add_bos_token={add_bos_token!r} must be true or false")
+        self.tokenizer = tokenizer
+        self.special_tokens = {} if add_bos_token is None else {"add_special_tokens": add_bos_token}
+        if prefix_token_id is None:
+            prefix_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if not isinstance(prefix_token_id, int) or isinstance(prefix_token_id, bool) or prefix_token_id < 0:
+            raise ValueError(
+                f"prefix token {prefix_token_id!r}: lm-eval conditions a document's first tokens on the tokenizer's bos "
+                "or eos token, and this tokenizer has neither; pass prefix_token_id=ID in --model_args"
+            )
+        self.prefix: int = prefix_token_id
+        self.prefix_text = tokenizer.decode(self.prefix)
+
+    def _special_tokens(self, text: str) -> dict[str, bool]:
+        return {"add_special_tokens": False} if text.startswith(self.prefix_text) else self.special_tokens
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, verbose=False, **self._special_tokens(text))["input_ids"]
+
+    def tokens_and_cuts(self, text: str) -> tuple[list[int], list[int]]:
+        """The document's tokens as `encode` gives them, and token_cuts: where the text splits
+        before each (special tokens, such as a BOS, take no characters)."""
+        encoding = self.tokenizer(text, verbose=False, return_offsets_mapping=True, return_special_tokens_mask=True,
+                                  **self._special_tokens(text))
+        offsets, position = [], 0
+        for (start, end), special in zip(encoding["offset_mapping"], encoding["special_tokens_mask"]):
+            offsets.append((position, position) if special else (start, end))
+            position = position if special else end
+        return encoding["input_ids"], token_cuts(text, offsets)
+
+    def request(self, context: str, continuation: str) -> tuple[list[int], list[int]] | None:
+        """(context tokens, continuation tokens) of a loglikelihood request as HFLM encodes it:
+        an empty context is the prefix token (or, when the continuation starts with it, the
+        continuation's first token); a context's trailing whitespace moves into the
+        continuation. None where HFLM would be left with an empty context or continuation."""
+        if not context:
+            tokens = self.tokenizer(continuation, verbose=False, add_special_tokens=False)["input_ids"]
+            if not tokens:
+                return None
+            return ([self.prefix], tokens) if tokens[0] != self.prefix else (tokens[:1], tokens[1:])
+        stripped = context.rstrip()
+        if not stripped:
+            return None
+        context_tokens = self.encode(stripped)
+        return context_tokens, self.encode(context + continuation)[len(context_tokens) :]
 
 
 def wikitext_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
-    """The test split for sb_wikitext: documents as {"page": text}, the field lm-eval's Wikitext
-    functions read. From metadata `corpus` (default: document-level Wikitext-2's test split
-    through `datasets`). lm-eval scores them with rolling windows of the model's max_length; a
-    length sweep's max_seq_lengths=[L] must therefore come with --model_args max_length=L."""
-    if "max_seq_lengths" in kwargs:
-        lengths = kwargs["max_seq_lengths"]
-        lengths = [lengths] if isinstance(lengths, int) else lengths
-        if lengths != [kwargs.get("max_length")]:
+    """The test split of sb_wikitext: one row per document, holding the loglikelihood requests
+    that score it in lm-eval's rolling windows of every length in max_seq_lengths (each distinct
+    request once) and which of them make up each window (ScoredWindow).
+
+    Rows: page (the document as read: lm-eval counts its words and bytes), text (what is scored:
+    page through lm-eval's Wikitext detokenizer where `detokenize`), tokens (the text's token
+    count as the model encodes it), lengths, requests ({start, split, end}: the request's context
+    is text[start:split], its continuation text[split:end]) and windows (ScoredWindow's fields,
+    minus = -1 for none).
+    """
+    declared = kwargs.get("metric_lengths")
+    lengths = _lengths(kwargs.get("max_seq_lengths", DEFAULT_MAX_SEQ_LENGTHS), declared)
+    if kwargs.get("max_length") is not None:
+        max_length = positive_int(kwargs["max_length"], "model argument max_length")
+        if max(lengths) > max_length:
             raise ValueError(
-                f"metadata max_seq_lengths={kwargs['max_seq_lengths']!r}: sb_wikitext scores with rolling "
-                f"windows of the model's max_length (here {kwargs.get('max_length')!r}); for one length L "
-                "pass --model_args max_length=L with max_seq_lengths=[L]"
+                f"metadata max_seq_lengths={lengths} goes beyond the model's max_length={max_length}: lm-eval would "
+                f"cut the longer windows; pass max_length={max(lengths)} (or more) in --model_args"
             )
     source = kwargs.get("corpus", WIKITEXT)
+    detokenize = _detokenize_setting(kwargs.get("detokenize"), source)
+    pages = _read_pages(source)
+    encoding = LmEvalEncoding(load_tokenizer(tokenizer_name(kwargs)), kwargs.get("add_bos_token"), kwargs.get("prefix_token_id"))
+    rows = []
+    for page in tqdm(pages, desc="sb_wikitext windows", leave=False):
+        text = wikitext_detokenizer({"page": page}) if detokenize else page
+        tokens, requests, windows = rolling_windows(text, encoding, lengths)
+        rows.append({
+            "page": page,
+            "text": text,
+            "tokens": tokens,
+            "lengths": lengths,
+            "requests": [{"start": start, "split": split, "end": end} for start, split, end in requests],
+            "windows": [asdict(window) | {"plus": list(window.plus), "minus": -1 if window.minus is None else window.minus}
+                        for window in windows],
+        })
+    approximate = sum(not w["exact"] for row in rows for w in row["windows"])
+    logger.info("sb_wikitext: %d documents of %s, %d requests; %d of %d windows not exactly lm-eval's", len(rows), source,
+                sum(len(row["requests"]) for row in rows), approximate, sum(len(row["windows"]) for row in rows))
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
+def rolling_windows(text: str, encoding: LmEvalEncoding, lengths: Sequence[int]) -> tuple[int, list[tuple[int, int, int]], list[ScoredWindow]]:
+    """lm-eval's rolling windows of `text` at each length (lm_eval.utils.get_rolling_token_windows
+    and make_disjoint_window over the tokens HFLM encodes: the first window predicts its tokens
+    after the prefix token, each later one after one token, the last after as many tokens as fit)
+    as loglikelihood requests whose texts HFLM re-encodes to those very tokens.
+
+    Returns the text's token count, the requests as character offsets (start, split, end), each
+    distinct one once, and the windows. A window's request is the texts of its context and its
+    targets (the first window's context is empty: HFLM puts its prefix token there). Where HFLM
+    would encode those otherwise:
+    - a context ending in whitespace, which HFLM moves into the continuation, is scored as HFLM
+      sends it minus that whitespace scored alone: the model sees the window's very tokens, and
+      the difference is the window's log-likelihood (exact);
+    - else, when HFLM keeps the context's tokens, the request is scored as it is: the same text
+      after the same context, its continuation tokenized otherwise (a tokenizer can split a
+      whitespace run at the end of a text differently from the same run inside it; approximate);
+    - else (a context of whitespace alone, which HFLM cannot send) the targets' text is scored
+      after the prefix token alone (approximate).
+    Either way every character of the text is scored once per length, and no request makes the
+    model see or score more than the length's tokens: where a text re-encodes to more tokens
+    (a boundary inside a character, whose bytes are tokens of their own, moves the character into
+    the next window), its first characters are scored by a request of their own. An empty text
+    has no windows.
+    """
+    if not text:
+        return 0, [], []
+    ids, cut = encoding.tokens_and_cuts(text)
+    requests: dict[tuple[int, int, int], int] = {}
+
+    def index(chars: tuple[int, int, int]) -> int:
+        return requests.setdefault(chars, len(requests))
+
+    @functools.cache  # a document shorter than several lengths is one same request at each
+    def encoded_at(start: int, split: int, end: int) -> tuple[list[int], list[int]] | None:
+        """HFLM's encoding of the request text[start:split], text[split:end] (characters)."""
+        return encoding.request(text[start:split], text[split:end])
+
+    def fits(encoded: tuple[list[int], list[int]] | None, length: int) -> bool:
+        """HFLM's model input (context + continuation less its last token) within the length."""
+        return encoded is not None and len(encoded[0]) + len(encoded[1]) - 1 <= length
+
+    def alone(split: int, end: int, length: int) -> tuple[int, ...]:
+        """Requests scoring text[split:end] after the prefix token, as few as fit the length."""
+        head = split
+        while head < end - 1 and not fits(encoded_at(head, head, end), length):
+            head += 1
+        return tuple(index((first, first, last)) for first, last in ((split, head), (head, end)) if first < last)
+
+    windows = []
+    for length in lengths:
+        # positions rather than tokens, so that each window says where in the text it lies; -1 is the prefix token
+        for context, targets in map(make_disjoint_window, get_rolling_token_windows(list(range(len(ids))), -1, length, 1)):
+            start, split, end = context[0], targets[0], targets[-1] + 1
+            if start < 0:
+                exact = encoded_at(cut[split], cut[split], cut[end]) == ([encoding.prefix], ids[split:end])
+                windows.append(ScoredWindow(length, alone(cut[split], cut[end], length), None, exact))
+                continue
+            whole = (cut[start], cut[split], cut[end])
+            encoded = encoded_at(cut[start], cut[split], cut[end])
+            if encoded == (ids[start:split], ids[split:end]):
+                windows.append(ScoredWindow(length, (index(whole),), None, True))
+            elif (whitespace := _whitespace_request(text, ids, cut, encoding, encoded, (start, split, end))) is not None:
+                windows.append(ScoredWindow(length, (index(whole),), index(whitespace), True))
+            elif fits(encoded, length) and encoded[0] == ids[start:split]:
+                windows.append(ScoredWindow(length, (index(whole),), None, False))  # its context, its text tokenized otherwise
+            else:
+                windows.append(ScoredWindow(length, alone(cut[split], cut[end], length), None, False))
+    return len(ids), list(requests), windows
+
+
+def _whitespace_request(text: str, ids: list[int], cut: list[int], encoding: LmEvalEncoding,
+                        encoded: tuple[list[int], list[int]] | None, window: tuple[int, int, int]) -> tuple[int, int, int] | None:
+    """A window (tokens start..split its context, split..end its targets) whose context ends in
+    whitespace, which HFLM moved into the continuation when it encoded the window's request as
+    `encoded`: the request that scores that whitespace alone after the rest of the context, when
+    both encode to the window's tokens (the model then sees exactly lm-eval's window, and the
+    difference of the two is its log-likelihood); else None."""
+    start, split, end = window
+    context = text[cut[start] : cut[split]]
+    stripped = context.rstrip()
+    if encoded is None or stripped == context:
+        return None
+    kept = start + len(encoded[0])
+    if not start < kept < split or encoded != (ids[start:kept], ids[kept:end]):
+        return None
+    if encoding.request(stripped, context[len(stripped) :]) != (ids[start:kept], ids[kept:split]):
+        return None
+    return cut[start], cut[start] + len(stripped), cut[split]
+
+
+class RollingWindowsTask(ConfigurableTask):
+    """sb_wikitext: a sample is a document, scored by the loglikelihood requests its row lists
+    (wikitext_dataset), so that one run scores every length and --limit counts documents."""
+
+    def __init__(self, config: dict | None = None, **kwargs: Any) -> None:
+        # lm-eval hands a task class its whole YAML, `class` key included, which TaskConfig refuses
+        super().__init__(config={key: value for key, value in (config or {}).items() if key != "class"}, **kwargs)
+
+    def construct_requests(self, doc: dict, ctx: str, **kwargs: Any) -> list[Instance]:
+        kwargs.pop("apply_chat_template", None)
+        kwargs.pop("chat_template", None)
+        text = doc["text"]
+        return [
+            Instance(request_type="loglikelihood", doc=doc, arguments=(text[r["start"] : r["split"]], text[r["split"] : r["end"]]), idx=index, **kwargs)
+            for index, r in enumerate(doc["requests"])
+        ]
+
+
+def wikitext_results(doc: dict, results: list[tuple[float, bool]]) -> dict[str, Any]:
+    """Per length L: lm-eval's Wikitext metrics of the document's log-likelihood at L (its
+    process_results: words and bytes of the page as read) as word_perplexity_L, byte_perplexity_L
+    and bits_per_byte_L; windows_L and approximate_windows_L (windows scored, and those not
+    exactly lm-eval's); documents_longer_L (1 when the document has more than L tokens) and
+    tokens_in_longer_L (its tokens, counted when it is longer than L, over its tokens). And
+    longest_document: its token count."""
+    loglikelihoods = {length: 0.0 for length in doc["lengths"]}
+    windows = {length: [0, 0] for length in doc["lengths"]}
+    for window in doc["windows"]:
+        length = window["length"]
+        loglikelihoods[length] += sum(results[plus][0] for plus in window["plus"])
+        loglikelihoods[length] -= results[window["minus"]][0] if window["minus"] >= 0 else 0.0
+        windows[length][0] += 1
+        windows[length][1] += not window["exact"]
+    tokens = doc["tokens"]
+    metrics: dict[str, Any] = {"longest_document": tokens}
+    for length in doc["lengths"]:
+        for name, value in wikitext_process_results(doc, [loglikelihoods[length]]).items():
+            metrics[f"{name}_{length}"] = value
+        metrics[f"windows_{length}"], metrics[f"approximate_windows_{length}"] = windows[length]
+        metrics[f"documents_longer_{length}"] = int(tokens > length)
+        metrics[f"tokens_in_longer_{length}"] = (tokens if tokens > length else 0, tokens)
+    return metrics
+
+
+def total(items: Sequence[float]) -> float:
+    """Aggregation: the sum."""
+    return sum(items)
+
+
+def largest(items: Sequence[float]) -> float:
+    """Aggregation: the largest."""
+    return max(items)
+
+
+def share(items: Sequence[tuple[float, float]]) -> float:
+    """Aggregation of (part, whole) pairs: the sum of the parts over the sum of the wholes (0 for
+    no whole)."""
+    whole = sum(b for _, b in items)
+    return sum(a for a, _ in items) / whole if whole else 0.0
+
+
+def _detokenize_setting(value: Any, source: str) -> bool:
+    if value is None:
+        return source.startswith(HF_PREFIX) and WIKITEXT_NAME in source.split(":")[1].lower()
+    if not isinstance(value, bool):
+        raise ValueError(f"metadata detokenize={value!r} must be true (lm-eval's Wikitext detokenizer) or false")
+    return value
+
+
+def _read_pages(source: str) -> list[str]:
     try:
-        pages = documents(source)
+        return documents(source)
     except (DocumentSourceError, MissingCorpusError) as error:
         raise DocumentSourceError(
             f"sb_wikitext could not read its documents: {error}\nWikitext comes through `datasets`, "
-            "from its cache or the network. Offline, measure long-document perplexity with sb_ppl "
-            f"on the fetched corpus instead: {fetch_command(LONG_DOCUMENTS)}, then --tasks sb_ppl"
+            "from its cache or the network. Offline, measure perplexity of the fetched corpus instead: "
+            f"{fetch_command(LONG_DOCUMENTS)}, then --metadata '{{\"corpus\": \"{LONG_DOCUMENTS}\"}}' "
+            "(or --tasks sb_ppl)"
         ) from error
-    return {"test": datasets.Dataset.from_list([{"page": page} for page in pages])}
 
 
 def _fingerprint(texts: Sequence[str]) -> str:
@@ -301,6 +589,6 @@ def _lengths(value: Any, declared: list[int] | None) -> list[int]:
             raise ValueError(
                 f"metadata max_seq_lengths: this task declares metrics for the lengths {declared}, not "
                 f"{length}; for another length, copy its YAML and add the length to metric_lengths and "
-                "its nll_L, bits_per_byte_L and windows_L to metric_list"
+                "the length's metrics (those named _L) to metric_list"
             )
     return sorted(set(lengths))

@@ -131,22 +131,36 @@ metric_list:
 
 
 def _sb_wikitext() -> str:
-    return GENERATED + """# lm-eval's Wikitext scoring (its detokenizer, process_results and metrics, by reference) on
-# document-level Wikitext-2 loaded through `datasets`, or --metadata corpus.
-# Rolling windows of the model's max_length. Named apart from lm-eval's own `wikitext`.
+    metrics = "".join(
+        f"  - {{metric: word_perplexity_{length}, aggregation: weighted_perplexity, higher_is_better: false}}\n"
+        f"  - {{metric: byte_perplexity_{length}, aggregation: weighted_perplexity, higher_is_better: false}}\n"
+        f"  - {{metric: bits_per_byte_{length}, aggregation: bits_per_byte, higher_is_better: false}}\n"
+        f"  - {{metric: windows_{length}, aggregation: !function sb_eval.tasks.perplexity.total, higher_is_better: true}}\n"
+        f"  - {{metric: approximate_windows_{length}, aggregation: !function sb_eval.tasks.perplexity.total, higher_is_better: false}}\n"
+        f"  - {{metric: documents_longer_{length}, aggregation: !function sb_eval.tasks.perplexity.total, higher_is_better: true}}\n"
+        f"  - {{metric: tokens_in_longer_{length}, aggregation: !function sb_eval.tasks.perplexity.share, higher_is_better: true}}\n"
+        for length in METRIC_LENGTHS
+    )
+    return GENERATED + f"""# lm-eval's Wikitext perplexity (its rolling windows, detokenizer and metrics) at every length of
+# max_seq_lengths in one run, on document-level Wikitext-2 loaded through `datasets`, or
+# --metadata corpus; settings in sb_eval/tasks/perplexity.py, docs/tasks.md explains the windows.
+# Named apart from lm-eval's own `wikitext`, which scores at the model's max_length alone.
 task: sb_wikitext
-output_type: loglikelihood_rolling
+# one document a sample, scored by a loglikelihood request per window of each length
+class: !function sb_eval.tasks.perplexity.RollingWindowsTask
+output_type: loglikelihood
 test_split: test
 custom_dataset: !function sb_eval.tasks.perplexity.wikitext_dataset
+dataset_kwargs:
+  # the lengths metric_list declares
+  metric_lengths: [{", ".join(map(str, METRIC_LENGTHS))}]
 doc_to_text: ""
-doc_to_target: !function lm_eval.tasks.wikitext.preprocess_wikitext.wikitext_detokenizer
-process_results: !function lm_eval.tasks.wikitext.preprocess_wikitext.process_results
+doc_to_target: text
+process_results: !function sb_eval.tasks.perplexity.wikitext_results
 metric_list:
-  - {metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
-  - {metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
-  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
-metadata:
-  version: 1.0
+  - {{metric: longest_document, aggregation: !function sb_eval.tasks.perplexity.largest, higher_is_better: true}}
+{metrics}metadata:
+  version: 2.0
 """
 
 

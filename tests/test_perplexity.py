@@ -1,5 +1,6 @@
 """sb_ppl (long-document windows, re-encoded exactly as lm-eval scores them) and sb_wikitext
-(lm-eval's Wikitext scoring on documents from `datasets`), on local stand-in documents."""
+(lm-eval's Wikitext perplexity at several lengths in one run, equal to lm-eval's own `wikitext` at
+each), on local stand-in documents."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import yaml
 from lm_eval.tasks import TaskManager
 from test_ruler_helpers import merging_bpe_tokenizer, standin_sentences
+from tiny_models import write_tiny_llama
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -207,32 +209,179 @@ def test_sb_wikitext_without_wikitext_names_the_offline_alternative(offline_data
         perplexity.wikitext_dataset()
     message = str(raised.value)
     assert "could not load document source 'hf:EleutherAI/wikitext_document_level:wikitext-2-raw-v1:test'" in message
-    assert "sb-eval data fetch aa-lcr, then --tasks sb_ppl" in message
+    assert "sb-eval data fetch aa-lcr, then --metadata '{\"corpus\": \"aa-lcr\"}'" in message
 
 
-def test_sb_wikitext_needs_the_models_max_length_for_a_length():
-    with pytest.raises(ValueError, match="pass --model_args max_length=L with max_seq_lengths=\\[L\\]"):
-        perplexity.wikitext_dataset(max_seq_lengths=[4096])
-    with pytest.raises(ValueError, match="here 2048"):
-        perplexity.wikitext_dataset(max_seq_lengths=[4096], max_length=2048)
+# Wikitext's document-level schema: a page per row; lm-eval's wikitext reads all three splits.
+WIKITEXT_SPLITS = ("train", "validation", "test")
 
 
-def test_sb_wikitext_scores_as_lm_evals_wikitext(offline_datasets, models, tmp_path):
+def wikitext_folder(folder: Path, pages: list[str]) -> str:
+    """A local stand-in for EleutherAI/wikitext_document_level, as an hf: document source."""
+    folder.mkdir()
+    for split in WIKITEXT_SPLITS:
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"page": page}) + "\n" for page in pages))
+    return f"hf:{folder}"
+
+
+def lm_evals_wikitext(folder: str, tasks_folder: Path) -> TaskManager:
+    """lm-eval's own `wikitext` task (its YAML, included as it is) on a local folder."""
     from lm_eval.tasks.wikitext import preprocess_wikitext
 
-    folder = tmp_path / "wiki"
-    folder.mkdir()
-    pages = [" = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . \n",
-             " = Du Fu = \n Du Fu ( 712 @-@ 770 ) was a prominent Chinese poet of the Tang dynasty . \n" * 3]
-    (folder / "test.jsonl").write_text("".join(json.dumps({"page": page, "title": "t"}) + "\n" for page in pages))
+    tasks_folder.mkdir()
+    own = Path(preprocess_wikitext.__file__).parent / "wikitext.yaml"
+    (tasks_folder / "wikitext_local.yaml").write_text(
+        f"include: {own}\ntask: wikitext_local\ndataset_path: {folder.removeprefix('hf:')}\ndataset_name: null\n"
+    )
+    return TaskManager(include_path=str(tasks_folder), include_defaults=False)
+
+
+def wikitext_pages(count: int, seed: int) -> list[str]:
+    """Pages in raw Wikitext's form: a title, sections, paragraphs with its spaced punctuation
+    (" , ", " @-@ ", " ( ... ) ") that lm-eval's detokenizer undoes."""
+    rng = random.Random(seed)
+    sentences = standin_sentences(300, seed=seed)
+    pages = []
+    for number in range(count):
+        lines = [f" = {sentences[number].rstrip('.?!')} = \n", " \n"]
+        for paragraph in range(3 + 8 * number):
+            if paragraph % 4 == 3:
+                lines += [f" = = {rng.choice(sentences).split()[0]} = = \n", " \n"]
+            words = " ".join(rng.sample(sentences, 3)).replace(".", " .").replace(",", " ,")
+            lines += [f" {words} ( {rng.randint(1000, 2000)} @-@ {rng.randint(2000, 3000)} ) , {rng.choice(sentences)} \n", " \n"]
+        pages.append("".join(lines))
+    return pages
+
+
+def _per_document(samples: list[dict], metric: str) -> list[float]:
+    """Each document's log-likelihood from lm-eval's logged samples, in document order."""
+    return [sample[metric][0] for sample in sorted(samples, key=lambda sample: sample["doc_id"])]
+
+
+@pytest.fixture(scope="module")
+def bpe_llama(tmp_path_factory) -> str:
+    """lm-eval's `hf` model over a tiny random Llama with the test BPE."""
+    folder = tmp_path_factory.mktemp("llama") / "checkpoint"
+    write_tiny_llama(folder, tokenizer=merging_bpe_tokenizer(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8192)
+    return str(folder)
+
+
+@pytest.mark.parametrize("model_name", ["sb_hf", "hf"])
+def test_sb_wikitext_equals_lm_evals_wikitext_at_each_length_in_one_run(model_name, offline_datasets, models, bpe_llama, tmp_path):
+    if model_name == "sb_hf":
+        model = models["bpe"]
+    else:
+        from lm_eval.models.huggingface import HFLM
+
+        model = HFLM(pretrained=bpe_llama, device="cpu", batch_size=4, max_length=2048)
+    pages = wikitext_pages(3, seed=5)
+    source = wikitext_folder(tmp_path / "wiki", pages)
+    lengths = [1024, 2048]
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                          metadata=dict(corpus=source, max_seq_lengths=lengths, tokenizer=model.tokenizer.name_or_path))
+    model._max_length = 2048
+    ours = lm_eval.simple_evaluate(model=model, tasks=["sb_wikitext"], task_manager=manager, log_samples=True)
+    results, samples = ours["results"]["sb_wikitext"], ours["samples"]["sb_wikitext"]
+    tokens = [sample["longest_document"] for sample in sorted(samples, key=lambda sample: sample["doc_id"])]
+    assert tokens[0] < 1024 < tokens[1] < 2048 < tokens[2]  # short and long documents, several windows each
+    assert results["longest_document,none"] == max(tokens)
+    reference_manager = lm_evals_wikitext(source, tmp_path / "tasks")
+    for length in lengths:
+        assert results[f"approximate_windows_{length},none"] == 0
+        assert results[f"windows_{length},none"] > len(pages)
+        assert results[f"documents_longer_{length},none"] == sum(count > length for count in tokens)
+        assert results[f"tokens_in_longer_{length},none"] == pytest.approx(sum(c for c in tokens if c > length) / sum(tokens))
+        model._max_length = length
+        reference = lm_eval.simple_evaluate(model=model, tasks=["wikitext_local"], task_manager=reference_manager, log_samples=True)
+        expected = reference["results"]["wikitext_local"]
+        for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+            assert results[f"{metric}_{length},none"] == pytest.approx(expected[f"{metric},none"], rel=1e-6)
+        assert _per_document(samples, f"bits_per_byte_{length}") == pytest.approx(
+            _per_document(reference["samples"]["wikitext_local"], "bits_per_byte"), rel=1e-6)
+    # a document no longer than a length is scored whole there, and the same at every longer one
+    for sample in samples:
+        whole = [sample[f"bits_per_byte_{length}"][0] for length in lengths if sample["longest_document"] <= length]
+        assert whole == whole[:1] * len(whole)
+
+
+def test_windows_lm_eval_would_encode_otherwise_are_exact_by_difference_or_counted(offline_datasets, models, tmp_path):
+    """With one token per byte, a window's context token can be a space: alone (HFLM cannot send
+    a context of whitespace) its window is scored after the prefix token and counted; ending a
+    longer context (the last window's), it is scored and its whitespace subtracted, exactly. A
+    boundary inside a two-byte character moves it into the next window, whose text then has one
+    token too many for a model whose max_length is the length: the character is scored apart."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
     model = models["bytes"]
-    metadata = dict(corpus=f"hf:{folder}", max_seq_lengths=[256], max_length=256)
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
-    task = manager.load(["sb_wikitext"])["tasks"]["sb_wikitext"]
-    assert task.config.process_results is preprocess_wikitext.process_results
-    assert task.config.doc_to_target is preprocess_wikitext.wikitext_detokenizer
-    model._max_length = 256
-    output = lm_eval.simple_evaluate(model=model, tasks=["sb_wikitext"], task_manager=manager)
-    results = output["results"]["sb_wikitext"]
-    assert results["byte_perplexity,none"] == pytest.approx(2 ** results["bits_per_byte,none"])
-    assert results["word_perplexity,none"] > results["byte_perplexity,none"] > 1
+    words = " ".join(standin_sentences(400, seed=6))
+    page = list(words[:3372].replace("  ", " x"))
+    page[1022:1024] = "a "  # the context token of window 2 at 1024: a space alone
+    page[2046:2048] = "bc"  # of window 3: a letter
+    page[3070:3072] = "d "  # the last window's context ends in a space
+    accented = words[:1023] + "é" + words[1023:2500]  # bytes 1023 and 1024: window 2 starts inside it
+    pages = ["".join(page), accented, words[:500].strip()]
+    assert [wikitext_detokenizer({"page": text}) for text in pages] == pages
+    source = wikitext_folder(tmp_path / "wiki", pages)
+    docs = perplexity.wikitext_dataset(corpus=source, max_seq_lengths=[1024], tokenizer=model.tokenizer.name_or_path,
+                                       metric_lengths=[1024])["test"]
+    windows, requests = docs[0]["windows"], docs[0]["requests"]
+    assert [(w["exact"], len(w["plus"]), w["minus"] >= 0) for w in windows] == [
+        (True, 1, False), (False, 1, False), (True, 1, False), (True, 1, True)]
+    covered = [(requests[w["plus"][0]]["split"], requests[w["plus"][0]]["end"]) for w in windows]
+    assert covered == [(0, 1024), (1024, 2048), (2048, 3072), (3072, 3372)]  # every character once
+    approximate = requests[windows[1]["plus"][0]]
+    assert approximate["start"] == approximate["split"]  # after the prefix token
+    whitespace = requests[windows[3]["minus"]]
+    assert (whitespace["split"], whitespace["end"]) == (3071, 3072)
+    windows, requests = docs[1]["windows"], docs[1]["requests"]
+    assert [(w["exact"], len(w["plus"])) for w in windows] == [(False, 1), (False, 2), (True, 1)]
+    pieces = [(requests[plus]["split"], requests[plus]["end"]) for w in windows for plus in w["plus"]]
+    assert pieces == [(0, 1023), (1023, 1024), (1024, 2047), (2047, len(accented))]  # the character apart
+    for request in requests:
+        assert len(model.tok_encode(accented[request["split"] : request["end"]])) <= 1024
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                          metadata=dict(corpus=source, max_seq_lengths=[1024], tokenizer=model.tokenizer.name_or_path))
+    model._max_length = 1024
+    ours = lm_eval.simple_evaluate(model=model, tasks=["sb_wikitext"], task_manager=manager, log_samples=True)
+    assert ours["results"]["sb_wikitext"]["approximate_windows_1024,none"] == 3
+    reference = lm_eval.simple_evaluate(model=model, tasks=["wikitext_local"], task_manager=lm_evals_wikitext(source, tmp_path / "tasks"),
+                                        log_samples=True)
+    ids = model.tok_encode(pages[0])
+    targets = ids[1024:2048]
+    (after_prefix, _), (after_space, _) = model._loglikelihood_tokens([(None, [model.prefix_token_id], targets), (None, ids[1023:1024], targets)])
+    expected = _per_document(reference["samples"]["wikitext_local"], "bits_per_byte")
+    expected[0] += after_prefix - after_space  # the one approximate window: its targets after the prefix token
+    got = _per_document(ours["samples"]["sb_wikitext"], "bits_per_byte_1024")
+    assert [got[0], got[2]] == pytest.approx([expected[0], expected[2]], rel=1e-6)
+    assert got[1] == pytest.approx(expected[1], rel=1e-2)  # the character's bytes after the prefix token
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(max_seq_lengths=[2048, 4096], max_length=2048), r"max_seq_lengths=\[2048, 4096\] goes beyond the model's max_length=2048.*pass max_length=4096"),
+        (dict(max_seq_lengths=[3000]), r"declares metrics for the lengths \[1024, 2048, 4096\], not 3000"),
+        (dict(detokenize="yes"), r"metadata detokenize='yes' must be true .* or false"),
+        (dict(add_bos_token="yes"), r"add_bos_token='yes' must be true or false"),
+    ],
+)
+def test_sb_wikitext_names_bad_settings(settings, message, models, corpus):
+    with pytest.raises(ValueError, match=message):
+        perplexity.wikitext_dataset(**dict(dict(corpus=corpus, tokenizer=models["bytes"].tokenizer.name_or_path,
+                                                max_seq_lengths=[1024], metric_lengths=[1024, 2048, 4096]), **settings))
+
+
+def test_sb_wikitext_detokenizes_wikitext_sources_only(models, corpus, offline_datasets, tmp_path):
+    page = " = Du Fu = \n Du Fu ( 712 @-@ 770 ) was a Chinese poet . \n"
+    wiki = tmp_path / "wikitext_document_level"
+    source = wikitext_folder(wiki, [page])
+    tokenizer = models["bytes"].tokenizer.name_or_path
+    settings = dict(max_seq_lengths=[1024], metric_lengths=[1024], tokenizer=tokenizer)
+    (row,) = perplexity.wikitext_dataset(corpus=source, **settings)["test"]
+    assert (row["page"], row["text"]) == (page, " = Du Fu =\nDu Fu (712-770) was a Chinese poet.\n")
+    (row,) = perplexity.wikitext_dataset(corpus=source, detokenize=False, **settings)["test"]
+    assert row["text"] == page
+    texts = perplexity.wikitext_dataset(corpus=corpus, **settings)["test"]["text"]
+    assert texts == standin_documents()

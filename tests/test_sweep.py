@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from lm_eval.models.huggingface import HFLM
-from test_ruler_helpers import write_standin_essays
+from test_ruler_helpers import standin_sentences, write_standin_essays
 from tiny_models import write_tiny_llama
 
 from sb_eval.commands import sweep as sweep_command
@@ -161,6 +161,38 @@ def run_sweep_until(command: list[str], results: Path, env: dict, stop: signal.S
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def test_sb_wikitext_sweeps_its_lengths_in_one_command_one_line_per_model(models, data_dir, tmp_path):
+    corpus = tmp_path / "documents.jsonl"
+    sentences = standin_sentences(200, seed=2)
+    texts = [" ".join(sentences[:8]), " ".join(sentences[8:24])]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    tokens = [len(text.encode("utf-8")) for text in texts]  # the byte-level tokenizer: a token per byte
+    assert tokens[0] < 1024 < tokens[1] < 2048
+    output = tmp_path / "out"
+    command = ["--model_args", models["sb"], "--compare", f"hf:{models['llama']}", "--tasks", "sb_wikitext",
+               "--lengths", "1K,2K", "--output", str(output), "--metadata", json.dumps({"corpus": str(corpus)}), "--device", "cpu"]
+    assert sweep_command.main(command) == 0
+    rows = read_lines(output / "results.jsonl")
+    assert [(row["model"], row["length"]) for row in rows] == [("sb_hf", 1024), ("sb_hf", 2048), ("hf", 1024), ("hf", 2048)]
+    for row in rows:
+        length, metrics = row["length"], row["metrics"]
+        assert metrics[f"word_perplexity_{length}"] > metrics[f"byte_perplexity_{length}"] > 1
+        assert metrics[f"documents_longer_{length}"] == sum(count > length for count in tokens)
+        assert metrics[f"tokens_in_longer_{length}"] == pytest.approx(sum(c for c in tokens if c > length) / sum(tokens))
+        assert metrics["longest_document"] == max(tokens) and row["samples"] == len(texts)
+    # at 1K the longer document takes two windows; at 2K it fits whole
+    assert [row["metrics"][f"windows_{row['length']}"] for row in rows] == [3, 2, 3, 2]
+
+    summary = (output / "summary.md").read_text().splitlines()
+    sb_line = next(line for line in summary if line.startswith("| sb_wikitext | sb_hf:sb | word_perplexity_<length> |"))
+    assert sb_line.endswith(" * |") and sb_line.count("*") == 1  # only 2048: no document is longer
+    assert f"| sb_wikitext | sb_hf:sb | {tokens[1]:,} | 1 ({tokens[1] / sum(tokens):.0%}) | 0 (0%) * |" in summary
+    assert (output / "plots" / "sb_wikitext.png").read_bytes().startswith(PNG_SIGNATURE)
+    before = (output / "results.jsonl").read_bytes()
+    assert sweep_command.main(command) == 0  # resumed: every point is done
+    assert (output / "results.jsonl").read_bytes() == before
+
+
 def test_a_killed_sweep_resumes_without_redoing_or_losing_rows(models, data_dir, tmp_path):
     output = tmp_path / "out"
     results = output / "results.jsonl"
@@ -262,6 +294,8 @@ def test_headline_metric_follows_the_task_authors_contract():
     assert plots.headline_metric({"acc_16": 0.3, "acc": 0.5}, 4096) == ("acc", 0.5)
     assert plots.headline_metric({"exact": 1.0, "acc_norm": 0.4, "acc_16": 0.5}, 4096) == ("acc_norm", 0.4)
     assert plots.headline_metric({"bits_per_byte": 1.1, "word_perplexity": 30.0}, 4096) == ("word_perplexity", 30.0)
+    sb_wikitext = {"bits_per_byte_4096": 1.1, "documents_longer_4096": 3, "word_perplexity_4096": 30.0, "acc": 0.5}
+    assert plots.headline_metric(sb_wikitext, 4096) == ("word_perplexity_4096", 30.0)
     assert plots.headline_metric({"word_perplexity": 30.0, "acc": 0.5}, 4096) == ("acc", 0.5)
     assert plots.headline_metric({"acc_norm": 0.4, "word_perplexity": 30.0}, 4096) == ("word_perplexity", 30.0)
     assert plots.headline_metric({"exact": 1.0}, 4096) is None
@@ -293,6 +327,29 @@ def test_report_shows_each_tasks_headline_latest_outcomes_and_errors(tmp_path):
     assert "bad sample" not in "\n".join(table)
     for path in written[1:]:
         assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_report_says_what_the_lengths_cover(tmp_path):
+    """Two models whose tokenizers count the same documents differently: each gets its own
+    coverage line, and a length no document is longer than is marked for that model only."""
+    def row(model, length, longer, share, longest, perplexity):
+        metrics = {f"word_perplexity_{length}": perplexity, f"documents_longer_{length}": longer,
+                   f"tokens_in_longer_{length}": share, "longest_document": longest}
+        return {"model_spec": f"{model}:pretrained=/m/{model}", "model": model, "task": "sb_wikitext", "length": length, "metrics": metrics}
+
+    rows = [row("sb_hf", 2048, 3, 0.5, 3000, 40.0), row("sb_hf", 4096, 0, 0.0, 3000, 35.0),
+            row("hf", 2048, 5, 0.8, 5000, 50.0), row("hf", 4096, 1, 0.3, 5000, 45.0),
+            {"model_spec": "hf:pretrained=/m/hf", "model": "hf", "task": "mqrar", "length": 4096, "metrics": {"acc": 0.5}}]
+    plots.write_report(rows, tmp_path)
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    assert "| sb_wikitext | sb_hf:sb_hf | word_perplexity_<length> | 40 | 35 * |" in table
+    assert "| sb_wikitext | hf:hf | word_perplexity_<length> | 50 | 45 |" in table
+    assert "| mqrar | hf:hf | acc |  | 0.5 |" in table  # a task that does not say is not marked
+    assert "| sb_wikitext | sb_hf:sb_hf | 3,000 | 3 (50%) | 0 (0%) * |" in table
+    assert "| sb_wikitext | hf:hf | 5,000 | 5 (80%) | 1 (30%) |" in table
+    assert not any(line.startswith("| mqrar") and "(" in line for line in table)
+    plots.write_report(rows[-1:], tmp_path)
+    assert "What the lengths cover" not in (tmp_path / "summary.md").read_text()
 
 
 def test_model_args_may_be_left_out_for_the_packaged_checkpoint():
