@@ -1,6 +1,6 @@
 """Times the stick-breaking kernels beside torch SDPA flash attention, in one run on one GPU.
 
-    python scripts/bench_kernels.py [--lengths 4096,...] [--json out.json] [--sweep]
+    python scripts/bench_kernels.py [--lengths 4096,...] [--shapes 16x128,24x64] [--json out.json] [--sweep]
     python scripts/bench_kernels.py --backward [--lengths 16384,65536] [--sweep]
 
 Forward (prefill, Tq = Tk, causal, batch 1, bf16) at 16 heads x 128 and 24 heads x 64 on inputs
@@ -39,7 +39,10 @@ from sb_eval.kernels.triton_backend import (
     stickbreaking_attention_triton_backward,
 )
 
-SHAPES = [(16, 128), (24, 64)]  # heads x head_dim
+SHAPES = [(16, 128), (24, 64)]  # heads x head_dim, unless --shapes
+# Forward variants for --sweep: KernelConfig(block_m, block_n, num_warps, num_stages[, halting_window]).
+FORWARD_SWEEP = [(64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 3, 4), (64, 32, 4, 3, 64), (128, 32, 8, 3),
+                 (128, 64, 8, 3), (128, 32, 4, 3), (64, 16, 4, 3), (32, 32, 4, 3), (128, 16, 8, 3)]
 # Backward variants for --backward --sweep: one pass's blocks changed from the head_dim's default.
 BACKWARD_SWEEP = [
     {"queries": KernelConfig(64, 32, 4, 2)},
@@ -96,9 +99,9 @@ def fla_forward():
     return run
 
 
-def bench_forward(lengths, rows, sweep_configs):
+def bench_forward(lengths, rows, sweep_configs, shapes):
     fla = fla_forward()
-    for heads, dim in SHAPES:
+    for heads, dim in shapes:
         for t in lengths:
             q, k, v = long_range_qkv(heads, t, t, dim)
             base = median_ms(lambda: sdpa(q, k, v, True))
@@ -120,8 +123,8 @@ def bench_forward(lengths, rows, sweep_configs):
             del q, k, v, qr, kr, vr
 
 
-def bench_decode(cache_lengths, rows):
-    for heads, dim in SHAPES:
+def bench_decode(cache_lengths, rows, shapes):
+    for heads, dim in shapes:
         for t in cache_lengths:
             q, k, v = long_range_qkv(heads, 1, t, dim)
             row = {"kind": "decode", "heads": heads, "dim": dim, "T": t}
@@ -246,9 +249,10 @@ def format_row(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", help="default 4096,...,65536; 16384,65536 with --backward")
-    parser.add_argument("--decode-lengths", default="4096,16384,65536")
+    parser.add_argument("--decode-lengths", default="4096,16384,65536", help="empty: no decode runs")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--sweep", action="store_true", help="time alternative block configs too")
+    parser.add_argument("--shapes", help="heads x head_dim of the forward and decode runs, e.g. 24x64,36x64 (default 16x128,24x64)")
     parser.add_argument("--backward", action="store_true",
                         help="time forward + backward (a training step) instead of the forward")
     args = parser.parse_args()
@@ -269,11 +273,11 @@ def main() -> None:
         print(backward_table(rows))
         print("default backward configs:", {d: backward_config(d, torch.bfloat16) for _, d in SHAPES})
     else:
-        sweep = []
-        if args.sweep:
-            sweep = [KernelConfig(*c) for c in [(64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 3, 4), (64, 32, 4, 3, 64)]]
-        bench_forward(lengths, rows, sweep)
-        bench_decode([int(x) for x in args.decode_lengths.split(",")], rows)
+        sweep = [KernelConfig(*c) for c in FORWARD_SWEEP] if args.sweep else []
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")] if args.shapes else SHAPES
+        bench_forward(lengths, rows, sweep, shapes)
+        if args.decode_lengths:
+            bench_decode([int(x) for x in args.decode_lengths.split(",")], rows, shapes)
         memory = forward_extra_memory(max(lengths))
         rows.append(memory)
         print(f"forward extra memory at T={memory['T']}, 16x128: {memory['extra_bytes'] / 2**20:.1f} MiB "
