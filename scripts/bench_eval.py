@@ -2,14 +2,15 @@
 released 3B's shapes (`sb_hf`) beside a same-shaped Llama with SDPA (`hf`), random weights, bf16.
 
     python scripts/bench_eval.py [--lengths 4096,16384,65536] [--samples 1] [--max-gen-toks 16] \\
-        [--batch-sizes 1] [--json out.json]
+        [--batch-sizes 1,8 --batched-lengths 4096] [--json out.json]
 
 For each model, length and batch size: one `simple_evaluate` of `ruler_niah` (8 tasks x --samples
 prompts), timed end to end, with the wall time spent inside the model's forward passes summed (a
 forward hook synchronizes the GPU at both ends of every call). Reported: prompts per second and the
 share of the time outside the forward passes (the harness: requests, tokenization, generate's
 loop, scoring). The RULER samples are generated and cached before, and that time is reported apart.
-With several batch sizes, the answers of each are compared with the first's.
+With several batch sizes (run at --batched-lengths only; the others take the first), the answers of
+each are compared with the first's.
 
 "sb-long-range" fixes every head's logits at -10, so that no key can be skipped (bench_model.py);
 with random weights ("sb-random") early halting skips nearly everything. The tokenizer is the
@@ -102,12 +103,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1, help="prompts per NIAH task and length")
     parser.add_argument("--max-gen-toks", type=int, default=16, help="generation budget (RULER's is 128)")
     parser.add_argument("--batch-sizes", default="1", help="comma-separated; the first is the reference for answers")
+    parser.add_argument("--batched-lengths", default="4096", help="lengths at which the batch sizes after the first run too")
     parser.add_argument("--models", default="sb-random,sb-long-range,llama-sdpa")
     parser.add_argument("--json")
     args = parser.parse_args()
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     lengths = [int(x) for x in args.lengths.split(",")]
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    batched_lengths = {int(x) for x in args.batched_lengths.split(",") if x}
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_CHECKPOINT)
     header = run_header()
     header["sample_generation_seconds"] = prepare_samples(tokenizer, lengths, args.samples)
@@ -123,7 +126,7 @@ def main() -> None:
         timer = ForwardTimer(model)
         for length in lengths:
             reference = None
-            for batch_size in batch_sizes:
+            for batch_size in batch_sizes if length in batched_lengths else batch_sizes[:1]:
                 lm = harness_model(name, model, tokenizer, max(length, 4096), batch_size)
                 timer.seconds, timer.calls = 0.0, 0
                 results, seconds, answers = evaluate(lm, length, args.samples, args.max_gen_toks)
