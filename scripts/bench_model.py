@@ -151,7 +151,7 @@ def copy_bandwidth() -> float:
 def decode_floor_ms(model, cache_tokens: int, bandwidth: float) -> float:
     """Reading the cache [layers x 2 x kv_heads x T x head_dim] and every weight once, in ms."""
     config = model.config
-    cache_bytes = 2 * config.n_layer * config.num_key_value_heads * cache_tokens * config.head_dim * 2
+    cache_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * cache_tokens * config.head_dim * 2
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return (cache_bytes + weight_bytes) / bandwidth * 1000
 
