@@ -146,14 +146,13 @@ def main() -> None:
                       f"{row['prompts_per_s']:6.2f}/s, outside forward passes {100 * row['outside_forward_share']:5.1f}%"
                       + (f", same answers: {row['same_answers_as_first_batch_size']}" if "same_answers_as_first_batch_size" in row else ""),
                       flush=True)
+                if args.json:  # after every row: a later out-of-memory loses nothing measured
+                    Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1))
                 del lm
                 torch.cuda.empty_cache()
         timer.remove()
         del model
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
