@@ -141,15 +141,20 @@ def sequences(
     seed: int = 0,
     task: str = "mqrar",
     layout: str = "power-law",
+    first: int = 0,
 ) -> list[Sequence]:
-    """`num_sequences` sequences of `seq_length` tokens, each with `num_pairs` initial assignments
-    (2 * num_pairs tokens) followed by queries laid out as `layout` says (see the module's
-    docstring); `task` "mqrar" reassigns and asks keys again, "mqar" asks each key once.
+    """Sequences first .. first + num_sequences - 1 of a set, each of `seq_length` tokens with
+    `num_pairs` initial assignments (2 * num_pairs tokens) followed by queries laid out as `layout`
+    says (see the module's docstring); `task` "mqrar" reassigns and asks keys again, "mqar" asks
+    each key once.
 
     Deterministic in (seq_length, num_pairs, vocabulary, seed, task, layout); sequence i is the
-    same whatever num_sequences is, so a larger set extends a smaller one.
+    same whatever num_sequences and first are, so a larger set extends a smaller one and a set
+    can be made in parts.
     """
-    seeds = _sequence_seeds(num_sequences, seq_length, num_pairs, vocabulary, seed, task, layout)
+    if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+        raise ValueError(f"first={first!r} must be a non-negative integer")
+    seeds = _sequence_seeds(first + num_sequences, seq_length, num_pairs, vocabulary, seed, task, layout)[first:]
     return [_sequence(random.Random(sequence_seed), seq_length, num_pairs, vocabulary or Vocabulary(), task, layout) for sequence_seed in seeds]
 
 

@@ -330,10 +330,9 @@ def _per_model(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [G, N, d] normalised in float32 (as both checkpoints' RMSNorm), times weight [G, d]."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + NORM_EPS)
-    return weight[:, None, :] * x32.to(x.dtype)
+    """x [G, N, d] normalised in float32 (as both checkpoints' RMSNorm; one fused kernel where
+    torch has it), times weight [G, d]."""
+    return weight[:, None, :] * F.rms_norm(x.float(), (x.shape[-1],), eps=NORM_EPS).to(x.dtype)
 
 
 def _rope_tables(length: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
