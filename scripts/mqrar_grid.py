@@ -92,7 +92,7 @@ def plan(pairs=PAIRS, control_pairs=CONTROL_PAIRS) -> list[GridRun]:
     10^(-10/3) and 1e-2 to bracket it."""
     runs = [GridRun("softmax", "mqar", count, LR_MAIN) for count in control_pairs]  # the control first
     runs += [GridRun(attention, "mqrar", count, LR_MAIN) for count in pairs for attention in ATTENTIONS]
-    runs += [GridRun("stickbreaking", "mqrar", count, LR_MAIN, offsets=True) for count in pairs]
+    runs += [GridRun("stickbreaking", "mqrar", count, LR_MAIN, offsets=True) for count in reversed(pairs)]  # longest reach first
     runs += [GridRun(attention, "mqrar", count, LR_LOW) for count in pairs for attention in ATTENTIONS]
     runs += [GridRun(attention, "mqrar", count, LR_MAIN, seed=1) for count in pairs[-2:] for attention in ATTENTIONS]
     runs += [GridRun("stickbreaking", "mqar", count, LR_MAIN) for count in control_pairs]
@@ -166,10 +166,12 @@ def train(args: argparse.Namespace) -> None:
             "settings": settings, "device": _device_name(device), "timings": timings,
             "projected_s": projected_seconds(kept, step_seconds, args.steps, args.max_stack), "budget_s": budget,
             "kept": [asdict(run) for run in kept], "left_out": [asdict(run) for run in candidates[len(kept):]],
+            "max_stack": args.max_stack,
         }
         write_atomically(args.state / "plan.json", json.dumps(saved_plan, indent=1).encode())
     write_atomically(args.output / "plan.json", json.dumps(saved_plan, indent=1).encode())
     kept = [GridRun(**run) for run in saved_plan["kept"]]
+    args.max_stack = saved_plan["max_stack"]  # the stacks the saved state holds
     print(f"training {len(kept)} of {len(candidates)} runs for {args.steps} steps "
           f"(projected {saved_plan['projected_s']:.0f} s of {saved_plan['budget_s']:.0f} s)", flush=True)
 
@@ -227,7 +229,8 @@ def _int16(raw: bytes, seq_length: int):
 def time_stacks(runs: list[GridRun], pools, size, args: argparse.Namespace):
     """Seconds per training step of a stack as a function of its models, t(G) = a + b G per
     attention, fitted to stacks of max_stack and half as many models (or what the plan has) on
-    the pair count with the most queries. Returns the function and the measurements."""
+    the pair count with the most queries. A stack the GPU cannot hold halves args.max_stack.
+    Returns the function and the measurements."""
     import torch
 
     timings = {}
@@ -236,23 +239,20 @@ def time_stacks(runs: list[GridRun], pools, size, args: argparse.Namespace):
         if not same:
             continue
         largest = max(same, key=lambda run: run.pairs)
-        sizes = sorted({min(args.max_stack, len(same)), max(1, min(args.max_stack, len(same)) // 2)})
-        measured = []
-        for count in sizes:
-            stack = [replace(largest, seed=seed) for seed in range(count)]
-            trainer, sources, most = build_stack(attention, stack, pools, size, args, torch.device(args.device))
-            for step in range(args.timing_steps + 2):
-                if step == 2:  # after the first steps' compilation and autotuning
-                    _synchronize(torch.device(args.device))
-                    began = time.perf_counter()
-                trainer.step([source.batch(step) for source in sources], most)
-            _synchronize(torch.device(args.device))
-            measured.append((count, (time.perf_counter() - began) / args.timing_steps))
-            del trainer, sources
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        timings[attention] = measured
-        print(f"{attention}: seconds per step by models stacked: {measured}", flush=True)
+        while True:
+            sizes = sorted({min(args.max_stack, len(same)), max(1, min(args.max_stack, len(same)) // 2)})
+            try:
+                timings[attention] = [(count, _time_stack(attention, largest, count, pools, size, args)) for count in sizes]
+                break
+            except torch.OutOfMemoryError:
+                if args.max_stack == 1:
+                    raise
+                args.max_stack //= 2
+                print(f"{attention}: out of GPU memory; at most {args.max_stack} models a stack from here", flush=True)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        print(f"{attention}: seconds per step by models stacked: {timings[attention]}", flush=True)
 
     def step_seconds(attention: str, count: int) -> float:
         (g1, t1), (g2, t2) = timings[attention][0], timings[attention][-1]
@@ -263,6 +263,22 @@ def time_stacks(runs: list[GridRun], pools, size, args: argparse.Namespace):
         return args.safety * evaluations * (overhead + per_model * count)
 
     return step_seconds, timings
+
+
+def _time_stack(attention: str, run: GridRun, count: int, pools, size, args: argparse.Namespace) -> float:
+    """Seconds per step of a stack of `count` copies of `run` (other seeds), after two untimed
+    steps (compilation, autotuning)."""
+    import torch
+
+    device = torch.device(args.device)
+    trainer, sources, most = build_stack(attention, [replace(run, seed=seed) for seed in range(count)], pools, size, args, device)
+    for step in range(args.timing_steps + 2):
+        if step == 2:
+            _synchronize(device)
+            began = time.perf_counter()
+        trainer.step([source.batch(step) for source in sources], most)
+    _synchronize(device)
+    return (time.perf_counter() - began) / args.timing_steps
 
 
 def build_stack(attention: str, runs: list[GridRun], pools, size, args: argparse.Namespace, device):
@@ -601,7 +617,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--pool-size", type=int, default=100_000, help="training sequences per cell (the paper's 100,000)")
     run.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences per cell")
     run.add_argument("--eval-every", type=int, default=250)
-    run.add_argument("--save-every", type=int, default=1000, help="steps between saves of the resumable state")
+    run.add_argument("--save-every", type=int, default=2000, help="steps between saves of the resumable state (and at the end)")
     run.add_argument("--seq-length", type=int, default=mqrar.PAPER_SEQ_LENGTH)
     run.add_argument("--layers", type=int, default=2)
     run.add_argument("--hidden", type=int, default=256)

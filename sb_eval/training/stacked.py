@@ -152,7 +152,10 @@ class StackedDecoder(nn.Module):
     def hidden(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [G, B, T] token ids (row g for model g) -> final hidden states [G, B, T, d]."""
         G, B, T = inputs.shape
-        x = torch.gather(self.embedding, 1, inputs.reshape(G, B * T, 1).expand(-1, -1, self.size.hidden))
+        V, d = self.size.vocab_size, self.size.hidden
+        # model g's ids index rows g*V .. g*V + V-1 of the stacked tables (one embedding lookup)
+        shifted = inputs.reshape(G, B * T) + torch.arange(G, device=inputs.device)[:, None] * V
+        x = F.embedding(shifted, self.embedding.view(G * V, d))
         rope = _rope_tables(T, self.head_dim, x.device) if self.attention == "softmax" else None
         for layer in self.layers:
             h = _rms_norm(x, layer.attn_norm)
