@@ -10,12 +10,13 @@ attention are stacked into one model with a leading model axis (sb_eval.training
 The data (the paper's 100,000 training sequences per cell and held-out ones) are made first, in
 as many processes as there are CPUs. Then it times a few steps of each attention, keeps the
 longest prefix of the plan (in priority order, `plan()`) that fits --time-limit, and trains those
-runs to the end. Into --output (at most 7 files, none over 16 MiB, so that they come back from a
-device machine):
+runs to the end. Into --output (5 files with the defaults, none over 16 MiB, so that they come
+back from a device machine):
 
 - plan.json: settings, the plan, the runs kept, the timings and the projection;
 - results.jsonl: one row per run and evaluation (step, train loss, held-out loss and accuracy);
-- models-N.pt: the best run of each cell named in --save-models, two a file (bf16 weights).
+- models-N.pt: the best softmax and stick-breaking run of each MQRAR pair count in --save-models,
+  two a file (bf16 weights).
 
 The resumable state (large) goes to --state: rerunning the same command continues where the
 last one stopped (by --time-limit or a kill) and redoes nothing.
@@ -191,7 +192,6 @@ def train_settings(args: argparse.Namespace) -> dict:
 def make_data(cells, vocabulary: mqrar.Vocabulary, args: argparse.Namespace) -> dict:
     """(task, pairs) -> training inputs, targets, held-out inputs, targets: int16 [N, T] tensors,
     made in parts by --workers processes (the sets do not depend on how)."""
-    import torch
     from tqdm import tqdm
 
     parts = []
@@ -200,8 +200,8 @@ def make_data(cells, vocabulary: mqrar.Vocabulary, args: argparse.Namespace) -> 
             parts += [(task, count, which, seed, first, min(args.part_size, total - first)) for first in range(0, total, args.part_size)]
     made: dict[tuple, list] = {}
     with ProcessPoolExecutor(args.workers) as workers:
-        futures = [workers.submit(_make_part, task, count, which, seed, first, number, args.seq_length, vocabulary)
-                   for task, count, which, seed, first, number in parts]
+        futures = [workers.submit(_make_part, task, count, seed, first, number, args.seq_length, vocabulary)
+                   for task, count, _, seed, first, number in parts]
         for part, future in zip(parts, tqdm(futures, desc="MQRAR data", unit="part")):
             made.setdefault(part[:3], []).append(future.result())
     data = {}
@@ -214,7 +214,8 @@ def make_data(cells, vocabulary: mqrar.Vocabulary, args: argparse.Namespace) -> 
     return data
 
 
-def _make_part(task, count, which, seed, first, number, seq_length, vocabulary) -> tuple[bytes, bytes]:
+def _make_part(task, count, seed, first, number, seq_length, vocabulary) -> tuple[bytes, bytes]:
+    """Sequences first .. first + number - 1 of a set, inputs and targets as int16 bytes."""
     sequences = mqrar.sequences(number, seq_length, count, vocabulary, seed, task, first=first)
     return (array("h", [t for s in sequences for t in s.inputs]).tobytes(),
             array("h", [t for s in sequences for t in s.targets]).tobytes())
@@ -327,13 +328,13 @@ def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, start
     history = [row for row in history if row["step"] <= start]
     progress = tqdm(total=args.steps, initial=start, desc="MQRAR grid", unit="step")
     for step in range(start, args.steps):
-        for (number, stack_runs, trainer, sources, most, *_), losses in zip(stacks, train_losses):
+        for (_, _, trainer, sources, most, *_), losses in zip(stacks, train_losses):
             losses += trainer.step([source.batch(step) for source in sources], most)
         since += 1
         progress.update(1)
         done = step + 1
         if done % args.eval_every == 0 or done == args.steps:
-            for (number, stack_runs, trainer, _, _, eval_batches, eval_most), losses in zip(stacks, train_losses):
+            for (_, stack_runs, trainer, _, _, eval_batches, eval_most), losses in zip(stacks, train_losses):
                 metrics = trainer.evaluate(eval_batches, eval_most)
                 for run, mean_loss, row in zip(stack_runs, (losses / since).tolist(), metrics):
                     history.append({"run": run.name, **asdict(run), "step": done, "train_loss": mean_loss, **row,
@@ -403,7 +404,7 @@ def report(args: argparse.Namespace) -> None:
     earlier = [row for row in (_read_json(grid_file) or []) if row.get("grid") != GRID_NAME]
     every = earlier + sorted(grid_rows, key=lambda row: (row["task"], row["model"], row["pairs"], row["lr"], row["seed"]))
     write_atomically(grid_file, json.dumps(every, indent=1).encode())
-    write_atomically(args.docs / "mqrar.png", plot(grid_rows, earlier, rows, settings["steps"]))
+    write_atomically(args.docs / "mqrar.png", plot(grid_rows, earlier, rows, settings))
     print(summary(rows, settings["steps"]))
     for name, accuracy in harness.items():
         print(f"lm-eval mqrar, {name}: {accuracy}")
@@ -471,7 +472,7 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
     return entry
 
 
-def plot(grid_rows: list[dict], earlier: list[dict], history: list[dict], steps: int) -> bytes:
+def plot(grid_rows: list[dict], earlier: list[dict], history: list[dict], settings: dict) -> bytes:
     """PNG: left, the best accuracy per cell against the pair count (this grid's MQRAR and MQAR
     control, and the earlier grids faintly); right, the held-out accuracy of each MQRAR cell's
     best run over training."""
@@ -498,7 +499,7 @@ def plot(grid_rows: list[dict], earlier: list[dict], history: list[dict], steps:
     by_count.set_xlabel("key-value pairs")
     by_count.set_ylabel("held-out accuracy (best learning rate)")
     by_count.set_ylim(0, 1.02)
-    by_count.set_title(f"MQRAR, 2 layers x 256, 768 tokens, {steps} steps")
+    by_count.set_title(f"{settings['layers']} layers x {settings['hidden']}, {settings['seq_length']} tokens, {settings['steps']} steps")
     by_count.legend(fontsize=7)
     by_count.grid(alpha=0.3)
     for (model, task, count), entry in sorted(best.items()):
