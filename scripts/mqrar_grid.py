@@ -18,8 +18,10 @@ back from a device machine):
 - models-N.pt: the best softmax and stick-breaking run of each MQRAR pair count in --save-models,
   two a file (bf16 weights).
 
-The resumable state (large) goes to --state: rerunning the same command continues where the
-last one stopped (by --time-limit or a kill) and redoes nothing.
+Should the projection be wrong and the time run out, the runs are evaluated where they stand
+(rows marked "interrupted") and their models saved as they are. The resumable state (large) goes
+to --state: rerunning the same command continues where the last one stopped (by --time-limit or
+a kill) and redoes nothing.
 
 `report` (CPU): from a train folder, writes the best models as checkpoints (`sb_hf` loads the
 stick-breaking ones, lm-eval's `hf` the softmax ones) into --models, scores them with lm-eval's
@@ -176,10 +178,9 @@ def train(args: argparse.Namespace) -> None:
     print(f"training {len(kept)} of {len(candidates)} runs for {args.steps} steps "
           f"(projected {saved_plan['projected_s']:.0f} s of {saved_plan['budget_s']:.0f} s)", flush=True)
 
-    finished = train_runs(kept, pools, size, args, started)
-    if finished:
-        save_best_models(kept, finished, args.output, args.save_models)
-    print(summary(_read_rows(args.output / "results.jsonl"), args.steps), flush=True)
+    trained = train_runs(kept, pools, size, args, started)
+    save_best_models(kept, trained, args.output, args.save_models)  # also where the time ran out: what there is
+    print(summary(_read_rows(args.output / "results.jsonl")), flush=True)
 
 
 def train_settings(args: argparse.Namespace) -> dict:
@@ -293,9 +294,9 @@ def build_stack(attention: str, runs: list[GridRun], pools, size, args: argparse
     return StackedTrainer(model, settings), sources, [source.max_scored for source in sources]
 
 
-def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, started: float) -> dict | None:
-    """Trains every run to args.steps (resuming from --state), evaluating every eval_every steps;
-    returns {run name: (stack trainer, index)} when all finished, None when the time ran out."""
+def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, started: float) -> dict:
+    """Trains every run to args.steps (resuming from --state), evaluating every eval_every steps
+    and where --time-limit stops it; returns {run name: (stack trainer, index)}."""
     import torch
     from tqdm import tqdm
 
@@ -325,7 +326,7 @@ def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, start
     start = min(trainer.step_count for _, _, trainer, *_ in stacks)
     if any(trainer.step_count != start for _, _, trainer, *_ in stacks):
         raise SystemExit(f"the stacks in {args.state} stopped at different steps; delete it to start over")
-    history = [row for row in history if row["step"] <= start]
+    history = [row for row in history if row["step"] <= start and not row.get("interrupted")]
     progress = tqdm(total=args.steps, initial=start, desc="MQRAR grid", unit="step")
     for step in range(start, args.steps):
         for (_, _, trainer, sources, most, *_), losses in zip(stacks, train_losses):
@@ -333,26 +334,28 @@ def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, start
         since += 1
         progress.update(1)
         done = step + 1
-        if done % args.eval_every == 0 or done == args.steps:
+        out_of_time = time.monotonic() > deadline
+        regular = done % args.eval_every == 0 or done == args.steps
+        if regular or out_of_time:
             for (_, stack_runs, trainer, _, _, eval_batches, eval_most), losses in zip(stacks, train_losses):
                 metrics = trainer.evaluate(eval_batches, eval_most)
                 for run, mean_loss, row in zip(stack_runs, (losses / since).tolist(), metrics):
+                    # an evaluation where the time ran out is marked, and superseded on resuming
                     history.append({"run": run.name, **asdict(run), "step": done, "train_loss": mean_loss, **row,
-                                    "elapsed_s": round(time.monotonic() - started, 1)})
-                losses.zero_()
-            since = 0
+                                    "elapsed_s": round(time.monotonic() - started, 1), **({} if regular else {"interrupted": True})})
+                if regular:
+                    losses.zero_()
+            since = 0 if regular else since
             best = max((row["eval_accuracy"] for row in history if row["step"] == done), default=0.0)
             progress.set_postfix(best_accuracy=f"{best:.3f}")
             _write_history(args, history)
-        out_of_time = time.monotonic() > deadline
         if done % args.save_every == 0 or done == args.steps or out_of_time:
             for (number, _, trainer, *_), losses in zip(stacks, train_losses):
                 _save_state(args.state / f"stack{number}.pt", trainer, losses, since)
             _write_history(args, history)
         if out_of_time and done < args.steps:
-            progress.close()
-            print(f"--time-limit reached at step {done} of {args.steps}; rerun the same command to go on", flush=True)
-            return None
+            print(f"\n--time-limit reached at step {done} of {args.steps}; rerun the same command to go on", flush=True)
+            break
     progress.close()
     return {run.name: (trainer, index) for _, stack_runs, trainer, *_ in stacks for index, run in enumerate(stack_runs)}
 
@@ -399,13 +402,13 @@ def report(args: argparse.Namespace) -> None:
     settings = saved_plan["settings"]
     rows = _read_rows(args.runs / "results.jsonl")
     harness = export_and_score(args, settings)
-    grid_rows = [_grid_row(row, settings, harness.get(row["run"])) for row in final_rows(rows, settings["steps"])]
+    grid_rows = [_grid_row(row, settings, harness.get(row["run"])) for row in last_rows(rows)]
     grid_file = args.docs / "mqrar-grid.json"
     earlier = [row for row in (_read_json(grid_file) or []) if row.get("grid") != GRID_NAME]
     every = earlier + sorted(grid_rows, key=lambda row: (row["task"], row["model"], row["pairs"], row["lr"], row["seed"]))
     write_atomically(grid_file, json.dumps(every, indent=1).encode())
     write_atomically(args.docs / "mqrar.png", plot(grid_rows, earlier, rows, settings))
-    print(summary(rows, settings["steps"]))
+    print(summary(rows))
     for name, accuracy in harness.items():
         print(f"lm-eval mqrar, {name}: {accuracy}")
     print(f"wrote {grid_file} ({len(grid_rows)} runs of this grid, {len(earlier)} earlier) and {args.docs / 'mqrar.png'}")
@@ -522,24 +525,29 @@ def plot(grid_rows: list[dict], earlier: list[dict], history: list[dict], settin
     return png.getvalue()
 
 
-def summary(rows: list[dict], steps: int) -> str:
-    """Best final held-out accuracy per cell (over learning rates; the mean over seeds of one
-    learning rate), as a Markdown table."""
-    best = best_per_cell(final_rows(rows, steps))
+def summary(rows: list[dict]) -> str:
+    """Best held-out accuracy per cell at each run's last evaluation (over learning rates; the
+    mean over seeds of one learning rate), as a Markdown table."""
+    best = best_per_cell(last_rows(rows))
     models = sorted({cell[0] for cell in best}, key=lambda model: list(LABELS).index(model))
     lines = ["| task | pairs | " + " | ".join(LABELS[model] for model in models) + " |", "|---|---|" + "---|" * len(models)]
     for task, count in sorted({(cell[1], cell[2]) for cell in best}, key=lambda key: (key[0] != "mqrar", key[1])):
         cells = []
         for model in models:
             entry = best.get((model, task, count))
-            cells.append("" if entry is None else f"{entry['accuracy']:.3f} (lr {entry['lr']:.1e}, {entry['seeds']} seed{'s' * (entry['seeds'] > 1)})")
+            if entry is None:
+                cells.append("")
+                continue
+            steps = sorted({row["step"] for row in entry["runs"]})
+            cells.append(f"{entry['accuracy']:.3f} (lr {entry['lr']:.1e}, {entry['seeds']} seed{'s' * (entry['seeds'] > 1)}, "
+                         f"step {'/'.join(map(str, steps))})")
         lines.append(f"| {task} | {count} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def final_rows(rows: list[dict], steps: int) -> list[dict]:
-    """The last evaluation of every run that reached `steps`."""
-    return [row for row in rows if row["step"] == steps]
+def last_rows(rows: list[dict]) -> list[dict]:
+    """The last evaluation of every run (rows come in step order)."""
+    return list({row["run"]: row for row in rows}.values())
 
 
 def best_per_cell(rows: list[dict]) -> dict[tuple, dict]:
@@ -639,7 +647,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes making the data")
     run.add_argument("--part-size", type=int, default=2000, help="sequences a data process makes at a time")
     run.add_argument("--timing-steps", type=int, default=6, help="steps timed per stack size before choosing the runs")
-    run.add_argument("--safety", type=float, default=1.1, help="factor on the projected time")
+    run.add_argument("--safety", type=float, default=1.15, help="factor on the projected time")
     run.set_defaults(func=train)
     summarise = commands.add_parser("report", help="checkpoints, lm-eval scores, docs/mqrar-grid.json and docs/mqrar.png")
     summarise.add_argument("--runs", type=Path, required=True, help="the folder train --output wrote")
