@@ -20,8 +20,9 @@ down) with 0.02 / sqrt(2 x layers); norms at 1, biases at 0.
 
 Optimisation: AdamW (decoupled weight decay on matrices only) with a learning rate per model,
 linear warm-up then cosine decay, gradient clipping per model. Losses count only scored positions
-(targets != IGNORE), and the output layer runs only there: with MQRAR's vocabulary of 8192 and a
-few queries per sequence, logits at every position would cost more than the model.
+(targets != IGNORE), and the output layer runs only there: with MQRAR's vocabulary of 8192 and
+a query at one position in 4 or fewer, logits at every position would cost as much as the rest of
+a 2 x 256 model.
 """
 
 from __future__ import annotations
