@@ -44,8 +44,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from sb_eval.files import write_atomically
-from sb_eval.ruler import mqrar
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's sb_eval, wherever the command runs from
+
+from sb_eval.files import write_atomically  # noqa: E402
+from sb_eval.ruler import mqrar  # noqa: E402
 
 LR_MAIN = 10 ** (-8 / 3)  # the paper's grid: 1e-4, 10^(-10/3), 10^(-8/3), 1e-2
 LR_LOW = 10 ** (-10 / 3)
@@ -450,7 +453,8 @@ def harness_accuracy(run: GridRun, folder: Path, settings: dict, args: argparse.
         "--tasks", "mqrar", "--metadata", json.dumps(metadata), "--batch_size", str(args.harness_batch_size),
         "--device", args.device, "--output_path", str(results_folder),
     ]
-    finished = subprocess.run(command, capture_output=True, text=True)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    finished = subprocess.run(command, capture_output=True, text=True, env=environment)
     if finished.returncode != 0:
         return "failed: " + " | ".join(finished.stderr.strip().splitlines()[-2:])
     try:
