@@ -411,7 +411,7 @@ def report(args: argparse.Namespace) -> None:
     grid_file = args.docs / "mqrar-grid.json"
     earlier = [row for row in (_read_json(grid_file) or []) if row.get("grid") != GRID_NAME]
     every = earlier + sorted(grid_rows, key=lambda row: (row["task"], row["model"], row["pairs"], row["lr"], row["seed"]))
-    write_atomically(grid_file, json.dumps(every, indent=1).encode())
+    write_atomically(grid_file, json.dumps(every, indent=1, allow_nan=False).encode())
     write_atomically(args.docs / "mqrar.png", plot(grid_rows, earlier, rows, settings))
     print(summary(rows))
     for name, accuracy in harness.items():
@@ -473,9 +473,11 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
         "grid": GRID_NAME, "attention": run.attention, "offsets": list(OFFSETS) if run.offsets else None, "model": run.model,
         "task": run.task, "layout": "power-law", "num_keys": settings["num_keys"], "num_values": settings["num_values"],
         "seq_length": settings["seq_length"], "pairs": run.pairs, "lr": run.lr, "seed": run.seed, "steps": row["step"],
-        "batch_size": settings["batch_size"], "accuracy": row["eval_accuracy"], "eval_loss": row["eval_loss"],
-        "eval_positions": row["eval_positions"], "train_loss": row["train_loss"],
+        "batch_size": settings["batch_size"], "accuracy": _number(row["eval_accuracy"]), "eval_loss": _number(row["eval_loss"]),
+        "eval_positions": row["eval_positions"], "train_loss": _number(row["train_loss"]),
     }
+    if row.get("interrupted"):
+        entry["interrupted"] = True
     if harness is not None:
         entry["harness_accuracy"] = harness
     return entry
@@ -572,9 +574,14 @@ def best_per_cell(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def _accuracy(row: dict) -> float:
-    """A diverged run's accuracy (NaN) counts as 0."""
+    """A diverged run's accuracy (NaN, or None in docs/mqrar-grid.json) counts as 0."""
     accuracy = row["eval_accuracy"]
-    return 0.0 if math.isnan(accuracy) else accuracy
+    return 0.0 if accuracy is None or math.isnan(accuracy) else accuracy
+
+
+def _number(value: float) -> float | None:
+    """NaN (a diverged run) as null, which JSON has."""
+    return None if math.isnan(value) else value
 
 
 def _save_state(path: Path, trainer, train_losses, since: int) -> None:
