@@ -31,9 +31,9 @@ def train_args(folder: Path) -> list[str]:
         "train", "--output", str(folder / "out"), "--state", str(folder / "state"), "--time-limit", "3000",
         "--steps", "6", "--batch-size", "4", "--pool-size", "16", "--eval-sequences", "8", "--eval-every", "3",
         "--save-every", "2", "--seq-length", "32", "--hidden", "32", "--heads", "2", "--num-keys", "16",
-        "--num-values", "16", "--pairs", "4", "8", "--control-pairs", "4", "--device", "cpu",
+        "--num-values", "16", "--pairs", "8", "--control-pairs", "4", "--device", "cpu",
         "--attention-backend", "torch", "--max-stack", "4", "--workers", "2", "--part-size", "8",
-        "--timing-steps", "1", "--save-models", "4", "8",
+        "--timing-steps", "1", "--save-models", "8",
     ]
 
 
@@ -45,14 +45,14 @@ def results(folder: Path) -> list[dict]:
 def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(grid, tmp_path, monkeypatch):
     grid.main(train_args(tmp_path / "whole"))
     plan = json.loads((tmp_path / "whole" / "out" / "plan.json").read_text())
-    assert len(plan["kept"]) == len(grid.plan([4, 8], [4])) and plan["left_out"] == []
+    assert len(plan["kept"]) == len(grid.plan([8], [4])) and plan["left_out"] == []
     rows = results(tmp_path / "whole")
     assert {row["step"] for row in rows} == {3, 6} and len(rows) == 2 * len(plan["kept"])
     assert all(0 <= row["eval_accuracy"] <= 1 and row["eval_positions"] > 0 for row in rows)
 
     # the clock passes --time-limit after the 4th training step (the timing's steps not counted)
     clock = {"training": False, "steps": 0, "late": False}
-    stacks = len(grid.stacks_of(grid.plan([4, 8], [4]), 4))
+    stacks = len(grid.stacks_of(grid.plan([8], [4]), 4))
     real_monotonic, real_time_stacks, real_build_stack = grid.time.monotonic, grid.time_stacks, grid.build_stack
 
     def time_stacks(*args, **kwargs):
@@ -108,7 +108,7 @@ def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path
 
     # the best softmax and stick-breaking model of each MQRAR cell, as checkpoints lm-eval loads
     folders = sorted(path.name for path in (tmp_path / "models").iterdir())
-    assert len(folders) == 4 and all("-mqrar-kv" in name and "offsets" not in name for name in folders)
+    assert len(folders) == 2 and all("-mqrar-kv8-" in name and "offsets" not in name for name in folders)
     for name in folders:
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / name)
         assert isinstance(model, StickBreakingForCausalLM) == name.startswith("stickbreaking")
