@@ -1,26 +1,44 @@
 """Multi-query repeated associative recall (MQRAR; Tan et al., "Scaling Stick-Breaking Attention",
-ICLR 2025, section 5.1), as token ids for training small models and as text for lm-eval.
+ICLR 2025, section 5.1) and its control without reassignments (MQAR; Arora et al., "Zoology",
+2023), as token ids for training small models and as text for lm-eval.
 
-A sequence starts with `num_pairs` assignments "key value" of distinct keys, then a stream of
-queries "key new_value" over those keys to its end. At each queried key the answer is the key's
-current value, the one of its most recent assignment, and the query then reassigns the key:
+A sequence starts with `num_pairs` assignments "key value". After them come queries: a key whose
+answer is its current value, the value of its most recent assignment. In MQRAR the token after a
+query key is a new value that reassigns the key, so a key asked twice has two answers:
 
     inputs   B 6 P 4 E 3 X 1 Z 2 E 2 B 1 E 5 B 4
     targets  - - - - - - - - - - 3 - 6 - 2 - 1 -
 
-(the second E must answer 2, not the 3 of its first assignment). A key's first occurrence is its
-assignment and every later one is a query, so no separator marks where the queries start. The
-target of a query sits at the key's own position, as next-token prediction reads it: the model
-predicts the answer right after reading the key, although the token that follows in the input is
-the new value. A new value always differs from the current one, so recalling an outdated value is
-always wrong.
+(the second E must answer 2, not the 3 of its first assignment). The rule that scores every
+layout (`targets`): a key followed by a value assigns it; a key assigned before is a query whose
+target is its current value; a value that follows no key is filler. The target of a query sits at
+the key's own position, as next-token prediction reads it: the model predicts the answer right
+after reading the key, although the token that follows in the input is the new value.
+
+Two layouts of the queries (`layout`):
+
+- "power-law" (the default; the paper's): as the first author's MQRAR generator, a modification
+  of Zoology's MQAR generator, lays them out. After the assignments, slots of two tokens to the
+  end of the sequence; `num_pairs` of the slots, drawn without replacement with probability
+  proportional to i^(a - 1) for the i-th slot (a = 0.01, Zoology's power law: queries crowd near
+  the assignments and thin out behind them), hold a query key; every other token is a random
+  value (filler, or the reassignment right after a query key). MQRAR draws the keys of the
+  assignments and of the queries with replacement (a key can be asked several times, or even be
+  assigned twice among the assignments); the MQAR control draws distinct keys and distinct
+  values, and asks each key once, so its answer is always the first value. 4 * num_pairs must fit
+  in the sequence (Zoology's bound; 192 pairs at the paper's 768 tokens).
+- "dense" (MQRAR only; this harness's first form of the task): distinct keys, then queries with
+  a new value each in every slot to the end of the sequence, each new value different from the
+  current one. At 32 pairs in 768 tokens every key is asked about 11 times, so most answers are
+  reassigned values: a harder test of recency than the paper's, and hardest with few pairs.
 
 Token form: `sequences(...)` returns inputs and targets (IGNORE where there is no target) with key
-and value ids from disjoint ranges of one vocabulary (`Vocabulary`). Text form: the same ids as
-space-separated symbols (`Vocabulary.text`), so that a word-level tokenizer over
-`Vocabulary.symbols` encodes it back to exactly these ids; `instances(...)` cuts sequences right
-after query keys, with the current value's symbol as the answer. Greedy accuracy on those
-instances is the token form's accuracy at the sampled query positions.
+and value ids from disjoint ranges of one vocabulary (`Vocabulary`; by default 4096 keys and 4096
+values, Zoology's and the paper's vocabulary of 8192). Text form: the same ids as space-separated
+symbols (`Vocabulary.text`), so that a word-level tokenizer over `Vocabulary.symbols` encodes it
+back to exactly these ids; `instances(...)` cuts sequences right after query keys, with the
+current value's symbol as the answer. Greedy accuracy on those instances is the token form's
+accuracy at the sampled query positions.
 
 Standard library only.
 """
@@ -28,21 +46,26 @@ Standard library only.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 
 IGNORE = -100  # target at positions without one (PyTorch's cross-entropy ignore_index)
 
-# The paper sweeps 32 to 192 key-value pairs, so at least 192 distinct keys must exist; 256 (the
-# next power of two) leaves every pair count drawing its keys from a larger pool, as in MQAR
-# (Arora et al., 2023), so that no key is present in every sequence. 256 values keep a blind guess
-# at 1/255 (the previous value is never the answer).
-DEFAULT_NUM_KEYS = 256
-DEFAULT_NUM_VALUES = 256
+# Zoology's MQAR and the paper's MQRAR draw keys from half of a vocabulary of 8192 ids and
+# values from the other half (the first author's generator leaves id 0 unused: 4095 keys there).
+DEFAULT_NUM_KEYS = 4096
+DEFAULT_NUM_VALUES = 4096
 
 # The paper's setting: sequences of 768 tokens with 32 to 192 initial pairs.
 PAPER_SEQ_LENGTH = 768
 PAPER_NUM_PAIRS = (32, 64, 96, 128, 160, 192)
+
+TASKS = ("mqrar", "mqar")
+LAYOUTS = ("power-law", "dense")
+# Zoology's power law of the query slots: the i-th slot after the assignments (from 1) is drawn
+# with probability proportional to i^(POWER_LAW_A - 1).
+POWER_LAW_A = 0.01
 
 KEY_PREFIX = "k"
 VALUE_PREFIX = "v"
@@ -59,8 +82,6 @@ class Vocabulary:
     def __post_init__(self) -> None:
         _check_positive("num_keys", self.num_keys)
         _check_positive("num_values", self.num_values)
-        if self.num_values < 2:
-            raise ValueError(f"num_values={self.num_values} must be at least 2: a query's new value differs from the current one")
 
     @property
     def size(self) -> int:
@@ -118,35 +139,80 @@ def sequences(
     num_pairs: int = 64,
     vocabulary: Vocabulary | None = None,
     seed: int = 0,
+    task: str = "mqrar",
+    layout: str = "power-law",
+    first: int = 0,
 ) -> list[Sequence]:
-    """`num_sequences` sequences of `seq_length` tokens, each with `num_pairs` initial assignments
-    (2 * num_pairs tokens) followed by queries up to seq_length (an odd remainder ends with a query
-    key whose reassignment falls outside the sequence).
+    """Sequences first .. first + num_sequences - 1 of a set, each of `seq_length` tokens with
+    `num_pairs` initial assignments (2 * num_pairs tokens) followed by queries laid out as `layout`
+    says (see the module's docstring); `task` "mqrar" reassigns and asks keys again, "mqar" asks
+    each key once.
 
-    Deterministic in (seq_length, num_pairs, vocabulary, seed); sequence i is the same whatever
-    num_sequences is, so a larger set extends a smaller one.
+    Deterministic in (seq_length, num_pairs, vocabulary, seed, task, layout); sequence i is the
+    same whatever num_sequences and first are, so a larger set extends a smaller one and a set
+    can be made in parts.
     """
-    return [_sequence(random.Random(sequence_seed), seq_length, num_pairs, vocabulary) for sequence_seed in _sequence_seeds(num_sequences, seq_length, num_pairs, vocabulary, seed)]
+    if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+        raise ValueError(f"first={first!r} must be a non-negative integer")
+    seeds = _sequence_seeds(first + num_sequences, seq_length, num_pairs, vocabulary, seed, task, layout)[first:]
+    return [_sequence(random.Random(sequence_seed), seq_length, num_pairs, vocabulary or Vocabulary(), task, layout) for sequence_seed in seeds]
 
 
 def targets(inputs: list[int], vocabulary: Vocabulary | None = None) -> list[int]:
-    """The task's definition: for token ids alternating key, value, key, value, ... the target at
-    each position. At a key that has been assigned before, its current value (the value after its
-    most recent occurrence); everywhere else (values, a key's first occurrence) IGNORE."""
+    """The task's definition, for any layout: the target at each position of the token ids
+    `inputs`. A key followed by a value assigns it that value; at a key assigned before, the
+    target is its current value (the value after its most recent occurrence); everywhere else
+    (values, a key's first occurrence) IGNORE. A key must be followed by a value (or end the
+    sequence); a value that follows no key is filler."""
     vocabulary = vocabulary or Vocabulary()
     current: dict[int, int] = {}
     result = []
     for position, token_id in enumerate(inputs):
-        expected = "key" if position % 2 == 0 else "value"
-        kind = "key" if 0 <= token_id < vocabulary.num_keys else "value" if token_id < vocabulary.size else None
-        if kind != expected:
-            raise ValueError(f"inputs[{position}]={token_id} must be a {expected} id ({vocabulary})")
-        if kind == "key":
+        if not 0 <= token_id < vocabulary.size:
+            raise ValueError(f"inputs[{position}]={token_id} is outside this vocabulary's ids 0..{vocabulary.size - 1} ({vocabulary})")
+        if token_id < vocabulary.num_keys:
+            if position + 1 < len(inputs) and 0 <= inputs[position + 1] < vocabulary.num_keys:
+                raise ValueError(f"inputs[{position + 1}]={inputs[position + 1]} must be a value id: it follows the key inputs[{position}] ({vocabulary})")
             result.append(current.get(token_id, IGNORE))
         else:
-            current[inputs[position - 1]] = token_id
+            if position > 0 and inputs[position - 1] < vocabulary.num_keys:
+                current[inputs[position - 1]] = token_id
             result.append(IGNORE)
     return result
+
+
+def check_settings(seq_length: int, num_pairs: int, vocabulary: Vocabulary | None = None, task: str = "mqrar", layout: str = "power-law") -> None:
+    """Raises ValueError, naming the setting, where these settings make no sequence."""
+    _check_positive("num_pairs", num_pairs)
+    _check_positive("seq_length", seq_length)
+    vocabulary = vocabulary or Vocabulary()
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} must be one of {TASKS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+    if layout == "dense":
+        if task != "mqrar":
+            raise ValueError(f"task={task!r} asks each key once; layout='dense' asks keys to the end of the sequence: use layout='power-law'")
+        if num_pairs > vocabulary.num_keys:
+            raise ValueError(f"num_pairs={num_pairs} needs as many distinct keys, but num_keys={vocabulary.num_keys}")
+        if vocabulary.num_values < 2:
+            raise ValueError(f"num_values={vocabulary.num_values} must be at least 2 in layout='dense': a query's new value differs from the current one")
+        if seq_length <= 2 * num_pairs:
+            raise ValueError(
+                f"seq_length={seq_length} leaves no room for a query after {num_pairs} pairs ({2 * num_pairs} tokens); "
+                f"layout='dense' takes at most {(seq_length - 1) // 2} pairs at this length"
+            )
+        return
+    if task == "mqar" and num_pairs > min(vocabulary.num_keys, vocabulary.num_values):
+        raise ValueError(
+            f"num_pairs={num_pairs} needs as many distinct keys and values, but num_keys={vocabulary.num_keys} "
+            f"and num_values={vocabulary.num_values}"
+        )
+    if 4 * num_pairs > seq_length:
+        raise ValueError(
+            f"seq_length={seq_length} cannot hold {num_pairs} pairs and as many query slots ({4 * num_pairs} tokens); "
+            f"layout='power-law' takes at most {seq_length // 4} pairs at this length"
+        )
 
 
 def instances(
@@ -156,8 +222,11 @@ def instances(
     vocabulary: Vocabulary | None = None,
     seed: int = 0,
     queries_per_sequence: int = 4,
+    task: str = "mqrar",
+    layout: str = "power-law",
 ) -> list[dict]:
-    """The text form of `sequences(num_sequences, seq_length, num_pairs, vocabulary, seed)`: from
+    """The text form of `sequences(num_sequences, seq_length, num_pairs, vocabulary, seed, task,
+    layout)`: from
     each sequence, `queries_per_sequence` of its query positions drawn uniformly without
     replacement (all of them where it has fewer), each an instance
 
@@ -171,10 +240,10 @@ def instances(
     _check_positive("queries_per_sequence", queries_per_sequence)
     vocabulary = vocabulary or Vocabulary()
     result = []
-    seeds = _sequence_seeds(num_sequences, seq_length, num_pairs, vocabulary, seed)
+    seeds = _sequence_seeds(num_sequences, seq_length, num_pairs, vocabulary, seed, task, layout)
     for index, sequence_seed in enumerate(seeds):
         rng = random.Random(sequence_seed)
-        sequence = _sequence(rng, seq_length, num_pairs, vocabulary)
+        sequence = _sequence(rng, seq_length, num_pairs, vocabulary, task, layout)
         queries = sequence.query_positions
         # drawn after the sequence from the same generator: the sequence does not depend on how
         # many queries are asked
@@ -194,25 +263,56 @@ def instances(
     return result
 
 
-def _sequence_seeds(num_sequences: int, seq_length: int, num_pairs: int, vocabulary: Vocabulary | None, seed: int) -> list[int]:
+def _sequence_seeds(
+    num_sequences: int, seq_length: int, num_pairs: int, vocabulary: Vocabulary | None, seed: int, task: str, layout: str
+) -> list[int]:
     _check_positive("num_sequences", num_sequences)
-    _check_positive("num_pairs", num_pairs)
-    _check_positive("seq_length", seq_length)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed={seed!r} must be an integer")
     vocabulary = vocabulary or Vocabulary()
-    if num_pairs > vocabulary.num_keys:
-        raise ValueError(f"num_pairs={num_pairs} needs as many distinct keys, but num_keys={vocabulary.num_keys}")
-    if seq_length <= 2 * num_pairs:
-        raise ValueError(f"seq_length={seq_length} leaves no room for a query after {num_pairs} pairs ({2 * num_pairs} tokens)")
-    # One generator per set, then one per sequence, seeded by everything that defines the set.
-    identity = json.dumps(["mqrar", seq_length, num_pairs, vocabulary.num_keys, vocabulary.num_values, seed])
+    check_settings(seq_length, num_pairs, vocabulary, task, layout)
+    # One generator per set, then one per sequence, seeded by everything that defines the set
+    # (the dense layout's identity is the one it had as the only layout, so its sets stay as
+    # they were).
+    kind = ["mqrar"] if layout == "dense" else [task, layout]
+    identity = json.dumps([*kind, seq_length, num_pairs, vocabulary.num_keys, vocabulary.num_values, seed])
     set_rng = random.Random(identity)
     return [set_rng.getrandbits(64) for _ in range(num_sequences)]
 
 
-def _sequence(rng: random.Random, seq_length: int, num_pairs: int, vocabulary: Vocabulary | None) -> Sequence:
-    vocabulary = vocabulary or Vocabulary()
+def _sequence(rng: random.Random, seq_length: int, num_pairs: int, vocabulary: Vocabulary, task: str, layout: str) -> Sequence:
+    inputs = (_dense if layout == "dense" else _power_law)(rng, seq_length, num_pairs, vocabulary, task)
+    return Sequence(inputs, targets(inputs, vocabulary), num_pairs)
+
+
+def _power_law(rng: random.Random, seq_length: int, num_pairs: int, vocabulary: Vocabulary, task: str) -> list[int]:
+    if task == "mqar":  # Zoology: distinct keys and values, each key asked once, in the order assigned
+        keys = rng.sample(range(vocabulary.num_keys), num_pairs)
+        values = rng.sample(range(vocabulary.num_values), num_pairs)
+        asked = keys
+    else:  # the paper's generator draws every key and value with replacement
+        keys = [rng.randrange(vocabulary.num_keys) for _ in range(num_pairs)]
+        values = [rng.randrange(vocabulary.num_values) for _ in range(num_pairs)]
+        asked = [rng.choice(keys) for _ in range(num_pairs)]
+    inputs: list[int] = []
+    for key, value in zip(keys, values):
+        inputs += [vocabulary.key_id(key), vocabulary.value_id(value)]
+    rest = [vocabulary.value_id(rng.randrange(vocabulary.num_values)) for _ in range(seq_length - len(inputs))]
+    for slot, key in zip(_power_law_slots(rng, (seq_length - len(inputs)) // 2, num_pairs), asked):
+        rest[2 * slot] = vocabulary.key_id(key)
+    return inputs + rest
+
+
+def _power_law_slots(rng: random.Random, slots: int, count: int) -> list[int]:
+    """`count` of the slots 0..slots-1 without replacement, slot s weighing (s + 1)^(a - 1), in the
+    order successive draws would give them. Efraimidis and Spirakis' keys u^(1 / weight) (here
+    their logarithms): the largest `count` keys, largest first, are distributed as successive
+    weighted draws without replacement, as numpy's choice(replace=False, p=...) makes them."""
+    keys = [math.log(1.0 - rng.random()) / (slot + 1) ** (POWER_LAW_A - 1) for slot in range(slots)]
+    return sorted(range(slots), key=keys.__getitem__, reverse=True)[:count]
+
+
+def _dense(rng: random.Random, seq_length: int, num_pairs: int, vocabulary: Vocabulary, task: str) -> list[int]:
     keys = rng.sample(range(vocabulary.num_keys), num_pairs)
     current = {key: rng.randrange(vocabulary.num_values) for key in keys}
     inputs: list[int] = []
@@ -224,8 +324,7 @@ def _sequence(rng: random.Random, seq_length: int, num_pairs: int, vocabulary: V
         new_value = rng.randrange(vocabulary.num_values - 1)
         current[key] = new_value + (new_value >= current[key])
         inputs += [vocabulary.key_id(key), vocabulary.value_id(current[key])]
-    inputs = inputs[:seq_length]
-    return Sequence(inputs, targets(inputs, vocabulary), num_pairs)
+    return inputs[:seq_length]
 
 
 def _check_positive(name: str, value: object) -> None:

@@ -1,16 +1,32 @@
-"""The paper's MQRAR experiment (Figure 3): stick-breaking vs softmax+RoPE as the number of
-key-value pairs grows, best learning rate per point.
+"""The paper's MQRAR experiment (Figure 3) and its MQAR control as one GPU job: stick-breaking
+against softmax + RoPE as the number of key-value pairs grows, the best learning rate per cell.
 
-    python scripts/mqrar_grid.py --output runs/mqrar --steps 2000
+    python scripts/mqrar_grid.py train --output $OUT/mqrar --time-limit 510
+    python scripts/mqrar_grid.py report --runs FOLDER --harness-samples 50
 
-Both models: 2 layers, hidden 256, 1 head, sequences of 768 tokens; pairs 32..192 in steps of 32;
-learning rates {1e-4, 10^(-10/3), 10^(-8/3), 1e-2}. Each run is `scripts/train.py` in its own
-process (several at once; on an H100 they shared the GPU without adding up to more throughput);
-runs go to OUTPUT/steps{S}-batch{B}-pool{P}-warmup{W}-seed{N}/, and a finished run there is not
-redone, so an interrupted grid resumes and other settings never reuse its models.
-The best model of each point is then evaluated through lm-eval's `mqrar` task (`sb_hf` or `hf`)
-on fresh sequences. The settings folder gets grid.json (every run's final held-out accuracy),
-mqrar.md (best accuracy per pair count, and lm-eval's) and mqrar.png.
+`train` (one GPU, no lm-eval needed): the runs of the plan share one process. The runs of one
+attention are stacked into one model with a leading model axis (sb_eval.training.stacked; at most
+--max-stack a stack), and the stacks take their steps in turn, so every run advances together.
+The data (the paper's 100,000 training sequences per cell and held-out ones) are made first, in
+as many processes as there are CPUs. Then it times a few steps of each attention, keeps the
+longest prefix of the plan (in priority order, `plan()`) that fits --time-limit, and trains those
+runs to the end. Into --output (5 files with the defaults, none over 16 MiB, so that they come
+back from a device machine):
+
+- plan.json: settings, the plan, the runs kept, the timings and the projection;
+- results.jsonl: one row per run and evaluation (step, train loss, held-out loss and accuracy);
+- models-N.pt: the best softmax and stick-breaking run of each MQRAR pair count in --save-models,
+  two a file (bf16 weights).
+
+Should the projection be wrong and the time run out, the runs are evaluated where they stand
+(rows marked "interrupted") and their models saved as they are. The resumable state (large) goes
+to --state: rerunning the same command continues where the last one stopped (by --time-limit or
+a kill) and redoes nothing.
+
+`report` (CPU): from a train folder, writes the best models as checkpoints (`sb_hf` loads the
+stick-breaking ones, lm-eval's `hf` the softmax ones) into --models, scores them with lm-eval's
+`mqrar` task (--harness-samples sequences each; 0 skips it), and writes docs/mqrar-grid.json
+(every run of this grid beside the rows of earlier grids, which it keeps) and docs/mqrar.png.
 """
 
 from __future__ import annotations
@@ -18,74 +34,432 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from array import array
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from matplotlib.figure import Figure
-from tqdm import tqdm
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's sb_eval, wherever the command runs from
 
-from sb_eval.files import write_atomically
+from sb_eval.files import write_atomically  # noqa: E402
+from sb_eval.ruler import mqrar  # noqa: E402
 
-PAIRS = (32, 64, 96, 128, 160, 192)
-LEARNING_RATES = (1e-4, 10 ** (-10 / 3), 10 ** (-8 / 3), 1e-2)
+# From the paper's grid (1e-4, 10^(-10/3), 10^(-8/3), 1e-2); docs/mqrar.md has the evidence.
+LR_MAIN = 10 ** (-10 / 3)
+LR_SECOND = 10 ** (-8 / 3)
+LR_HIGH = 1e-2
+PAIRS = (32, 64, 128, 192)
+CONTROL_PAIRS = (32, 64)
+# Stick-breaking's initial logit offset where a run asks for one (every head, every layer): a
+# break probability of sigmoid(-5) = 0.7% a token, so that a fresh head reaches ~150 tokens back
+# instead of 1-2 (trainer.offset_attention_logits says why).
+OFFSETS = (-5.0, -5.0)
 ATTENTIONS = ("softmax", "stickbreaking")
-LABELS = {"softmax": "softmax + RoPE", "stickbreaking": "stick-breaking"}
-TRAIN_SCRIPT = Path(__file__).with_name("train.py")
+LABELS = {"softmax": "softmax + RoPE", "stickbreaking": "stick-breaking", "stickbreaking+offsets": "stick-breaking + logit offsets"}
+MODELS_PER_FILE = 2
+GRID_NAME = "power-law"  # this grid's rows in docs/mqrar-grid.json
 
 
-def run_name(attention: str, pairs: int, lr: float) -> str:
-    return f"{attention}-kv{pairs}-lr{lr:.2e}"
+@dataclass(frozen=True)
+class GridRun:
+    """One training run: attention, task ("mqrar" or the "mqar" control), pairs, peak learning
+    rate, seed (initialisation and batch order), and for stick-breaking whether it starts with
+    logit offsets."""
+
+    attention: str
+    task: str
+    pairs: int
+    lr: float
+    seed: int = 0
+    offsets: bool = False
+
+    @property
+    def model(self) -> str:
+        return self.attention + ("+offsets" if self.offsets else "")
+
+    @property
+    def cell(self) -> tuple[str, str, int]:
+        return self.model, self.task, self.pairs
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.task}-kv{self.pairs}-lr{self.lr:.2e}-s{self.seed}"
 
 
-def train_one(output: Path, attention: str, pairs: int, lr: float, args: argparse.Namespace) -> dict:
-    """One training run in a subprocess; returns its row for grid.json (with its error, if any)."""
-    folder = output / run_name(attention, pairs, lr)
+def plan(pairs=PAIRS, control_pairs=CONTROL_PAIRS) -> list[GridRun]:
+    """Every run this grid would make with unlimited time, most important first (what --time-limit
+    keeps is a prefix). Learning rates from the paper's grid, chosen from the evidence in
+    docs/mqrar.md: 10^(-10/3) first (the first grid's best at this width, where stick-breaking
+    learnt), then 10^(-8/3) (the rate nearest the best at hidden 64; first for the control), 1e-2
+    last."""
+    runs = [GridRun("softmax", "mqar", count, LR_MAIN) for count in control_pairs]  # the control first
+    runs += [GridRun(attention, "mqrar", count, LR_MAIN) for count in pairs for attention in ATTENTIONS]
+    runs += [GridRun("softmax", "mqar", count, LR_SECOND) for count in control_pairs]
+    runs += [GridRun("stickbreaking", "mqrar", count, LR_MAIN, offsets=True) for count in reversed(pairs)]  # longest reach first
+    runs += [GridRun(attention, "mqrar", count, LR_SECOND) for count in pairs for attention in ATTENTIONS]
+    runs += [GridRun(attention, "mqrar", count, LR_MAIN, seed=1) for count in pairs[-2:] for attention in ATTENTIONS]
+    runs += [GridRun("stickbreaking", "mqar", count, LR_MAIN) for count in control_pairs]
+    runs += [GridRun(attention, "mqrar", count, LR_HIGH) for count in pairs for attention in ATTENTIONS]
+    return runs
+
+
+def fit_prefix(runs: list[GridRun], step_seconds, steps: int, budget_s: float, max_stack: int) -> list[GridRun]:
+    """The longest prefix of `runs` whose projected training time, steps x the sum over its stacks
+    of step_seconds(attention, models in the stack), is within budget_s (possibly empty)."""
+    kept: list[GridRun] = []
+    for run in runs:
+        if projected_seconds(kept + [run], step_seconds, steps, max_stack) > budget_s:
+            break
+        kept.append(run)
+    return kept
+
+
+def projected_seconds(runs: list[GridRun], step_seconds, steps: int, max_stack: int) -> float:
+    return steps * sum(step_seconds(attention, len(stack)) for attention, stack in stacks_of(runs, max_stack))
+
+
+def stacks_of(runs: list[GridRun], max_stack: int) -> list[tuple[str, list[GridRun]]]:
+    """The runs of each attention in stacks of at most max_stack, as even as can be."""
+    stacks = []
+    for attention in ATTENTIONS:
+        same = [run for run in runs if run.attention == attention]
+        if same:
+            count = math.ceil(len(same) / max_stack)
+            stacks += [(attention, same[index::count]) for index in range(count)]
+    return stacks
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def train(args: argparse.Namespace) -> None:
+    import torch
+
+    from sb_eval.tokenization import word_level_tokenizer
+    from sb_eval.training.trainer import ModelSize
+
+    started = time.monotonic()
+    deadline = started + args.time_limit
+    args.output.mkdir(parents=True, exist_ok=True)
+    args.state.mkdir(parents=True, exist_ok=True)
+    vocabulary = mqrar.Vocabulary(args.num_keys, args.num_values)
+    for count in set(args.pairs) | set(args.control_pairs):
+        mqrar.check_settings(args.seq_length, count, vocabulary, "mqar")  # the stricter of the two tasks
+    tokenizer = word_level_tokenizer(vocabulary.symbols)
+    size = ModelSize(args.layers, args.hidden, args.heads, len(tokenizer), args.seq_length)
+    settings = train_settings(args)
+    candidates = plan(args.pairs, args.control_pairs)
+    saved_plan = _read_json(args.state / "plan.json")
+    if saved_plan is not None and saved_plan["settings"] != settings:
+        raise SystemExit(f"{args.state} holds a grid of other settings; give another --state or delete it")
+
+    cells = sorted({(run.task, run.pairs) for run in candidates})
+    data = make_data(cells, vocabulary, args)  # before CUDA starts: the workers fork
+    device = torch.device(args.device)
+    pools = {cell: tuple(tensor.to(device) for tensor in tensors) for cell, tensors in data.items()}
+
+    if saved_plan is None:
+        step_seconds, timings = time_stacks(candidates, pools, size, args)
+        budget = deadline - time.monotonic() - args.reserve
+        kept = fit_prefix(candidates, step_seconds, args.steps, budget, args.max_stack)
+        if not kept:
+            raise SystemExit(f"not one run of {args.steps} steps fits the {budget:.0f} s left of --time-limit; timings: {timings}")
+        saved_plan = {
+            "settings": settings, "device": _device_name(device), "timings": timings,
+            "projected_s": projected_seconds(kept, step_seconds, args.steps, args.max_stack), "budget_s": budget,
+            "kept": [asdict(run) for run in kept], "left_out": [asdict(run) for run in candidates[len(kept):]],
+            "max_stack": args.max_stack,
+        }
+        write_atomically(args.state / "plan.json", json.dumps(saved_plan, indent=1).encode())
+    write_atomically(args.output / "plan.json", json.dumps(saved_plan, indent=1).encode())
+    kept = [GridRun(**run) for run in saved_plan["kept"]]
+    args.max_stack = saved_plan["max_stack"]  # the stacks the saved state holds
+    print(f"training {len(kept)} of {len(candidates)} runs for {args.steps} steps "
+          f"(projected {saved_plan['projected_s']:.0f} s of {saved_plan['budget_s']:.0f} s)", flush=True)
+
+    trained = train_runs(kept, pools, size, args, started)
+    save_best_models(kept, trained, args.output, args.save_models)  # also where the time ran out: what there is
+    print(summary(_read_rows(args.output / "results.jsonl")), flush=True)
+
+
+def train_settings(args: argparse.Namespace) -> dict:
+    """What makes a grid: rerunning with any of these changed starts another one."""
+    names = ("steps", "batch_size", "pool_size", "eval_sequences", "seq_length", "layers", "hidden", "heads",
+             "num_keys", "num_values", "warmup_steps", "weight_decay", "grad_clip", "data_seed")
+    return {name: getattr(args, name) for name in names} | {"pairs": list(args.pairs), "control_pairs": list(args.control_pairs)}
+
+
+def make_data(cells, vocabulary: mqrar.Vocabulary, args: argparse.Namespace) -> dict:
+    """(task, pairs) -> training inputs, targets, held-out inputs, targets: int16 [N, T] tensors,
+    made in parts by --workers processes (the sets do not depend on how)."""
+    from tqdm import tqdm
+
+    parts = []
+    for task, count in cells:
+        for which, total, seed in (("train", args.pool_size, args.data_seed), ("eval", args.eval_sequences, args.data_seed + 1)):
+            parts += [(task, count, which, seed, first, min(args.part_size, total - first)) for first in range(0, total, args.part_size)]
+    made: dict[tuple, list] = {}
+    with ProcessPoolExecutor(args.workers) as workers:
+        futures = [workers.submit(_make_part, task, count, seed, first, number, args.seq_length, vocabulary)
+                   for task, count, _, seed, first, number in parts]
+        for part, future in zip(parts, tqdm(futures, desc="MQRAR data", unit="part")):
+            made.setdefault(part[:3], []).append(future.result())
+    data = {}
+    for task, count in cells:
+        tensors = []
+        for which in ("train", "eval"):
+            inputs, targets = zip(*made[(task, count, which)])
+            tensors += [_int16(b"".join(part), args.seq_length) for part in (inputs, targets)]
+        data[(task, count)] = tuple(tensors)
+    return data
+
+
+def _make_part(task, count, seed, first, number, seq_length, vocabulary) -> tuple[bytes, bytes]:
+    """Sequences first .. first + number - 1 of a set, inputs and targets as int16 bytes."""
+    sequences = mqrar.sequences(number, seq_length, count, vocabulary, seed, task, first=first)
+    return (array("h", [t for s in sequences for t in s.inputs]).tobytes(),
+            array("h", [t for s in sequences for t in s.targets]).tobytes())
+
+
+def _int16(raw: bytes, seq_length: int):
+    import torch
+
+    return torch.frombuffer(bytearray(raw), dtype=torch.int16).view(-1, seq_length)
+
+
+def time_stacks(runs: list[GridRun], pools, size, args: argparse.Namespace):
+    """Seconds per training step of a stack as a function of its models, t(G) = a + b G per
+    attention, fitted to stacks of max_stack and half as many models (or what the plan has) on
+    the pair count with the most queries. A stack the GPU cannot hold halves args.max_stack.
+    Returns the function and the measurements."""
+    import torch
+
+    timings = {}
+    for attention in ATTENTIONS:
+        same = [run for run in runs if run.attention == attention]
+        if not same:
+            continue
+        largest = max(same, key=lambda run: run.pairs)
+        while True:
+            sizes = sorted({min(args.max_stack, len(same)), max(1, min(args.max_stack, len(same)) // 2)})
+            try:
+                timings[attention] = [(count, _time_stack(attention, largest, count, pools, size, args)) for count in sizes]
+                break
+            except torch.OutOfMemoryError:
+                if args.max_stack == 1:
+                    raise
+                args.max_stack //= 2
+                print(f"{attention}: out of GPU memory; at most {args.max_stack} models a stack from here", flush=True)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        print(f"{attention}: seconds per step by models stacked: {timings[attention]}", flush=True)
+
+    def step_seconds(attention: str, count: int) -> float:
+        (g1, t1), (g2, t2) = timings[attention][0], timings[attention][-1]
+        per_model = (t2 - t1) / (g2 - g1) if g2 != g1 else t2 / g2
+        overhead = max(0.0, t1 - per_model * g1)
+        # evaluations: eval_sequences forward passes (a third of a step each) every eval_every steps
+        evaluations = 1 + args.eval_sequences / args.batch_size / 3 / args.eval_every
+        return args.safety * evaluations * (overhead + per_model * count)
+
+    return step_seconds, timings
+
+
+def _time_stack(attention: str, run: GridRun, count: int, pools, size, args: argparse.Namespace) -> float:
+    """Seconds per step of a stack of `count` copies of `run` (other seeds), after two untimed
+    steps (compilation, autotuning)."""
+    import torch
+
+    device = torch.device(args.device)
+    trainer, sources, most = build_stack(attention, [replace(run, seed=seed) for seed in range(count)], pools, size, args, device)
+    for step in range(args.timing_steps + 2):
+        if step == 2:
+            _synchronize(device)
+            began = time.perf_counter()
+        trainer.step([source.batch(step) for source in sources], most)
+    _synchronize(device)
+    return (time.perf_counter() - began) / args.timing_steps
+
+
+def build_stack(attention: str, runs: list[GridRun], pools, size, args: argparse.Namespace, device):
+    from sb_eval.training.stacked import StackedDecoder, StackedRun, StackedTrainer, StackSettings
+    from sb_eval.training.trainer import SequencePool
+
+    stacked_runs = [StackedRun(run.name, run.lr, run.seed, OFFSETS if run.offsets else None) for run in runs]
+    model = StackedDecoder(attention, size, stacked_runs, args.attention_backend).to(device)
+    settings = StackSettings(steps=args.steps, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+    sources = [SequencePool(*pools[(run.task, run.pairs)][:2], batch_size=args.batch_size, seed=run.seed) for run in runs]
+    return StackedTrainer(model, settings), sources, [source.max_scored for source in sources]
+
+
+def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, started: float) -> dict:
+    """Trains every run to args.steps (resuming from --state), evaluating every eval_every steps
+    and where --time-limit stops it; returns {run name: (stack trainer, index)}."""
+    import torch
+    from tqdm import tqdm
+
+    from sb_eval.training.trainer import Batch
+
+    device = torch.device(args.device)
+    deadline = started + args.time_limit
+    stacks, train_losses, since = [], [], 0
+    for number, (attention, stack_runs) in enumerate(stacks_of(runs, args.max_stack)):
+        trainer, sources, most = build_stack(attention, stack_runs, pools, size, args, device)
+        state_file = args.state / f"stack{number}.pt"
+        state = torch.load(state_file, map_location=device, weights_only=False) if state_file.is_file() else None
+        if state is not None:
+            trainer.load_state_dict(state["trainer"])
+        # the training losses summed since the last evaluation, and over how many steps
+        losses = state["train_losses"] if state is not None else torch.zeros(len(stack_runs), device=device)
+        since = state["since"] if state is not None else 0
+        held_out = [pools[(run.task, run.pairs)][2:] for run in stack_runs]
+        eval_batches = [
+            [Batch(inputs[first:first + args.batch_size].long(), targets[first:first + args.batch_size].long()) for inputs, targets in held_out]
+            for first in range(0, args.eval_sequences, args.batch_size)
+        ]
+        eval_most = [int((targets != -100).sum(1).max()) for _, targets in held_out]
+        stacks.append((number, stack_runs, trainer, sources, most, eval_batches, eval_most))
+        train_losses.append(losses)
+    history = _read_history(args.state / "history.jsonl")
+    start = min(trainer.step_count for _, _, trainer, *_ in stacks)
+    if any(trainer.step_count != start for _, _, trainer, *_ in stacks):
+        raise SystemExit(f"the stacks in {args.state} stopped at different steps; delete it to start over")
+    history = [row for row in history if row["step"] <= start and not row.get("interrupted")]
+    progress = tqdm(total=args.steps, initial=start, desc="MQRAR grid", unit="step")
+    for step in range(start, args.steps):
+        for (_, _, trainer, sources, most, *_), losses in zip(stacks, train_losses):
+            losses += trainer.step([source.batch(step) for source in sources], most)
+        since += 1
+        progress.update(1)
+        done = step + 1
+        out_of_time = time.monotonic() > deadline
+        regular = done % args.eval_every == 0 or done == args.steps
+        if regular or out_of_time:
+            for (_, stack_runs, trainer, _, _, eval_batches, eval_most), losses in zip(stacks, train_losses):
+                metrics = trainer.evaluate(eval_batches, eval_most)
+                for run, mean_loss, row in zip(stack_runs, (losses / since).tolist(), metrics):
+                    # an evaluation where the time ran out is marked, and superseded on resuming
+                    history.append({"run": run.name, **asdict(run), "step": done, "train_loss": mean_loss, **row,
+                                    "elapsed_s": round(time.monotonic() - started, 1), **({} if regular else {"interrupted": True})})
+                if regular:
+                    losses.zero_()
+            since = 0 if regular else since
+            best = max((row["eval_accuracy"] for row in history if row["step"] == done), default=0.0)
+            progress.set_postfix(best_accuracy=f"{best:.3f}")
+            _write_history(args, history)
+        if done % args.save_every == 0 or done == args.steps or out_of_time:
+            for (number, _, trainer, *_), losses in zip(stacks, train_losses):
+                _save_state(args.state / f"stack{number}.pt", trainer, losses, since)
+            _write_history(args, history)
+        if out_of_time and done < args.steps:
+            print(f"\n--time-limit reached at step {done} of {args.steps}; rerun the same command to go on", flush=True)
+            break
+    progress.close()
+    return {run.name: (trainer, index) for _, stack_runs, trainer, *_ in stacks for index, run in enumerate(stack_runs)}
+
+
+def save_best_models(runs: list[GridRun], trained: dict, output: Path, save_pairs: list[int]) -> None:
+    """The best run (final held-out accuracy) of each MQRAR cell of the paper's two models
+    (softmax + RoPE, stick-breaking without offsets) with pairs in save_pairs, its weights in
+    bf16, MODELS_PER_FILE to a models-N.pt file (7.4 MB a model at the paper's size: six
+    fit what may come back from a device machine)."""
+    import torch
+
+    rows = {row["run"]: row for row in _read_rows(output / "results.jsonl")}
+    best: dict[tuple, GridRun] = {}
+    for run in runs:
+        if run.task == "mqrar" and run.pairs in save_pairs and not run.offsets:
+            current = best.get(run.cell)
+            if current is None or _accuracy(rows[run.name]) > _accuracy(rows[current.name]):
+                best[run.cell] = run
+    chosen = sorted(best.values(), key=lambda run: (run.model, run.pairs))
+    for number in range(math.ceil(len(chosen) / MODELS_PER_FILE)):
+        payload = {}
+        for run in chosen[number * MODELS_PER_FILE:(number + 1) * MODELS_PER_FILE]:
+            trainer, index = trained[run.name]
+            stack = trainer.model
+            payload[run.name] = {
+                "run": asdict(run), "stacked_run": asdict(stack.runs[index]), "size": asdict(stack.size),
+                "weights": {name: parameter[index].detach().to(torch.bfloat16).cpu()
+                            for name, parameter in stack.named_parameters()
+                            if not (name.endswith("qkv_bias") and not run.offsets)},
+            }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        write_atomically(output / f"models-{number + 1}.pt", buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def report(args: argparse.Namespace) -> None:
+    saved_plan = _read_json(args.runs / "plan.json")
+    if saved_plan is None or not (args.runs / "results.jsonl").is_file():
+        raise SystemExit(f"--runs {args.runs}: no plan.json and results.jsonl there; give the folder `train --output` wrote")
+    settings = saved_plan["settings"]
+    rows = _read_rows(args.runs / "results.jsonl")
+    harness = export_and_score(args, settings)
+    grid_rows = [_grid_row(row, settings, harness.get(row["run"])) for row in last_rows(rows)]
+    grid_file = args.docs / "mqrar-grid.json"
+    earlier = [row for row in (_read_json(grid_file) or []) if row.get("grid") != GRID_NAME]
+    every = earlier + sorted(grid_rows, key=lambda row: (row["task"], row["model"], row["pairs"], row["lr"], row["seed"]))
+    write_atomically(grid_file, json.dumps(every, indent=1, allow_nan=False).encode())
+    write_atomically(args.docs / "mqrar.png", plot(grid_rows, earlier, rows, settings))
+    print(summary(rows))
+    for name, accuracy in harness.items():
+        print(f"lm-eval mqrar, {name}: {accuracy}")
+    print(f"wrote {grid_file} ({len(grid_rows)} runs of this grid, {len(earlier)} earlier) and {args.docs / 'mqrar.png'}")
+
+
+def export_and_score(args: argparse.Namespace, settings: dict) -> dict[str, float | str]:
+    """Every saved model as a checkpoint folder in --models, and its lm-eval mqrar accuracy on
+    --harness-samples fresh sequences of its pair count (none when 0)."""
+    import torch
+
+    from sb_eval.model.saving import save_checkpoint
+    from sb_eval.tokenization import word_level_tokenizer
+    from sb_eval.training.stacked import StackedDecoder, StackedRun
+    from sb_eval.training.trainer import ModelSize
+
+    tokenizer = word_level_tokenizer(mqrar.Vocabulary(settings["num_keys"], settings["num_values"]).symbols)
+    harness = {}
+    for path in sorted(args.runs.glob("models-*.pt")):
+        for name, entry in torch.load(path, weights_only=False).items():
+            run = GridRun(**entry["run"])
+            stack = StackedDecoder(run.attention, ModelSize(**entry["size"]), [StackedRun(**entry["stacked_run"])], "torch")
+            stack.load_state_dict({key: value.float()[None] for key, value in entry["weights"].items()})
+            folder = save_checkpoint(stack.export(0, tokenizer), tokenizer, args.models / name)
+            print(f"wrote {folder}")
+            if args.harness_samples:
+                harness[name] = harness_accuracy(run, folder, settings, args)
+    return harness
+
+
+def harness_accuracy(run: GridRun, folder: Path, settings: dict, args: argparse.Namespace) -> float | str:
+    """The model's accuracy through lm-eval's `mqrar` task (sb_hf or hf, as a user would run it)
+    on fresh sequences of its task and pair count; an error message if lm-eval failed."""
+    results_folder = folder.parent / f"{folder.name}-harness"
+    model = "sb_hf" if run.attention == "stickbreaking" else "hf"
+    metadata = {"task": run.task, "num_pairs": [run.pairs], "seq_length": settings["seq_length"], "num_samples": args.harness_samples,
+                "num_keys": settings["num_keys"], "num_values": settings["num_values"]}
     command = [
-        sys.executable, str(TRAIN_SCRIPT), "--attention", attention, "--data", "mqrar",
-        "--num-pairs", str(pairs), "--seq-length", "768", "--layers", "2", "--hidden", "256", "--heads", "1",
-        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", repr(lr),
-        "--warmup-steps", str(args.warmup_steps), "--eval-every", str(args.steps), "--save-every", str(args.steps),
-        "--pool-size", str(args.pool_size), "--seed", str(args.seed), "--output", str(folder),
-        "--attention-backend", args.attention_backend, *(["--device", args.device] if args.device else []),
+        sys.executable, "-m", "sb_eval.cli", "run", "--model", model, "--model_args", f"pretrained={folder}",
+        "--tasks", "mqrar", "--metadata", json.dumps(metadata), "--batch_size", str(args.harness_batch_size),
+        "--device", args.device, "--output_path", str(results_folder),
     ]
-    started = time.perf_counter()
-    if not (folder / "model").is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / "train.out").open("w") as out:
-            finished = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
-        if finished.returncode != 0:
-            tail = (folder / "train.out").read_text().strip().splitlines()[-3:]
-            return {"attention": attention, "pairs": pairs, "lr": lr, "error": " | ".join(tail)}
-    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-    final = [row for row in log if "eval_accuracy" in row][-1]
-    speeds = [row["tokens_per_s"] for row in log if "tokens_per_s" in row]
-    return {
-        "attention": attention, "pairs": pairs, "lr": lr, "steps": final["step"],
-        "accuracy": final["eval_accuracy"], "eval_loss": final["eval_loss"],
-        "tokens_per_s": speeds[-1] if speeds else None, "wall_s": time.perf_counter() - started,
-    }
-
-
-def harness_accuracy(output: Path, row: dict, samples: int) -> float | str:
-    """The trained model's accuracy through lm-eval's `mqrar` task (sb_hf or hf, as a user would
-    run it) on `samples` fresh sequences of its pair count; an error message if the run failed."""
-    folder = output / run_name(row["attention"], row["pairs"], row["lr"])
-    results_folder = folder / "harness"
-    model = "sb_hf" if row["attention"] == "stickbreaking" else "hf"
-    metadata = {"num_pairs": [row["pairs"]], "seq_length": 768, "num_samples": samples}
-    command = [
-        sys.executable, "-m", "sb_eval.cli", "run", "--model", model,
-        "--model_args", f"pretrained={folder / 'model'}", "--tasks", "mqrar",
-        "--metadata", json.dumps(metadata), "--batch_size", "16", "--output_path", str(results_folder),
-    ]
-    with (folder / "harness.out").open("w") as out:
-        finished = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    finished = subprocess.run(command, capture_output=True, text=True, env=environment)
     if finished.returncode != 0:
-        return "failed: " + " | ".join((folder / "harness.out").read_text().strip().splitlines()[-2:])
+        return "failed: " + " | ".join(finished.stderr.strip().splitlines()[-2:])
     try:
         results = json.loads(max(results_folder.rglob("results_*.json"), key=os.path.getmtime).read_text())
         return results["results"]["mqrar"]["acc,none"]
@@ -93,97 +467,240 @@ def harness_accuracy(output: Path, row: dict, samples: int) -> float | str:
         return f"failed: lm-eval's results in {results_folder} are unreadable ({type(error).__name__}: {error})"
 
 
-def best_per_point(rows: list[dict]) -> dict[tuple[str, int], dict]:
-    best: dict[tuple[str, int], dict] = {}
+def _grid_row(row: dict, settings: dict, harness) -> dict:
+    """A run's final evaluation as a docs/mqrar-grid.json row: what it was, how it was trained."""
+    run = GridRun(**{field: row[field] for field in GridRun.__dataclass_fields__})
+    entry = {
+        "grid": GRID_NAME, "attention": run.attention, "offsets": list(OFFSETS) if run.offsets else None, "model": run.model,
+        "task": run.task, "layout": "power-law", "num_keys": settings["num_keys"], "num_values": settings["num_values"],
+        "seq_length": settings["seq_length"], "pairs": run.pairs, "lr": run.lr, "seed": run.seed, "steps": row["step"],
+        "batch_size": settings["batch_size"], "accuracy": _number(row["eval_accuracy"]), "eval_loss": _number(row["eval_loss"]),
+        "eval_positions": row["eval_positions"], "train_loss": _number(row["train_loss"]),
+    }
+    if row.get("interrupted"):
+        entry["interrupted"] = True
+    if harness is not None:
+        entry["harness_accuracy"] = harness
+    return entry
+
+
+def plot(grid_rows: list[dict], earlier: list[dict], history: list[dict], settings: dict) -> bytes:
+    """PNG: left, the best accuracy per cell against the pair count (this grid's MQRAR and MQAR
+    control, and the earlier grids faintly); right, the held-out accuracy of each MQRAR cell's
+    best run over training."""
+    from matplotlib.figure import Figure
+
+    colours = {"softmax": "tab:blue", "stickbreaking": "tab:orange", "stickbreaking+offsets": "tab:green"}
+    figure = Figure(figsize=(11, 4))
+    by_count, over_steps = figure.subplots(1, 2)
+    best = best_per_cell([{**row, "run": "", "eval_accuracy": row["accuracy"], "offsets": row["offsets"] is not None}
+                          for row in grid_rows])
+    for model, colour in colours.items():
+        for task, style in (("mqrar", "-"), ("mqar", "--")):
+            points = sorted((count, entry["accuracy"]) for (m, t, count), entry in best.items() if m == model and t == task)
+            if points:
+                label = f"{LABELS[model]}, {'MQRAR' if task == 'mqrar' else 'MQAR (control)'}"
+                by_count.plot(*zip(*points), style, marker="o", color=colour, label=label)
+        old = sorted((row["pairs"], row["accuracy"]) for row in earlier if row["attention"] == model)
+        if old:
+            best_old = {}
+            for count, accuracy in old:
+                best_old[count] = max(accuracy, best_old.get(count, 0.0))
+            by_count.plot(list(best_old), list(best_old.values()), ":", color=colour, alpha=0.5,
+                          label=f"{LABELS[model]}, dense MQRAR, {earlier[0]['steps']} steps")
+    by_count.set_xlabel("key-value pairs")
+    by_count.set_ylabel("held-out accuracy (best learning rate)")
+    by_count.set_ylim(0, 1.02)
+    by_count.set_title(f"{settings['layers']} layers x {settings['hidden']}, {settings['seq_length']} tokens, {settings['steps']} steps")
+    by_count.legend(fontsize=7)
+    by_count.grid(alpha=0.3)
+    for (model, task, count), entry in sorted(best.items()):
+        if task != "mqrar":
+            continue
+        run = max(entry["runs"], key=_accuracy)
+        name = GridRun(**{field: run[field] for field in GridRun.__dataclass_fields__}).name
+        curve = sorted((row["step"], row["eval_accuracy"]) for row in history if row["run"] == name)
+        shade = 0.35 + 0.65 * PAIRS.index(count) / (len(PAIRS) - 1) if count in PAIRS else 1.0
+        over_steps.plot(*zip(*curve), color=colours[model], alpha=shade, label=f"{LABELS[model]}, {count}")
+    over_steps.set_xlabel("training step")
+    over_steps.set_ylabel("held-out accuracy")
+    over_steps.set_ylim(0, 1.02)
+    over_steps.set_title("best run per cell over training (darker: more pairs)")
+    over_steps.legend(fontsize=6, ncol=2)
+    over_steps.grid(alpha=0.3)
+    figure.tight_layout()
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=130)
+    return png.getvalue()
+
+
+def summary(rows: list[dict]) -> str:
+    """Best held-out accuracy per cell at each run's last evaluation (over learning rates; the
+    mean over seeds of one learning rate), as a Markdown table."""
+    best = best_per_cell(last_rows(rows))
+    models = sorted({cell[0] for cell in best}, key=lambda model: list(LABELS).index(model))
+    lines = ["| task | pairs | " + " | ".join(LABELS[model] for model in models) + " |", "|---|---|" + "---|" * len(models)]
+    for task, count in sorted({(cell[1], cell[2]) for cell in best}, key=lambda key: (key[0] != "mqrar", key[1])):
+        cells = []
+        for model in models:
+            entry = best.get((model, task, count))
+            if entry is None:
+                cells.append("")
+                continue
+            steps = sorted({row["step"] for row in entry["runs"]})
+            cells.append(f"{entry['accuracy']:.3f} (lr {entry['lr']:.1e}, {entry['seeds']} seed{'s' * (entry['seeds'] > 1)}, "
+                         f"step {'/'.join(map(str, steps))})")
+        lines.append(f"| {task} | {count} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def last_rows(rows: list[dict]) -> list[dict]:
+    """The last evaluation of every run (rows come in step order)."""
+    return list({row["run"]: row for row in rows}.values())
+
+
+def best_per_cell(rows: list[dict]) -> dict[tuple, dict]:
+    """(model, task, pairs) -> {"lr", "accuracy" (mean over the learning rate's seeds), "seeds",
+    "runs"} for the learning rate with the best mean."""
+    by_lr: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["attention"], row["pairs"])
-        if "accuracy" in row and (key not in best or row["accuracy"] > best[key]["accuracy"]):
-            best[key] = row
+        run = GridRun(**{field: row[field] for field in GridRun.__dataclass_fields__})
+        by_lr.setdefault((*run.cell, run.lr), []).append(row)
+    best: dict[tuple, dict] = {}
+    for (*cell, lr), runs in by_lr.items():
+        accuracy = sum(_accuracy(row) for row in runs) / len(runs)
+        if tuple(cell) not in best or accuracy > best[tuple(cell)]["accuracy"]:
+            best[tuple(cell)] = {"lr": lr, "accuracy": accuracy, "seeds": len(runs), "runs": runs}
     return best
 
 
-def write_report(rows: list[dict], output: Path, steps: int, pairs: list[int], learning_rates: list[float]) -> None:
-    best = best_per_point(rows)
-    lines = [
-        f"| pairs | {' | '.join(LABELS[a] for a in ATTENTIONS)} |",
-        f"|---|{'---|' * len(ATTENTIONS)}",
-    ]
-    for count in pairs:
-        cells = []
-        for attention in ATTENTIONS:
-            row = best.get((attention, count))
-            if row is None:
-                cells.append("failed")
-                continue
-            harness = row.get("harness_accuracy")
-            through_harness = (
-                "" if harness is None else f", lm-eval {harness:.3f}" if isinstance(harness, float) else ", lm-eval failed"
-            )
-            cells.append(f"{row['accuracy']:.3f} (lr {row['lr']:.1e}{through_harness})")
-        lines.append(f"| {count} | {' | '.join(cells)} |")
-    errors = [row for row in rows if "error" in row]
-    text = (
-        f"Best held-out accuracy over the learning rates {', '.join(f'{lr:.2e}' for lr in learning_rates)}, {steps} steps each.\n\n"
-        + "\n".join(lines) + "\n"
-        + ("".join(f"\n- failed: {run_name(r['attention'], r['pairs'], r['lr'])}: {r['error']}" for r in errors))
-    )
-    write_atomically(output / "mqrar.md", text.encode())
+def _accuracy(row: dict) -> float:
+    """A diverged run's accuracy (NaN, or None in docs/mqrar-grid.json) counts as 0."""
+    accuracy = row["eval_accuracy"]
+    return 0.0 if accuracy is None or math.isnan(accuracy) else accuracy
 
-    figure = Figure(figsize=(5, 3.5))
-    axis = figure.subplots()
-    for attention in ATTENTIONS:
-        points = [(count, best[(attention, count)]["accuracy"]) for count in pairs if (attention, count) in best]
-        if points:
-            axis.plot(*zip(*points), marker="o", label=LABELS[attention])
-    axis.set_xlabel("key-value pairs")
-    axis.set_ylabel("accuracy (best learning rate)")
-    axis.set_xticks(pairs)
-    axis.set_ylim(0, 1.02)
-    axis.set_title(f"MQRAR, 2 layers x 256, 768 tokens, {steps} steps")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=150)
-    write_atomically(output / "mqrar.png", png.getvalue())
+
+def _number(value: float) -> float | None:
+    """NaN (a diverged run) as null, which JSON has."""
+    return None if math.isnan(value) else value
+
+
+def _save_state(path: Path, trainer, train_losses, since: int) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"trainer": trainer.state_dict(), "train_losses": train_losses, "since": since}, buffer)
+    write_atomically(path, buffer.getvalue())
+
+
+def _write_history(args: argparse.Namespace, history: list[dict]) -> None:
+    text = "".join(json.dumps(row) + "\n" for row in history).encode()
+    write_atomically(args.state / "history.jsonl", text)
+    write_atomically(args.output / "results.jsonl", text)
+
+
+def _read_history(path: Path) -> list[dict]:
+    return _read_rows(path) if path.is_file() else []
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("train", help="train the grid on one GPU (see the module's docstring)")
+    run.add_argument("--output", type=Path, required=True, help="results that come back: plan.json, results.jsonl, models-N.pt")
+    run.add_argument("--state", type=Path, default=Path("runs/mqrar-state"), help="resumable state (large)")
+    run.add_argument("--time-limit", type=float, default=510, help="seconds for the whole command, data and timing included")
+    run.add_argument("--reserve", type=float, default=20, help="seconds kept back for the last evaluation and saving")
+    run.add_argument("--steps", type=int, default=4000)
+    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--pool-size", type=int, default=100_000, help="training sequences per cell (the paper's 100,000)")
+    run.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences per cell")
+    run.add_argument("--eval-every", type=int, default=250)
+    run.add_argument("--save-every", type=int, default=2000, help="steps between saves of the resumable state (and at the end)")
+    run.add_argument("--seq-length", type=int, default=mqrar.PAPER_SEQ_LENGTH)
+    run.add_argument("--layers", type=int, default=2)
+    run.add_argument("--hidden", type=int, default=256)
+    run.add_argument("--heads", type=int, default=1)
+    run.add_argument("--num-keys", type=int, default=mqrar.DEFAULT_NUM_KEYS)
+    run.add_argument("--num-values", type=int, default=mqrar.DEFAULT_NUM_VALUES)
+    run.add_argument("--pairs", type=int, nargs="+", default=list(PAIRS), help="MQRAR pair counts, ascending")
+    run.add_argument("--control-pairs", type=int, nargs="+", default=list(CONTROL_PAIRS), help="MQAR pair counts")
+    run.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up (the paper's code has none)")
+    run.add_argument("--weight-decay", type=float, default=0.1)
+    run.add_argument("--grad-clip", type=float, default=None, help="per-model gradient norm clipping (the paper's code has none)")
+    run.add_argument("--data-seed", type=int, default=0)
+    run.add_argument("--save-models", type=int, nargs="*", default=[32, 128, 192],
+                     help="MQRAR pair counts whose best model per attention is saved for `report`")
+    run.add_argument("--device", default=None, help="default: cuda if there is one, else cpu")
+    run.add_argument("--attention-backend", default="auto", help="stick-breaking kernels: auto (triton on CUDA), triton, torch")
+    run.add_argument("--max-stack", type=int, default=12, help="most models in one stack (GPU memory)")
+    run.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes making the data")
+    run.add_argument("--part-size", type=int, default=2000, help="sequences a data process makes at a time")
+    run.add_argument("--timing-steps", type=int, default=6, help="steps timed per stack size before choosing the runs")
+    run.add_argument("--safety", type=float, default=1.15, help="factor on the projected time")
+    run.set_defaults(func=train)
+    summarise = commands.add_parser("report", help="checkpoints, lm-eval scores, docs/mqrar-grid.json and docs/mqrar.png")
+    summarise.add_argument("--runs", type=Path, required=True, help="the folder train --output wrote")
+    summarise.add_argument("--docs", type=Path, default=Path("docs"))
+    summarise.add_argument("--models", type=Path, default=Path("runs/mqrar-models"), help="where the checkpoints go")
+    summarise.add_argument("--harness-samples", type=int, default=50, help="lm-eval mqrar sequences per model (0: skip)")
+    summarise.add_argument("--harness-batch-size", type=int, default=16)
+    summarise.add_argument("--device", default="cpu", help="lm-eval's device")
+    summarise.set_defaults(func=report)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        _check_train_args(parser, args)
+    return args
+
+
+def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("steps", "batch_size", "pool_size", "eval_sequences", "eval_every", "save_every", "max_stack", "workers",
+                 "part_size", "timing_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size > min(args.pool_size, args.eval_sequences):
+        parser.error(f"--batch-size {args.batch_size} is larger than --pool-size or --eval-sequences")
+    if args.eval_sequences % args.batch_size:
+        parser.error(f"--eval-sequences {args.eval_sequences} must be a multiple of --batch-size {args.batch_size}")
+    if sorted(args.pairs) != args.pairs or len(set(args.pairs)) != len(args.pairs):
+        parser.error(f"--pairs {args.pairs} must be ascending without repeats")
+    if not 0 <= args.warmup_steps < args.steps:
+        parser.error(f"--warmup-steps must be in 0..--steps - 1, got {args.warmup_steps}")
+    if args.time_limit <= args.reserve:
+        parser.error(f"--time-limit {args.time_limit} leaves nothing after --reserve {args.reserve}")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--pool-size", type=int, default=20000)
-    parser.add_argument("--parallel", type=int, default=2, help="training processes at once")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pairs", type=int, nargs="+", default=PAIRS, help="a subset of the pair counts")
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=LEARNING_RATES)
-    parser.add_argument("--device", default=None, help="passed to train.py (default: cuda if there is one)")
-    parser.add_argument("--attention-backend", default="auto", help="stick-breaking kernels backend, passed to train.py")
-    parser.add_argument("--harness-samples", type=int, default=50,
-                        help="sequences per best model for lm-eval's mqrar task (0: skip)")
-    args = parser.parse_args(argv)
-    # Runs of other settings (a longer --steps, ...) go to their own folder: a finished run is
-    # never reused for settings it was not trained with.
-    runs = args.output / f"steps{args.steps}-batch{args.batch_size}-pool{args.pool_size}-warmup{args.warmup_steps}-seed{args.seed}"
-    runs.mkdir(parents=True, exist_ok=True)
-    grid = [(a, p, lr) for p in args.pairs for a in ATTENTIONS for lr in args.learning_rates]
-    with ThreadPoolExecutor(args.parallel) as pool:
-        futures = [pool.submit(train_one, runs, *point, args) for point in grid]
-        rows = [future.result() for future in tqdm(as_completed(futures), total=len(futures), desc="MQRAR grid", unit="run")]
-    rows.sort(key=lambda row: (row["attention"], row["pairs"], row["lr"]))
-    write_atomically(runs / "grid.json", json.dumps(rows, indent=1).encode())  # kept if what follows fails
-    if args.harness_samples:
-        best = list(best_per_point(rows).values())
-        with ThreadPoolExecutor(args.parallel) as pool:
-            accuracies = list(tqdm(pool.map(lambda row: harness_accuracy(runs, row, args.harness_samples), best),
-                                   total=len(best), desc="lm-eval mqrar", unit="model"))
-        for row, accuracy in zip(best, accuracies):
-            row["harness_accuracy"] = accuracy
-    write_atomically(runs / "grid.json", json.dumps(rows, indent=1).encode())
-    write_report(rows, runs, args.steps, args.pairs, args.learning_rates)
-    print((runs / "mqrar.md").read_text())
+    args = parse_args(argv)
+    args.func(args)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="run folder: log, resumable state, final model")
     parser.add_argument("--seq-length", type=int, default=768, help="training context in tokens")
     mqrar_args = parser.add_argument_group("MQRAR")
+    mqrar_args.add_argument("--task", choices=mqrar.TASKS, default="mqrar",
+                            help="mqrar: queries reassign their key and keys are asked again; mqar: each key asked once (the control)")
+    mqrar_args.add_argument("--layout", choices=mqrar.LAYOUTS, default="power-law",
+                            help="power-law: num_pairs queries among filler values (the paper's); dense: a query in every slot")
     mqrar_args.add_argument("--num-pairs", type=int, default=64, help="initial key-value pairs per sequence")
+    mqrar_args.add_argument("--num-keys", type=int, default=mqrar.DEFAULT_NUM_KEYS, help="keys in the vocabulary")
+    mqrar_args.add_argument("--num-values", type=int, default=mqrar.DEFAULT_NUM_VALUES, help="values in the vocabulary")
     mqrar_args.add_argument("--pool-size", type=int, default=20000, help="training sequences, reshuffled every epoch")
     text_args = parser.add_argument_group("text")
     text_args.add_argument("--corpus", default="aa-lcr", help="anything sb_eval.data.documents accepts")
@@ -90,9 +96,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def mqrar_pool(args: argparse.Namespace, count: int, seed: int) -> SequencePool:
-    """`count` MQRAR sequences (the seeds of training and evaluation sets differ)."""
-    generated = mqrar.sequences(count, args.seq_length, args.num_pairs, seed=seed)
+    """`count` MQRAR (or MQAR) sequences (the seeds of training and evaluation sets differ)."""
+    generated = mqrar.sequences(count, args.seq_length, args.num_pairs, mqrar_vocabulary(args), seed, args.task, args.layout)
     return SequencePool([s.inputs for s in generated], [s.targets for s in generated], batch_size=args.batch_size, seed=seed)
+
+
+def mqrar_vocabulary(args: argparse.Namespace) -> mqrar.Vocabulary:
+    try:
+        return mqrar.Vocabulary(args.num_keys, args.num_values)
+    except ValueError as error:
+        raise SystemExit(f"--num-keys {args.num_keys} --num-values {args.num_values}: {error}") from None
 
 
 def text_tokenizer(choice: str, training_texts: list[str]):
@@ -219,11 +232,17 @@ def main(argv=None) -> None:
     if args.repeat_rows:
         args.repeat_segment_lengths = repeat_segment_lengths(args)  # "16,512" -> (16, 512)
     if args.data == "mqrar":
-        tokenizer = word_level_tokenizer(mqrar.Vocabulary().symbols)
+        vocabulary = mqrar_vocabulary(args)
+        try:
+            mqrar.check_settings(args.seq_length, args.num_pairs, vocabulary, args.task, args.layout)
+        except ValueError as error:
+            raise SystemExit(f"--seq-length {args.seq_length} --num-pairs {args.num_pairs}: {error}") from None
+        tokenizer = word_level_tokenizer(vocabulary.symbols)
         train_source, eval_source = (mqrar_pool(args, count, seed) for count, seed in (
             (args.pool_size, args.seed), (args.eval_batches * args.batch_size, args.seed + 1_000_000),
         ))
-        data = {"data": "mqrar", "num_pairs": args.num_pairs, "pool_size": args.pool_size}
+        data = {"data": "mqrar", "task": args.task, "layout": args.layout, "num_pairs": args.num_pairs,
+                "num_keys": args.num_keys, "num_values": args.num_values, "pool_size": args.pool_size}
     else:
         tokenizer, train_source, eval_source, data = text_data(args)
     size = ModelSize(args.layers, args.hidden, args.heads, len(tokenizer), args.seq_length, args.intermediate)

@@ -4,10 +4,12 @@
 num_pairs (a list of pair counts, or one; default the paper's 32..192), seq_length in symbols
 (default 768, the paper's), or max_seq_lengths as a list of one length (what a length sweep
 passes; it must agree with seq_length when both are given), num_samples sequences per pair count
-(default 100), queries_per_sequence (default 4), seed (default 42), num_keys and num_values
-(default 256 each). Instances are cut right after a query key; the answer is the key's current
-value (sb_eval.ruler.mqrar). No tokenizer is involved: lengths count symbols, which are tokens
-for a model trained on the token form with a word-level tokenizer over its symbols.
+(default 100), queries_per_sequence (default 4), seed (default 42), task ("mqrar", the default,
+or "mqar", the control without reassignments), layout ("power-law", the paper's and the default,
+or "dense"), num_keys and num_values (default 4096 each, the paper's vocabulary). Instances are
+cut right after a query key; the answer is the key's current value (sb_eval.ruler.mqrar). No
+tokenizer is involved: lengths count symbols, which are tokens for a model trained on the token
+form with a word-level tokenizer over its symbols.
 """
 
 from __future__ import annotations
@@ -36,14 +38,20 @@ def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     num_samples = positive_int(kwargs.get("num_samples", DEFAULT_NUM_SAMPLES), "metadata num_samples")
     queries = positive_int(kwargs.get("queries_per_sequence", DEFAULT_QUERIES_PER_SEQUENCE), "metadata queries_per_sequence")
     seed = kwargs.get("seed", DEFAULT_SEED)
+    task = _choice(kwargs.get("task", "mqrar"), mqrar.TASKS, "task")
+    layout = _choice(kwargs.get("layout", "power-law"), mqrar.LAYOUTS, "layout")
     vocabulary = mqrar.Vocabulary(
         positive_int(kwargs.get("num_keys", mqrar.DEFAULT_NUM_KEYS), "metadata num_keys"),
         positive_int(kwargs.get("num_values", mqrar.DEFAULT_NUM_VALUES), "metadata num_values"),
     )
-    _check_room_for_queries(pair_counts, seq_length)
+    for num_pairs in pair_counts:  # every count checked before any count's sequences are made
+        try:
+            mqrar.check_settings(seq_length, num_pairs, vocabulary, task, layout)
+        except ValueError as error:
+            raise ValueError(f"metadata num_pairs={pair_counts!r}, seq_length={seq_length}: {error}") from None
     per_count = [
-        mqrar.instances(num_samples, seq_length, num_pairs, vocabulary, seed, queries)
-        for num_pairs in tqdm(pair_counts, desc=f"mqrar sequences of {seq_length} symbols", leave=False)
+        mqrar.instances(num_samples, seq_length, num_pairs, vocabulary, seed, queries, task, layout)
+        for num_pairs in tqdm(pair_counts, desc=f"{task} sequences of {seq_length} symbols", leave=False)
     ]
     longest = max(len(instances) for instances in per_count)
     interleaved = [instances[i] for i in range(longest) for instances in per_count if i < len(instances)]
@@ -80,16 +88,10 @@ def _seq_length(kwargs: dict) -> int:
     return positive_int(mqrar.PAPER_SEQ_LENGTH if seq_length is None else seq_length, "metadata seq_length")
 
 
-def _check_room_for_queries(pair_counts: list[int], seq_length: int) -> None:
-    """Every count's 2 * num_pairs assignment symbols must leave at least one query symbol; checked
-    before any count's sequences are generated."""
-    too_many = [num_pairs for num_pairs in pair_counts if 2 * num_pairs >= seq_length]
-    if too_many:
-        raise ValueError(
-            f"metadata num_pairs={pair_counts!r}: {too_many[0]} pairs take {2 * too_many[0]} of the "
-            f"seq_length={seq_length} symbols and leave no query; at this length num_pairs can be at "
-            f"most {(seq_length - 1) // 2} (seq_length >= 2 * num_pairs + 1)"
-        )
+def _choice(value: Any, choices: tuple[str, ...], name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"metadata {name}={value!r} must be one of {list(choices)}")
+    return value
 
 
 def _int_list(value: Any, name: str) -> list[int]:

@@ -32,7 +32,7 @@ ALLOWED_IMPORTS = {
     "sb_eval.model": {"sb_eval.kernels", "sb_eval.tokenization", "sb_eval.files"},
     "sb_eval.analysis": {"sb_eval.model", "sb_eval.files"},
     "sb_eval.tasks": {"sb_eval.ruler", "sb_eval.data", "sb_eval.files", "sb_eval.options"},
-    "sb_eval.training": {"sb_eval.model", "sb_eval.ruler", "sb_eval.data", "sb_eval.tokenization", "sb_eval.files"},
+    "sb_eval.training": {"sb_eval.model", "sb_eval.kernels", "sb_eval.ruler", "sb_eval.data", "sb_eval.tokenization", "sb_eval.files"},
     "sb_eval.reports": {"sb_eval.analysis", "sb_eval.files"},
     "sb_eval.harness": {"sb_eval.model", "sb_eval.analysis", "sb_eval.kernels", "sb_eval.data", "sb_eval.reports", "sb_eval.files",
                         "sb_eval.options", "sb_eval_hook"},

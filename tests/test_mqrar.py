@@ -4,6 +4,8 @@ generated token form, its text form, and the lm-eval task run with sb_hf on a wo
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 from pathlib import Path
 
 import lm_eval
@@ -54,16 +56,56 @@ def test_hand_written_sequences(text, answers):
     assert mqrar.targets(inputs, PAPER_VOCABULARY) == expected
 
 
-def test_targets_need_alternating_keys_and_values():
-    with pytest.raises(ValueError, match=r"inputs\[1\]=1 must be a value id"):
+def test_filler_values_assign_nothing_and_a_key_needs_its_value():
+    # "B 6 4 B": the 4 follows a value, not a key, so B still holds 6
+    assert mqrar.targets(paper_ids("B 6 4 B 1 3 B"), PAPER_VOCABULARY) == [IGNORE, IGNORE, IGNORE, value(6), IGNORE, IGNORE, value(1)]
+    with pytest.raises(ValueError, match=r"inputs\[1\]=1 must be a value id: it follows the key inputs\[0\]"):
         mqrar.targets([0, 1], PAPER_VOCABULARY)
-    with pytest.raises(ValueError, match=r"inputs\[2\]=12 must be a key id"):
+    with pytest.raises(ValueError, match=r"inputs\[2\]=12 is outside this vocabulary's ids 0..11"):
         mqrar.targets([0, 5, 12], PAPER_VOCABULARY)
 
 
-def test_generated_sequences_follow_the_papers_layout():
+@pytest.mark.parametrize("task", ["mqrar", "mqar"])
+def test_power_law_sequences_follow_the_papers_code(task):
+    vocabulary = Vocabulary(num_keys=40, num_values=30)
+    for sequence in mqrar.sequences(30, seq_length=41, num_pairs=8, vocabulary=vocabulary, seed=3, task=task):
+        inputs, targets = sequence.inputs, sequence.targets
+        assert len(inputs) == len(targets) == 41 and targets == mqrar.targets(inputs, vocabulary)
+        assigned = inputs[0:16:2]
+        assert all(k < 40 for k in assigned) and all(v >= 40 for v in inputs[1:16:2])
+        region = inputs[16:]
+        asked = [(t, k) for t, k in enumerate(region) if k < 40]
+        assert len(asked) == 8 and all(t % 2 == 0 for t, _ in asked)  # num_pairs query keys, each in a slot's first token
+        assert {k for _, k in asked} <= set(assigned) and region[-1] >= 40  # the odd 41st token is filler
+        if task == "mqar":  # Zoology's: distinct pairs, each key asked once, for its first value
+            assert len(set(assigned)) == 8 and len(set(inputs[1:16:2])) == 8
+            assert sorted(k for _, k in asked) == sorted(assigned)
+            first_value = dict(zip(assigned, inputs[1:16:2]))
+            assert all(targets[16 + t] == first_value[k] for t, k in asked)
+        assert sequence.query_positions[-len(asked):] == [16 + t for t, _ in asked]
+
+
+def test_mqrar_asks_keys_again_after_reassigning_them():
+    sequences = mqrar.sequences(50, seq_length=128, num_pairs=16, vocabulary=Vocabulary(64, 64), seed=1)
+    reassigned = [s.targets[t] != s.inputs[s.inputs.index(s.inputs[t]) + 1] for s in sequences for t in s.query_positions]
+    assert 0.1 < sum(reassigned) / len(reassigned) < 0.6  # keys asked again answer their newer value
+
+
+def test_query_slots_follow_zoologys_power_law():
+    rng = random.Random(0)
+    draws = Counter(mqrar._power_law_slots(rng, 3, 1)[0] for _ in range(20000))
+    weights = [(slot + 1) ** (mqrar.POWER_LAW_A - 1) for slot in range(3)]
+    for slot in range(3):
+        assert draws[slot] / 20000 == pytest.approx(weights[slot] / sum(weights), abs=0.015)
+    second = Counter(tuple(mqrar._power_law_slots(rng, 3, 2)) for _ in range(20000))
+    # successive draws without replacement: P(0 then 1) = p0 * p1 / (1 - p0)
+    p = [w / sum(weights) for w in weights]
+    assert second[(0, 1)] / 20000 == pytest.approx(p[0] * p[1] / (1 - p[0]), abs=0.015)
+
+
+def test_dense_sequences_ask_a_key_in_every_slot():
     vocabulary = Vocabulary(num_keys=12, num_values=5)
-    sequences = mqrar.sequences(20, seq_length=41, num_pairs=6, vocabulary=vocabulary, seed=3)
+    sequences = mqrar.sequences(20, seq_length=41, num_pairs=6, vocabulary=vocabulary, seed=3, layout="dense")
     for sequence in sequences:
         inputs, targets = sequence.inputs, sequence.targets
         assert len(inputs) == len(targets) == 41
@@ -82,22 +124,32 @@ def test_generation_is_seeded_and_a_larger_set_extends_a_smaller_one():
     small = mqrar.sequences(3, 64, 8, seed=5)
     assert mqrar.sequences(3, 64, 8, seed=5) == small
     assert mqrar.sequences(6, 64, 8, seed=5)[:3] == small
+    assert mqrar.sequences(2, 64, 8, seed=5, first=1) == small[1:]  # a set made in parts
     assert mqrar.sequences(3, 64, 8, seed=6) != small
     assert mqrar.sequences(3, 64, 9, seed=5)[0].inputs[:16] != small[0].inputs[:16]
+    assert mqrar.sequences(3, 64, 8, seed=5, task="mqar") != small
+    assert mqrar.sequences(3, 64, 8, seed=5, layout="dense") != small
 
 
-def test_the_papers_largest_setting_fits_the_default_vocabulary():
+def test_the_papers_largest_setting_fills_every_slot():
     vocabulary = Vocabulary()
-    assert vocabulary.size == 512
-    (sequence,) = mqrar.sequences(1, mqrar.PAPER_SEQ_LENGTH, max(mqrar.PAPER_NUM_PAIRS), vocabulary)
-    assert len(sequence.query_positions) == (768 - 2 * 192) // 2
+    assert vocabulary.size == 8192
+    (sequence,) = mqrar.sequences(1, mqrar.PAPER_SEQ_LENGTH, max(mqrar.PAPER_NUM_PAIRS), vocabulary, task="mqar")
+    assert sequence.query_positions == list(range(384, 768, 2))
 
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (dict(num_sequences=1, seq_length=64, num_pairs=32), "seq_length=64 leaves no room for a query after 32 pairs"),
-        (dict(num_sequences=1, seq_length=64, num_pairs=9, vocabulary=Vocabulary(8, 8)), "num_pairs=9 needs as many distinct keys, but num_keys=8"),
+        (dict(num_sequences=1, seq_length=64, num_pairs=17), "seq_length=64 cannot hold 17 pairs and as many query slots .* at most 16 pairs"),
+        (dict(num_sequences=1, seq_length=64, num_pairs=32, layout="dense"), "seq_length=64 leaves no room for a query after 32 pairs"),
+        (dict(num_sequences=1, seq_length=64, num_pairs=9, vocabulary=Vocabulary(8, 8), task="mqar"),
+         "num_pairs=9 needs as many distinct keys and values, but num_keys=8"),
+        (dict(num_sequences=1, seq_length=64, num_pairs=9, vocabulary=Vocabulary(8, 8), layout="dense"), "num_pairs=9 needs as many distinct keys"),
+        (dict(num_sequences=1, seq_length=64, num_pairs=4, task="mqar", layout="dense"), "task='mqar' asks each key once"),
+        (dict(num_sequences=1, seq_length=64, num_pairs=4, task="recall"), "task='recall' must be one of"),
+        (dict(num_sequences=1, seq_length=64, num_pairs=4, layout="sparse"), "layout='sparse' must be one of"),
+        (dict(num_sequences=1, seq_length=64, num_pairs=4, first=-1), "first=-1 must be a non-negative integer"),
         (dict(num_sequences=0, seq_length=64, num_pairs=4), "num_sequences=0 must be a positive integer"),
         (dict(num_sequences=1, seq_length=64, num_pairs=4, seed="x"), "seed='x' must be an integer"),
     ],
@@ -108,8 +160,8 @@ def test_bad_settings_are_named(arguments, message):
 
 
 def test_bad_vocabularies_are_named():
-    with pytest.raises(ValueError, match="num_values=1 must be at least 2"):
-        Vocabulary(4, 1)
+    with pytest.raises(ValueError, match="num_values=1 must be at least 2 in layout='dense'"):
+        mqrar.sequences(1, 16, 2, Vocabulary(4, 1), layout="dense")
     with pytest.raises(ValueError, match="num_keys=0 must be a positive integer"):
         Vocabulary(0, 4)
 
@@ -132,15 +184,16 @@ def _first_assignment(context_ids: list[int]) -> int:
     return context_ids[context_ids.index(key) + 1]
 
 
-def test_instance_accuracy_is_the_token_forms_accuracy():
+@pytest.mark.parametrize("layout", mqrar.LAYOUTS)
+def test_instance_accuracy_is_the_token_forms_accuracy(layout):
     vocabulary = Vocabulary(num_keys=16, num_values=4)
-    settings = dict(num_sequences=5, seq_length=40, num_pairs=6, vocabulary=vocabulary, seed=2)
+    settings = dict(num_sequences=5, seq_length=40, num_pairs=6, vocabulary=vocabulary, seed=2, layout=layout)
     sequences = mqrar.sequences(**settings)
     token_hits = [
         _first_assignment(s.inputs[: t + 1]) == s.targets[t] for s in sequences for t in s.query_positions
     ]
     every_query = mqrar.instances(**settings, queries_per_sequence=1000)
-    assert len(every_query) == len(token_hits) == 5 * 14
+    assert len(every_query) == len(token_hits) == sum(len(s.query_positions) for s in sequences)
     text_hits = [vocabulary.symbols[_first_assignment(vocabulary.ids(i["context"]))] == i["answer"] for i in every_query]
     assert text_hits == token_hits
     assert 0 < sum(token_hits) < len(token_hits)  # the distractor is sometimes right, sometimes not
@@ -170,9 +223,9 @@ def test_custom_dataset_reads_the_metadata():
 
 @pytest.mark.parametrize("pair_counts", [[32, 190], [190, 32]])
 def test_custom_dataset_keeps_every_instance_of_counts_with_fewer_queries(pair_counts):
-    # 190 pairs leave 4 of 384 symbols: 2 queries per sequence, fewer than queries_per_sequence
-    docs = mqrar_task.custom_dataset(num_pairs=pair_counts, seq_length=384, num_samples=5)["test"]
-    fewer = mqrar.instances(5, 384, 190, seed=mqrar_task.DEFAULT_SEED)
+    # densely, 190 pairs leave 4 of 384 symbols: 2 queries per sequence, fewer than queries_per_sequence
+    docs = mqrar_task.custom_dataset(num_pairs=pair_counts, seq_length=384, num_samples=5, layout="dense")["test"]
+    fewer = mqrar.instances(5, 384, 190, seed=mqrar_task.DEFAULT_SEED, layout="dense")
     assert len(fewer) == 10
     assert [d["context"] for d in docs if d["num_pairs"] == 190] == [i["context"] for i in fewer]
     assert docs["num_pairs"].count(32) == 20
@@ -187,9 +240,13 @@ def test_custom_dataset_keeps_every_instance_of_counts_with_fewer_queries(pair_c
         (dict(max_seq_lengths=[1024], seq_length=768), "seq_length=768 and max_seq_lengths=\\[1024\\] disagree"),
         (dict(num_pairs="32"), "num_pairs='32' must be a positive integer or a list"),
         (dict(num_pairs=[32, 0]), "num_pairs=0 must be a positive integer"),
-        (dict(num_pairs=[400], seq_length=1024), "num_pairs=400 needs as many distinct keys, but num_keys=256"),
+        (dict(num_pairs=[200], seq_length=1024, num_keys=100, task="mqar"),
+         "num_pairs=200 needs as many distinct keys and values, but num_keys=100"),
         (dict(num_pairs=[32, 192], seq_length=384),
-         r"num_pairs=\[32, 192\]: 192 pairs take 384 of the seq_length=384 symbols and leave no query; .* at most 191"),
+         r"num_pairs=\[32, 192\], seq_length=384: seq_length=384 cannot hold 192 pairs .* at most 96 pairs"),
+        (dict(num_pairs=[32, 192], seq_length=384, layout="dense"), r"leaves no room for a query after 192 pairs .* at most 191 pairs"),
+        (dict(task="recall"), r"metadata task='recall' must be one of \['mqrar', 'mqar'\]"),
+        (dict(layout="sparse"), r"metadata layout='sparse' must be one of"),
     ],
 )
 def test_custom_dataset_errors_name_the_setting(metadata, message):

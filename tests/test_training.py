@@ -175,6 +175,27 @@ def test_the_training_script_trains_mqrar_and_writes_a_checkpoint_sb_hf_loads(tm
     assert tokenizer(mqrar.Vocabulary().text(sequence.inputs), add_special_tokens=False).input_ids == sequence.inputs
 
 
+def test_the_training_script_takes_the_control_task_and_a_vocabulary(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parents[1] / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run = ["--attention", "softmax", "--data", "mqrar", "--num-pairs", "4", "--seq-length", "24", "--num-keys", "8",
+           "--num-values", "6", "--pool-size", "16", "--batch-size", "4", "--hidden", "32", "--heads", "2", "--steps", "1",
+           "--eval-batches", "1", "--device", "cpu"]
+    script.main([*run, "--task", "mqar", "--output", str(tmp_path / "mqar")])
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "mqar" / "model")) == 8 + 6 + 1
+    logged = json.loads((tmp_path / "mqar" / "log.jsonl").read_text().splitlines()[0])
+    assert logged["step"] == 1
+    with pytest.raises(SystemExit, match="--seq-length 24 --num-pairs 4: task='mqar' asks each key once"):
+        script.main([*run, "--task", "mqar", "--layout", "dense", "--output", str(tmp_path / "dense")])
+    with pytest.raises(SystemExit, match="--seq-length 24 --num-pairs 7: seq_length=24 cannot hold 7 pairs"):
+        script.main([*run, "--num-pairs", "7", "--output", str(tmp_path / "long")])
+
+
 def test_a_learnt_bpe_round_trips_text_and_ends_with_end_of_text():
     from sb_eval.tokenization import train_bpe_tokenizer
 

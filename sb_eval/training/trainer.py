@@ -109,11 +109,15 @@ class Batch:
 
 class SequencePool:
     """Batches drawn from a fixed set of (inputs, targets) sequences, reshuffled every epoch with a
-    seeded permutation: batch `step` is the same whenever it is asked for."""
+    seeded permutation: batch `step` is the same whenever it is asked for.
 
-    def __init__(self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], batch_size: int, seed: int):
-        self.inputs = torch.tensor(inputs, dtype=torch.long)
-        self.targets = torch.tensor(targets, dtype=torch.long)
+    inputs and targets: [N, T] lists or integer tensors (kept in their dtype, int16 saves memory
+    for large pools; batches come as int64); `device`: where the pool and its batches live (a
+    pool on the GPU makes a batch without a copy from the host)."""
+
+    def __init__(self, inputs, targets, batch_size: int, seed: int, device: str | torch.device | None = None):
+        self.inputs = torch.as_tensor(inputs, device=device)
+        self.targets = torch.as_tensor(targets, device=device)
         if self.inputs.shape != self.targets.shape or self.inputs.ndim != 2:
             raise ValueError(f"inputs and targets must be [N, T] of one shape, got {tuple(self.inputs.shape)} and {tuple(self.targets.shape)}")
         if not 1 <= batch_size <= len(self.inputs):
@@ -121,12 +125,20 @@ class SequencePool:
         self.batch_size = batch_size
         self.seed = seed
         self.batches_per_epoch = len(self.inputs) // batch_size
+        self._order: tuple[int, torch.Tensor] | None = None  # the current epoch's permutation
+
+    @property
+    def max_scored(self) -> int:
+        """The most scored positions (targets != IGNORE) any sequence of the pool has."""
+        return int((self.targets != IGNORE).sum(1).max())
 
     def batch(self, step: int) -> Batch:
         epoch, index = divmod(step, self.batches_per_epoch)
-        order = torch.randperm(len(self.inputs), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        rows = order[index * self.batch_size:(index + 1) * self.batch_size]
-        return Batch(self.inputs[rows], self.targets[rows])
+        if self._order is None or self._order[0] != epoch:
+            order = torch.randperm(len(self.inputs), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            self._order = (epoch, order.to(self.inputs.device))
+        rows = self._order[1][index * self.batch_size:(index + 1) * self.batch_size]
+        return Batch(self.inputs[rows].long(), self.targets[rows].long())
 
 
 class TokenWindows:
@@ -162,9 +174,7 @@ class ConcatenatedBatches:
 @torch.no_grad()
 def offset_attention_logits(model: StickBreakingForCausalLM, offsets: Sequence[float]) -> None:
     """Sets the query and key biases of every layer so that head h's logits start `offsets[h]`
-    away from where they would: q gets a * u and k gets -a * u (+a * u for a positive offset),
-    with u a unit vector and a = sqrt(|offset| / scale), so their product adds the offset to every
-    logit; the cross terms q . (-a u) and (a u) . k are small at initialisation.
+    away from where they would (see `logit_offset_biases`).
 
     Why: a fresh stick-breaking head has logits near 0, a break probability of 1/2 per token, so
     2^-d of its attention reaches the token d back, and the gradient that would teach it to look
@@ -179,14 +189,25 @@ def offset_attention_logits(model: StickBreakingForCausalLM, offsets: Sequence[f
         raise ValueError("offset_attention_logits supports one key head per query head (attention_head_type 'mha')")
     if len(offsets) != config.n_head:
         raise ValueError(f"offsets must give one value per head ({config.n_head}), got {len(offsets)}")
-    size = config.head_dim
     for block in model.transformer.h:
         attention = block.attn
-        bias = attention.c_attn.bias.view(config.n_head, 3, size)  # per head: [q | k | v]
-        for head, offset in enumerate(offsets):
-            magnitude = math.sqrt(abs(offset) / attention.scale)
-            bias[head, 0].zero_()[0] = magnitude
-            bias[head, 1].zero_()[0] = -magnitude if offset < 0 else magnitude
+        q_bias, k_bias = logit_offset_biases(offsets, config.head_dim, attention.scale)
+        bias = attention.c_attn.bias.view(config.n_head, 3, config.head_dim)  # per head: [q | k | v]
+        bias[:, 0] = q_bias
+        bias[:, 1] = k_bias
+
+
+def logit_offset_biases(offsets: Sequence[float], head_dim: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key biases [heads, head_dim] that add offsets[h] to every logit scale * q . k of
+    head h at initialisation: q gets a * u and k gets -a * u (+a * u for a positive offset), with u
+    a unit vector and a = sqrt(|offset| / scale); the cross terms q . (-a u) and (a u) . k are
+    small while the weights are."""
+    q_bias, k_bias = torch.zeros(len(offsets), head_dim), torch.zeros(len(offsets), head_dim)
+    for head, offset in enumerate(offsets):
+        magnitude = math.sqrt(abs(offset) / scale)
+        q_bias[head, 0] = magnitude
+        k_bias[head, 0] = -magnitude if offset < 0 else magnitude
+    return q_bias, k_bias
 
 
 class Curriculum:
@@ -239,11 +260,16 @@ class TrainSettings:
         self.warmup_steps = min(self.warmup_steps, self.steps // 2)
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        floor = self.final_lr_fraction
-        return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return self.lr * lr_factor(step, self.steps, self.warmup_steps, self.final_lr_fraction)
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, final_fraction: float) -> float:
+    """The learning rate of step `step` (from 0) as a fraction of the peak: linear warm-up over
+    `warmup_steps`, then cosine decay to `final_fraction` at step `steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def position_loss(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,138 @@
+"""scripts/mqrar_grid.py end to end on a tiny grid (CPU, torch backend): train, an interrupted
+grid resumed to the same results, the report (checkpoints, docs/mqrar-grid.json with the earlier
+grids' rows kept, the plot), and the choice of runs that fit the time."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sb_eval.model.modeling import StickBreakingForCausalLM
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "mqrar_grid.py"
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("mqrar_grid", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses and its data processes look it up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def train_args(folder: Path) -> list[str]:
+    return [
+        "train", "--output", str(folder / "out"), "--state", str(folder / "state"), "--time-limit", "3000",
+        "--steps", "6", "--batch-size", "4", "--pool-size", "16", "--eval-sequences", "8", "--eval-every", "3",
+        "--save-every", "2", "--seq-length", "32", "--hidden", "32", "--heads", "2", "--num-keys", "16",
+        "--num-values", "16", "--pairs", "8", "--control-pairs", "4", "--device", "cpu",
+        "--attention-backend", "torch", "--max-stack", "4", "--workers", "2", "--part-size", "8",
+        "--timing-steps", "1", "--save-models", "8",
+    ]
+
+
+def results(folder: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (folder / "out" / "results.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in row.items() if key != "elapsed_s"} for row in rows]
+
+
+def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(grid, tmp_path, monkeypatch):
+    grid.main(train_args(tmp_path / "whole"))
+    plan = json.loads((tmp_path / "whole" / "out" / "plan.json").read_text())
+    assert len(plan["kept"]) == len(grid.plan([8], [4])) and plan["left_out"] == []
+    rows = results(tmp_path / "whole")
+    assert {row["step"] for row in rows} == {3, 6} and len(rows) == 2 * len(plan["kept"])
+    assert all(0 <= row["eval_accuracy"] <= 1 and row["eval_positions"] > 0 for row in rows)
+
+    # the clock passes --time-limit after the 4th training step (the timing's steps not counted)
+    clock = {"training": False, "steps": 0, "late": False}
+    stacks = len(grid.stacks_of(grid.plan([8], [4]), 4))
+    real_monotonic, real_time_stacks, real_build_stack = grid.time.monotonic, grid.time_stacks, grid.build_stack
+
+    def time_stacks(*args, **kwargs):
+        timed = real_time_stacks(*args, **kwargs)
+        clock["training"] = True
+        return timed
+
+    def build_stack(*args, **kwargs):
+        trainer, sources, most = real_build_stack(*args, **kwargs)
+        step = trainer.step
+
+        def counted(*step_args):
+            if clock["training"]:
+                clock["steps"] += 1
+                clock["late"] = clock["late"] or clock["steps"] >= 4 * stacks
+            return step(*step_args)
+
+        trainer.step = counted
+        return trainer, sources, most
+
+    monkeypatch.setattr(grid, "time_stacks", time_stacks)
+    monkeypatch.setattr(grid, "build_stack", build_stack)
+    monkeypatch.setattr(grid.time, "monotonic", lambda: real_monotonic() + (1e6 if clock["late"] else 0))
+    grid.main(train_args(tmp_path / "parts"))
+    stopped = results(tmp_path / "parts")
+    assert {row["step"] for row in stopped} == {3, 4} and all(row.get("interrupted") for row in stopped if row["step"] == 4)
+    assert list((tmp_path / "parts" / "out").glob("models-*.pt"))  # what there is comes back
+    monkeypatch.undo()
+    grid.main(train_args(tmp_path / "parts"))  # the same command again: goes on from step 4
+    assert results(tmp_path / "parts") == rows
+
+    # another grid in the same state folder is refused
+    with pytest.raises(SystemExit, match="holds a grid of other settings"):
+        grid.main([*train_args(tmp_path / "parts"), "--batch-size", "2"])
+
+
+def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path):
+    grid.main(train_args(tmp_path))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    earlier = {"grid": "dense", "attention": "softmax", "offsets": None, "model": "softmax", "task": "mqrar",
+               "layout": "dense", "pairs": 32, "lr": 1e-4, "seed": 0, "steps": 1200, "accuracy": 0.04}
+    (docs / "mqrar-grid.json").write_text(json.dumps([earlier, {**earlier, "grid": "power-law"}]))
+    grid.main(["report", "--runs", str(tmp_path / "out"), "--docs", str(docs), "--models", str(tmp_path / "models"),
+               "--harness-samples", "0"])
+    rows = json.loads((docs / "mqrar-grid.json").read_text())
+    assert rows[0] == earlier  # the earlier grid kept, this grid's old rows replaced
+    ours = rows[1:]
+    kept = json.loads((tmp_path / "out" / "plan.json").read_text())["kept"]
+    assert len(ours) == len(kept) and all(row["grid"] == "power-law" and row["steps"] == 6 for row in ours)
+    assert {row["model"] for row in ours} == {"softmax", "stickbreaking", "stickbreaking+offsets"}
+    assert (docs / "mqrar.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the best softmax and stick-breaking model of each MQRAR cell, as checkpoints lm-eval loads
+    folders = sorted(path.name for path in (tmp_path / "models").iterdir())
+    assert len(folders) == 2 and all("-mqrar-kv8-" in name and "offsets" not in name for name in folders)
+    for name in folders:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / name)
+        assert isinstance(model, StickBreakingForCausalLM) == name.startswith("stickbreaking")
+        assert model.config.vocab_size == 33
+    payload = torch.load(sorted((tmp_path / "out").glob("models-*.pt"))[0], weights_only=False)
+    assert all(weight.dtype == torch.bfloat16 for entry in payload.values() for weight in entry["weights"].values())
+
+
+def test_the_runs_kept_are_the_longest_prefix_that_fits(grid):
+    runs = grid.plan()
+    assert runs[0] == grid.GridRun("softmax", "mqar", 32, grid.LR_MAIN)  # the control first
+    assert {run.cell for run in runs[2:10]} == {(a, "mqrar", p) for a in grid.ATTENTIONS for p in grid.PAIRS}
+
+    def step_seconds(attention, models):
+        return 0.01 + (0.002 if attention == "softmax" else 0.003) * models
+
+    def cost(kept):
+        return 1000 * sum(step_seconds(attention, len(stack)) for attention, stack in grid.stacks_of(kept, 8))
+
+    costs = [cost(runs[:count]) for count in range(1, len(runs) + 1)]
+    assert costs == sorted(costs)  # a longer prefix never costs less
+    assert grid.fit_prefix(runs, step_seconds, 1000, budget_s=costs[9] + 0.1, max_stack=8) == runs[:10]
+    assert grid.fit_prefix(runs, step_seconds, 1000, budget_s=costs[-1], max_stack=8) == runs
+    assert grid.fit_prefix(runs, step_seconds, 1000, budget_s=5.0, max_stack=8) == []
+    stacks = grid.stacks_of(runs, 8)
+    assert sorted(len(stack) for attention, stack in stacks if attention == "stickbreaking") == [6, 7, 7]
+    assert sorted(len(stack) for attention, stack in stacks if attention == "softmax") == [6, 6, 6]

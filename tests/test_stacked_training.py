@@ -1,0 +1,184 @@
+"""Stacked training: models that share a stack never mix, each trains as it would alone (AdamW and
+clipping as torch computes them), and each exports to the checkpoint build_model makes with the
+same logits."""
+
+import pytest
+import torch
+
+from sb_eval.model.modeling import StickBreakingForCausalLM
+from sb_eval.tokenization import word_level_tokenizer
+from sb_eval.training.stacked import StackedDecoder, StackedRun, StackedTrainer, StackSettings
+from sb_eval.training.trainer import IGNORE, Batch, ModelSize, SequencePool, build_model
+
+SYMBOLS = [f"s{i}" for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return word_level_tokenizer(SYMBOLS)
+
+
+def size(tokenizer, heads: int = 2) -> ModelSize:
+    return ModelSize(layers=2, hidden=32, heads=heads, vocab_size=len(tokenizer), max_length=64)
+
+
+def recall_pool(seed: int, rows: int = 64, length: int = 24, batch_size: int = 8) -> SequencePool:
+    """Each position from the second on names the symbol before it (learnt in a few dozen steps);
+    the first third of each row is left unscored, so that rows score fewer positions than they
+    hold."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, len(SYMBOLS), (rows, length), generator=generator)
+    targets = torch.full_like(inputs, IGNORE)
+    targets[:, length // 3:] = inputs[:, length // 3 - 1:-1]
+    return SequencePool(inputs.to(torch.int16), targets.to(torch.int16), batch_size=batch_size, seed=seed)
+
+
+def train(stack: StackedDecoder, settings: StackSettings, pools: list[SequencePool], steps: int) -> StackedTrainer:
+    trainer = StackedTrainer(stack, settings)
+    for step in range(steps):
+        trainer.step([pool.batch(step) for pool in pools], [pool.max_scored for pool in pools])
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("attention", "offsets"),
+    [("softmax", None), ("stickbreaking", None), ("stickbreaking", (0.0, -4.0))],
+)
+def test_exported_models_compute_the_stacks_logits(tokenizer, attention, offsets):
+    runs = [StackedRun("plain", 1e-3, seed=1), StackedRun("second", 1e-3, seed=2, logit_offsets=offsets)]
+    stack = StackedDecoder(attention, size(tokenizer), runs, attention_backend="torch")
+    with torch.no_grad():  # away from the initialisation: norms, biases and matrices all count
+        generator = torch.Generator().manual_seed(0)
+        for name, parameter in stack.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator) * 0.05
+            if name.endswith("qkv_bias"):
+                noise *= stack.bias_trainable[:, None]
+            parameter.add_(noise)
+    inputs = torch.randint(0, len(tokenizer), (2, 3, 20), generator=generator)
+    with torch.no_grad():
+        logits = stack.logits(inputs)
+    for index in range(2):
+        model = stack.export(index, tokenizer).eval()
+        expected = StickBreakingForCausalLM if attention == "stickbreaking" else type(build_model("softmax", size(tokenizer), tokenizer))
+        assert isinstance(model, expected)
+        if attention == "stickbreaking":
+            model.set_attention_backend("torch")
+            assert model.config.add_qkv_bias == (runs[index].logit_offsets is not None)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=inputs[index]).logits, logits[index], atol=1e-5, rtol=1e-5)
+
+
+def test_logit_offsets_start_as_build_model_sets_them(tokenizer):
+    runs = [StackedRun("offsets", 1e-3, seed=3, logit_offsets=(-1.0, -5.0))]
+    stack = StackedDecoder("stickbreaking", size(tokenizer), runs, attention_backend="torch")
+    exported = stack.export(0, tokenizer).state_dict()
+    built = build_model("stickbreaking", size(tokenizer), tokenizer, (-1.0, -5.0)).state_dict()
+    for layer in range(2):
+        key = f"transformer.h.{layer}.attn.c_attn.bias"
+        torch.testing.assert_close(exported[key], built[key])
+
+
+@pytest.mark.parametrize("attention", ["softmax", "stickbreaking"])
+def test_each_model_trains_as_it_would_alone(tokenizer, attention):
+    """Two models with their own data, learning rate and offsets, stacked, end where each ends in a
+    stack of its own: the stack's models do not mix."""
+    offsets = (0.0, -3.0) if attention == "stickbreaking" else None
+    runs = [StackedRun("a", 3e-3, seed=1), StackedRun("b", 1e-3, seed=2, logit_offsets=offsets)]
+    pools = [recall_pool(seed=1), recall_pool(seed=2)]
+    settings = StackSettings(steps=4, warmup_steps=1, grad_clip=0.5)
+    together = train(StackedDecoder(attention, size(tokenizer), runs, "torch"), settings, pools, 4).model
+    for index, run in enumerate(runs):
+        alone = dict(train(StackedDecoder(attention, size(tokenizer), [run], "torch"), settings, [pools[index]], 4).model.named_parameters())
+        for name, stacked in together.named_parameters():
+            if name in alone:  # a stack of a run without offsets alone has no biases
+                torch.testing.assert_close(stacked[index], alone[name][0], atol=1e-6, rtol=1e-5, msg=name)
+    if attention == "stickbreaking":  # the run without offsets keeps the bias-free model's zero biases
+        assert all(layer.qkv_bias[0].abs().max() == 0 for layer in together.layers)
+        assert all(layer.qkv_bias[1].abs().max() > 0 for layer in together.layers)
+
+
+def test_the_optimiser_is_torchs_adamw_with_clipping(tokenizer):
+    run = StackedRun("one", 2e-3, seed=4)
+    settings = StackSettings(steps=5, warmup_steps=2, final_lr_fraction=0.1, weight_decay=0.1, grad_clip=0.05)
+    pool = recall_pool(seed=4)
+    stacked = train(StackedDecoder("softmax", size(tokenizer), [run], "torch"), settings, [pool], 5).model
+
+    reference = StackedDecoder("softmax", size(tokenizer), [run], "torch")
+    parameters = list(reference.parameters())
+    optimiser = torch.optim.AdamW(
+        [{"params": [p for p in parameters if p.ndim >= 3], "weight_decay": 0.1},
+         {"params": [p for p in parameters if p.ndim < 3], "weight_decay": 0.0}],
+        lr=2e-3, betas=settings.betas, eps=settings.eps,
+    )
+    scorer = StackedTrainer(reference, settings)  # its loss only
+    for step in range(5):
+        for group in optimiser.param_groups:
+            group["lr"] = 2e-3 * settings.lr_factor(step)
+        losses, _, _ = scorer.losses([pool.batch(step)], [pool.max_scored])
+        losses.sum().backward()
+        torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
+        optimiser.step()
+        optimiser.zero_grad()
+    for (name, mine), (_, torchs) in zip(stacked.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(mine, torchs, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "stickbreaking"])
+def test_stacked_models_learn_and_evaluate_only_scored_positions(tokenizer, attention):
+    runs = [StackedRun("fast", 3e-2, seed=5), StackedRun("slow", 1e-4, seed=6)]
+    pools = [recall_pool(seed=5), recall_pool(seed=5)]
+    trainer = StackedTrainer(StackedDecoder(attention, size(tokenizer), runs, "torch"), StackSettings(steps=40, warmup_steps=5))
+    held_out = recall_pool(seed=9, rows=16)
+    evaluation = [[held_out.batch(step)] * 2 for step in range(2)]
+    before = trainer.evaluate(evaluation, [held_out.max_scored] * 2)
+    for step in range(40):
+        trainer.step([pool.batch(step) for pool in pools], [pool.max_scored for pool in pools])
+    after = trainer.evaluate(evaluation, [held_out.max_scored] * 2)
+    assert after[0]["eval_loss"] < before[0]["eval_loss"] - 1.0 and after[0]["eval_accuracy"] > 0.5
+    assert after[0]["eval_accuracy"] > after[1]["eval_accuracy"]  # the learning rates differ
+    assert before[0]["eval_positions"] == 2 * 8 * 16  # two batches of 8 rows, 16 scored positions each
+
+
+def test_a_saved_stack_resumes_where_it_stopped_and_refuses_other_runs(tokenizer):
+    runs = [StackedRun("a", 3e-3, seed=1), StackedRun("b", 1e-3, seed=2)]
+    pools = [recall_pool(seed=1), recall_pool(seed=2)]
+    settings = StackSettings(steps=6, warmup_steps=1)
+    whole = train(StackedDecoder("softmax", size(tokenizer), runs, "torch"), settings, pools, 6)
+    first = train(StackedDecoder("softmax", size(tokenizer), runs, "torch"), settings, pools, 3)
+    resumed = StackedTrainer(StackedDecoder("softmax", size(tokenizer), runs, "torch"), settings)
+    resumed.load_state_dict(first.state_dict())
+    for step in range(3, 6):
+        resumed.step([pool.batch(step) for pool in pools], [pool.max_scored for pool in pools])
+    for mine, expected in zip(resumed.model.parameters(), whole.model.parameters()):
+        torch.testing.assert_close(mine, expected)
+    other = StackedTrainer(StackedDecoder("softmax", size(tokenizer), runs[:1], "torch"), settings)
+    with pytest.raises(ValueError, match="other runs or settings"):
+        other.load_state_dict(first.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (dict(attention="linear"), "attention must be 'softmax' or 'stickbreaking'"),
+        (dict(runs=[]), "a stack needs at least one run"),
+        (dict(runs=[StackedRun("a", 1e-3), StackedRun("a", 1e-4)]), "run names must be unique"),
+        (dict(attention="softmax", runs=[StackedRun("a", 1e-3, logit_offsets=(0.0, -1.0))]), "logit offsets apply to stick-breaking"),
+    ],
+)
+def test_bad_stacks_are_named(tokenizer, arguments, message):
+    fields = dict(attention="stickbreaking", size=size(tokenizer), runs=[StackedRun("a", 1e-3)])
+    fields.update(arguments)
+    with pytest.raises(ValueError, match=message):
+        StackedDecoder(**fields)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        StackedRun("b", 0.0)
+    with pytest.raises(ValueError, match="warmup_steps must be in 0..steps-1"):
+        StackSettings(steps=3, warmup_steps=3)
+
+
+def test_sequence_pools_keep_their_dtype_and_count_scored_positions():
+    pool = recall_pool(seed=1)
+    assert pool.inputs.dtype == torch.int16 and pool.max_scored == 16
+    batch = pool.batch(0)
+    assert isinstance(batch, Batch) and batch.inputs.dtype == torch.int64
+    assert torch.equal(pool.batch(0).inputs, batch.inputs)
