@@ -92,6 +92,16 @@ class GridRun:
         return f"{self.model}-{self.task}-kv{self.pairs}-lr{self.lr:.2e}-s{self.seed}"
 
 
+def plan_at(learning_rates: list[float], attentions: list[str], pairs=PAIRS, control_pairs=CONTROL_PAIRS) -> list[GridRun]:
+    """A grid at the given learning rates (in order) for the given attentions: at each rate the
+    control, then MQRAR at every pair count."""
+    runs = []
+    for lr in learning_rates:
+        runs += [GridRun(attention, "mqar", count, lr) for attention in attentions for count in control_pairs]
+        runs += [GridRun(attention, "mqrar", count, lr) for count in pairs for attention in attentions]
+    return runs
+
+
 def plan(pairs=PAIRS, control_pairs=CONTROL_PAIRS) -> list[GridRun]:
     """Every run this grid would make with unlimited time, most important first (what --time-limit
     keeps is a prefix). Learning rates from the paper's grid, chosen from the evidence in
@@ -155,7 +165,10 @@ def train(args: argparse.Namespace) -> None:
     tokenizer = word_level_tokenizer(vocabulary.symbols)
     size = ModelSize(args.layers, args.hidden, args.heads, len(tokenizer), args.seq_length)
     settings = train_settings(args)
-    candidates = plan(args.pairs, args.control_pairs)
+    if args.learning_rates:
+        candidates = plan_at(args.learning_rates, args.attentions, args.pairs, args.control_pairs)
+    else:
+        candidates = plan(args.pairs, args.control_pairs)
     saved_plan = _read_json(args.state / "plan.json")
     if saved_plan is not None and saved_plan["settings"] != settings:
         raise SystemExit(f"{args.state} holds a grid of other settings; give another --state or delete it")
@@ -649,6 +662,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--num-values", type=int, default=mqrar.DEFAULT_NUM_VALUES)
     run.add_argument("--pairs", type=int, nargs="+", default=list(PAIRS), help="MQRAR pair counts, ascending")
     run.add_argument("--control-pairs", type=int, nargs="+", default=list(CONTROL_PAIRS), help="MQAR pair counts")
+    run.add_argument("--learning-rates", type=float, nargs="+",
+                     help="instead of the default plan: these rates in order, each with the control and every MQRAR pair count")
+    run.add_argument("--attentions", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS), help="with --learning-rates")
     run.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up (the paper's code has none)")
     run.add_argument("--weight-decay", type=float, default=0.1)
     run.add_argument("--grad-clip", type=float, default=None, help="per-model gradient norm clipping (the paper's code has none)")
