@@ -138,7 +138,7 @@ class StickBreakingAttention(nn.Module):
                 q[:, :, -1:], k, v, scale=self.scale, attend_current=self.attend_current,
                 key_mask=key_mask, backend=self.config.attention_backend, **spans,
             )
-            attention_spans.record(self.layer_idx, last[-1][:, :, 0], last[1][:, :, 0])
+            attention_spans.record(self.layer_idx, k.shape[2], last[-1][:, :, 0], last[1][:, :, 0])
         if self.add_value_remainder:
             group = self.num_heads // current_v.shape[1]
             o = o + rem[..., None].to(o.dtype) * current_v.repeat_interleave(group, dim=1)
