@@ -40,6 +40,7 @@ from sb_eval.analysis.attribution import (
 from sb_eval.files import write_atomically
 from sb_eval.model.modeling import StickBreakingForCausalLM
 from sb_eval.ruler import mqrar
+from sb_eval.ruler.fitting import TooShortError
 from sb_eval.ruler.generate import generate
 from sb_eval.ruler.needles import NeedleNotFoundError, locate
 from sb_eval.ruler.registry import TASKS
@@ -351,8 +352,13 @@ def attribute_model(model: ModelSpec, arguments: dict, label: str, settings: Set
             "samples": [],
         }
         done = resumed_samples(path, document)
-        samples = [s for length in settings.lengths for task in settings.tasks
-                   for s in make_samples(task, length, lm.tokenizer, settings.num_samples, settings.seed, settings.mqrar_pairs)]
+        samples = []
+        for length in settings.lengths:
+            for task in settings.tasks:
+                try:
+                    samples += make_samples(task, length, lm.tokenizer, settings.num_samples, settings.seed, settings.mqrar_pairs)
+                except TooShortError as error:
+                    raise AttributionArgumentError(f"{task} at {length}: {error}") from None
         check_lengths(lm, samples, settings)
         document["samples"] = list(done.values())
         todo = [s for s in samples if s.key not in done]
@@ -476,7 +482,11 @@ class AttributionRecorder:
 
     def __init__(self, lm, path: str | Path, info: dict, answer_tokens: int) -> None:
         self.lm, self.path, self.answer_tokens = lm, Path(path), answer_tokens
-        self.document = {"schema_version": SCHEMA_VERSION, **info, "answer_tokens": answer_tokens, "samples": []}
+        config = lm.model.config
+        self.document = {
+            "schema_version": SCHEMA_VERSION, **info, "attention": "stick-breaking",
+            "layers": config.num_hidden_layers, "heads": config.num_attention_heads, "samples": [],
+        }
         self._collection = ExitStack()
         self.recorder = self._collection.enter_context(collecting_span_mass(lm.model))
         self._expected: dict[str, list] = {}  # context -> requests of the generate_until call
