@@ -58,7 +58,7 @@ def generate_recorded(model, ids, mask, prompt_spans):
     return generated, recorded
 
 
-def check_against_matrices(recorded, matrices, prompt_spans, T, remainder: bool):
+def check_against_matrices(recorded, matrices, prompt_spans, T, remainder: bool, atol: float = 2e-6):
     """matrices: per layer A [B, H, T', T'] over the prompt and the answer; step s is row
     T - 1 + s. Every key after the prompt is GENERATED."""
     B = prompt_spans.shape[0]
@@ -69,9 +69,9 @@ def check_against_matrices(recorded, matrices, prompt_spans, T, remainder: bool)
             row = A[:, :, T - 1 + step, :]  # [B, H, keys]
             keys = key_spans[:, : row.shape[-1]]
             expected = torch.stack([(row * (keys == s)[:, None]).sum(-1) for s in range(NUM_SPANS)], dim=-1)
-            assert torch.allclose(recorded.mass[step, :, layer].double(), expected, atol=2e-6), (layer, step)
+            assert torch.allclose(recorded.mass[step, :, layer].double(), expected, atol=atol), (layer, step)
             expected_remainder = (1 - row.sum(-1)) if remainder else torch.zeros_like(row[..., 0])
-            assert torch.allclose(recorded.remainder[step, :, layer].double(), expected_remainder, atol=2e-6)
+            assert torch.allclose(recorded.remainder[step, :, layer].double(), expected_remainder, atol=atol)
     # no key comes after the query: nothing generated is seen at step 0
     assert (recorded.mass[0, ..., GENERATED] == 0).all()
     assert (recorded.mass[1:, ..., GENERATED] > 0).all()
