@@ -22,13 +22,14 @@ from .forward import _key_block, key_head, row_tile_mask, walk_start
 
 
 @triton.jit
-def add_span_mass(span_mass, weights, key_spans_ptr, key_pos, Tk, offs_span):
+def add_span_mass(span_mass, weights, key_spans_ptr, key_pos, Tk, offs_span, NUM_SPANS: tl.constexpr):
     """span_mass [queries, BLOCK_SPANS] plus, for each span s, the weights [queries, keys] of the keys
-    whose index in key_spans_ptr (one int32 per key) is s. A one-hot matmul in float32 (ieee:
-    every product is a weight times 1, so the sums are float32 sums)."""
+    whose index in key_spans_ptr (one int32 per key) is s: a float32 row sum per span."""
     spans = tl.load(key_spans_ptr + key_pos, mask=key_pos < Tk, other=-1)
-    members = (spans[:, None] == offs_span[None, :]).to(tl.float32)
-    return span_mass + tl.dot(weights, members, input_precision="ieee")
+    for s in tl.static_range(NUM_SPANS):
+        in_span = tl.sum(tl.where((spans == s)[None, :], weights, 0.0), 1)
+        span_mass += tl.where((offs_span == s)[None, :], in_span[:, None], 0.0)
+    return span_mass
 
 
 @triton.jit
@@ -85,7 +86,7 @@ def stickbreaking_split_kernel(
             HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
         )
         if NUM_SPANS > 0:
-            span_mass = add_span_mass(span_mass, weights, key_spans_ptr, block_start + offs_n, Tk, offs_span)
+            span_mass = add_span_mass(span_mass, weights, key_spans_ptr, block_start + offs_n, Tk, offs_span, NUM_SPANS)
 
     row = (b * num_kv_heads * group + h) * Tq + t  # row of [B, Hq, Tq]
     part = row * num_splits + pid_s

@@ -102,12 +102,14 @@ def summary_markdown(documents: list[dict], failures: dict[str, str] | None = No
     threshold = first["summary"]["threshold"]
     answer_tokens = "every answer token" if settings["answer_tokens"] is None else (
         "the first answer token" if settings["answer_tokens"] == 1 else f"the first {settings['answer_tokens']} answer tokens")
+    # from the samples: a resumed folder holds those of earlier runs too
+    tasks = sorted({sample["task"] for document in documents for sample in document["samples"]})
+    lengths = sorted({sample["length"] for document in documents for sample in document["samples"]})
     lines = [
         "# Needle attention attribution",
         "",
-        f"Tasks {', '.join(settings['tasks'])}; lengths {', '.join(_length(n) for n in settings['lengths'])} "
-        f"(MQRAR: symbols); {settings['num_samples']} samples per task and length, seed {settings['seed']}; "
-        f"greedy answers; attention of the query that produced {answer_tokens}.",
+        f"Tasks {', '.join(tasks)}; lengths {', '.join(_length(n) for n in lengths)} (MQRAR: symbols); "
+        f"seed {settings['seed']}; greedy answers; attention of the query that produced {answer_tokens}.",
         "",
         "A needle's top mass is the largest share of one head's attention (any layer, any recorded answer "
         f"step) on the needle's tokens. A needle counts as attended when its top mass is at least {threshold}; "
