@@ -272,7 +272,7 @@ def sample_with(task, length, found, needle_mass, score):
     zeros = [[0.0] * len(needle_mass[0]) for _ in needle_mass]
     step = {"token": "x", "needle_mass": needle_mass, "needle_masses": [[[v] for v in row] for row in needle_mass],
             **{f"{part}_mass": zeros for part in PARTS}, "remainder": zeros}
-    return {"task": task, "length": length, "index": 0, "correct": found, "score": score,
+    return {"task": task, "length": length, "index": 0, "correct": found, "score": score, "prompt_tokens": 100,
             "needles": [{"answer": "1", "found": found, "tokens": [3, 5], "depth": 0.5}], "steps": [step]}
 
 
@@ -288,6 +288,8 @@ def test_summary_counts_attended_and_unattended_misses():
     assert (first["length"], first["samples"], first["correct"], first["needles"], first["missed"]) == (1024, 3, 1, 3, 2)
     assert (first["missed_attended"], first["missed_unattended"], first["found_attended"]) == (1, 1, 1)
     assert first["mean_top_needle_mass"] == pytest.approx((0.9 + 0.3 + 0.05) / 3, abs=1e-4)
+    assert first["mean_needle_share"] == pytest.approx(0.02)
+    assert first["missed_attended_at"] == {"0.01": 2, "0.03": 2, "0.1": 1, "0.3": 1}
     assert [(p["task"], p["length"]) for p in summary["by_point"]] == [("a", 1024), ("b", 1024), ("a", 2048)]
     assert summary["heads"][0][0] == pytest.approx((0.9 + 0.05 + 0.05 + 0.4) / 4)
     assert summary["top_heads"][0] == {"layer": 0, "head": 0, "mean_needle_mass": pytest.approx(0.35)}

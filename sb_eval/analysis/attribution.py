@@ -43,6 +43,9 @@ SPAN_ARGUMENT = "attention_spans"
 PARTS = ("context", "question", "generated", "distractors")
 CONTEXT, QUESTION, GENERATED, DISTRACTORS = range(len(PARTS))
 FIRST_NEEDLE = len(PARTS)
+# The thresholds the summary also counts attended misses at, to show how much the split between
+# retrieval and copying failures depends on the threshold chosen.
+SENSITIVITY_THRESHOLDS = (0.01, 0.03, 0.1, 0.3)
 # Masses are written with this many decimals: 1e-4 of a head's attention is below anything the
 # summaries resolve, and whole runs stay a few megabytes.
 DECIMALS = 4
@@ -257,8 +260,11 @@ def summarize(samples: list[dict], threshold: float) -> dict:
     when its top mass is at least `threshold`. Returns
 
         by_point: per (task, length): samples, correct, mean score, needles, found, missed, and
-                  missed needles that were attended / not attended, mean top needle mass
-        by_length: the same over every task of a length
+                  missed needles that were attended / not attended, mean top needle mass, and the
+                  mean share of the prompt's tokens a needle takes (what uniform attention would
+                  give it)
+        by_length: the same over every task of a length, and missed needles attended at each of
+                   SENSITIVITY_THRESHOLDS
         heads: mean needle head map [layer][head] over every needle; top_heads per layer
         layers: per layer, the mean over needles of the layer's best head, for found and for
                 missed needles
@@ -270,7 +276,10 @@ def summarize(samples: list[dict], threshold: float) -> dict:
     lengths: dict[int, list[dict]] = {}
     for sample in samples:
         lengths.setdefault(sample["length"], []).append(sample)
-    by_length = [{"length": length, **_counts(group, threshold)} for length, group in sorted(lengths.items())]
+    by_length = [
+        {"length": length, **_counts(group, threshold), "missed_attended_at": _missed_attended_at(group)}
+        for length, group in sorted(lengths.items())
+    ]
     findings = [finding for sample in samples for finding in needle_findings(sample)]
     return {"threshold": threshold, "by_point": by_point, "by_length": by_length, **_heads(findings)}
 
@@ -289,7 +298,15 @@ def _counts(samples: list[dict], threshold: float) -> dict:
         "missed_unattended": sum(f["top_needle_mass"] < threshold for f in missed),
         "found_attended": sum(f["top_needle_mass"] >= threshold for f in findings if f["found"]),
         "mean_top_needle_mass": _mean([f["top_needle_mass"] for f in findings]),
+        "mean_needle_share": _mean([(f["tokens"][1] - f["tokens"][0]) / sample["prompt_tokens"]
+                                    for sample in samples for f in sample["needles"]]),
     }
+
+
+def _missed_attended_at(samples: list[dict]) -> dict[str, int]:
+    """How many missed needles count as attended at each of SENSITIVITY_THRESHOLDS."""
+    missed = [f["top_needle_mass"] for sample in samples for f in needle_findings(sample) if not f["found"]]
+    return {str(threshold): sum(mass >= threshold for mass in missed) for threshold in SENSITIVITY_THRESHOLDS}
 
 
 def _heads(findings: list[dict]) -> dict:

@@ -129,6 +129,22 @@ def summary_markdown(documents: list[dict], failures: dict[str, str] | None = No
             )
     if failures:
         lines += ["", "Not measured:", ""] + [f"- {label}: {' '.join(error.split())}" for label, error in failures.items()]
+    thresholds = list(first["summary"]["by_length"][0]["missed_attended_at"]) if first["summary"]["by_length"] else []
+    lines += [
+        "",
+        "Missed needles counted as attended at other thresholds, and the share of the prompt a needle takes "
+        "(the mass uniform attention would give it):",
+        "",
+        "| model | length | missed | " + " | ".join(f"attended at {t}" for t in thresholds) + " | needle share of the prompt |",
+        "|---|---|---:|" + "---:|" * len(thresholds) + "---:|",
+    ]
+    for document in documents:
+        for row in document["summary"]["by_length"]:
+            lines.append(
+                f"| {document['label']} | {_length(row['length'])} | {row['missed']} | "
+                + " | ".join(_share(row["missed_attended_at"][t], row["missed"]) for t in thresholds)
+                + f" | {_number(row['mean_needle_share'], 4)} |"
+            )
     lines += [
         "",
         f"![top needle mass against depth]({DEPTH_FILE})",
