@@ -117,9 +117,10 @@ class AnswerSpanMass:
             raise ValueError(f"num_spans must exceed {GENERATED} and steps be at least 1, got {num_spans} and {steps}")
         self._prompt_spans, self._num_spans, self._steps = prompt_spans, num_spans, steps
         self._keys: torch.Tensor | None = None
-        self._mass: dict[int, torch.Tensor] = {}
-        self._remainder: dict[int, torch.Tensor] = {}
-        self._layers: dict[int, set[int]] = {}
+        # step -> layer -> the layer's [B, H, spans] mass and [B, H] remainder (None: softmax),
+        # kept as the attention returned them and stacked once the batch is finished: a copy per
+        # layer and step would add two kernel launches to every layer of every decode step
+        self._recorded: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor | None]]] = {}
 
     def key_spans(self, num_keys: int) -> torch.Tensor | None:
         """[B, num_keys] span indices of a pass's keys, or None when the pass is not recorded."""
@@ -138,15 +139,7 @@ class AnswerSpanMass:
         """One layer of the pass with num_keys keys: span_mass [B, H, spans] of its last query,
         remainder [B, H] (None for softmax: no remainder)."""
         step = num_keys - self._prompt_spans.shape[1]
-        if step not in self._mass:
-            B = span_mass.shape[0]
-            self._mass[step] = span_mass.new_zeros(self.num_layers, B, self.num_heads, self._num_spans, dtype=torch.float32)
-            self._remainder[step] = span_mass.new_zeros(self.num_layers, B, self.num_heads, dtype=torch.float32)
-            self._layers[step] = set()
-        self._mass[step][layer] = span_mass
-        if remainder is not None:
-            self._remainder[step][layer] = remainder
-        self._layers[step].add(layer)
+        self._recorded.setdefault(step, {})[layer] = (span_mass, remainder)
 
     def record_softmax(self, layer: int, query: torch.Tensor, key: torch.Tensor, query_positions: torch.Tensor,
                        mask: torch.Tensor | None, scale: float) -> None:
@@ -165,21 +158,25 @@ class AnswerSpanMass:
     def finish(self) -> RecordedSpanMass:
         """The batch's recording, answer steps 0 .. n - 1 (a generation that stopped early
         records fewer than `steps`); then ready for the next batch's start."""
-        steps = sorted(self._mass)
+        recorded, self._recorded = self._recorded, {}
         B = self._prompt_spans.shape[0]
         self._prompt_spans = self._keys = None
+        steps = sorted(recorded)
         if steps != list(range(len(steps))):
             raise RuntimeError(f"span mass was recorded at answer steps {steps}: the passes did not reach the prompt's end one token at a time")
+        masses, remainders = [], []
         for step in steps:
-            missing = sorted(set(range(self.num_layers)) - self._layers[step])
+            missing = sorted(set(range(self.num_layers)) - set(recorded[step]))
             if missing:
                 raise RuntimeError(f"layers {missing} recorded no span mass at answer step {step}; their attention is not observed")
+            layers = [recorded[step][layer] for layer in range(self.num_layers)]
+            masses.append(torch.stack([mass.float() for mass, _ in layers]))
+            remainders.append(torch.stack([torch.zeros_like(mass[..., 0]) if rem is None else rem.float() for mass, rem in layers]))
         if not steps:
             empty = torch.zeros(0, B, self.num_layers, self.num_heads)
             return RecordedSpanMass(empty[..., None].expand(-1, -1, -1, -1, self._num_spans), empty)
-        mass = torch.stack([self._mass[s] for s in steps]).transpose(1, 2).cpu()
-        remainder = torch.stack([self._remainder[s] for s in steps]).transpose(1, 2).cpu()
-        return RecordedSpanMass(mass, remainder)
+        # [steps, L, B, ...] -> [steps, B, L, ...]
+        return RecordedSpanMass(torch.stack(masses).transpose(1, 2).cpu(), torch.stack(remainders).transpose(1, 2).cpu())
 
 
 def softmax_span_mass(q: torch.Tensor, k: torch.Tensor, key_spans: torch.Tensor, num_spans: int, **options) -> torch.Tensor:
