@@ -405,9 +405,7 @@ def collecting_attention_statistics(model: nn.Module, positions: str = "all") ->
     (model.base_model): a stick-breaking model's from the kernel's fused statistics, a transformers
     softmax model's (which attends through SDPA meanwhile, its outputs unchanged) from the blocked
     pass. Yields the AttentionStatistics; afterwards the model is as it was (a softmax model back
-    on SDPA)."""
-    from sb_eval.model.modeling import StickBreakingForCausalLM
-
+    on the attention it had)."""
     config = model.config
     statistics = AttentionStatistics(config.num_hidden_layers, config.num_attention_heads, positions)
     with observing_attention(model, STATISTICS_ARGUMENT, statistics):
