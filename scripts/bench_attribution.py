@@ -30,7 +30,7 @@ from transformers import AutoTokenizer
 
 from sb_eval.analysis.attribution import collecting_span_mass
 from sb_eval.data import DEFAULT_CHECKPOINT
-from sb_eval.harness.attribution import batch_span_indices, prompt_layout
+from sb_eval.harness.attributed_answers import batch_span_indices, prompt_layout
 from sb_eval.model.modeling import StickBreakingForCausalLM
 from sb_eval.ruler.generate import generate
 from sb_eval.ruler.registry import TASKS

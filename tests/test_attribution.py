@@ -24,7 +24,7 @@ from sb_eval.analysis.attribution import (
     token_ranges,
 )
 from sb_eval.commands.attribution import main
-from sb_eval.harness.attribution import AttributionError, prompt_layout
+from sb_eval.harness.attributed_answers import AttributionError, prompt_layout
 from sb_eval.harness.stick_breaking_lm import StickBreakingLM
 from sb_eval.model.configuration import tiny_config
 from sb_eval.model.modeling import StickBreakingForCausalLM

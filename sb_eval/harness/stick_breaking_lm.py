@@ -16,7 +16,7 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
 - with attention_stats=PATH, every forward pass adds its attention statistics (how far back each
   head looks, sb_eval.analysis.attention_stats) to a JSON file at PATH; `close()` writes it a last time;
 - with attribution=PATH, the answers to RULER's generate_until requests are attributed (where
-  each head looked when it answered, sb_eval.harness.attribution) into a JSON file at PATH, for
+  each head looked when it answered, sb_eval.harness.attributed_answers) into a JSON file at PATH, for
   the first attribution_tokens answer tokens (default 1).
 
 Own model args (popped before HFLM sees them, recorded in the results' model info):
@@ -116,7 +116,7 @@ class StickBreakingLM(HFLM):
                 self.model, self.attention_stats_path(), {"pretrained": source, **self.get_model_info()}
             )
         if self.attribution:
-            from .attribution import AttributionRecorder  # the RULER generators: loaded only when asked for
+            from .attributed_answers import AttributionRecorder  # the RULER generators: loaded only when asked for
 
             self.attribution_recorder = AttributionRecorder(
                 self, self.rank_path(self.attribution), {"pretrained": source, **self.get_model_info()}, attribution_tokens
