@@ -12,6 +12,8 @@ from .reference import stickbreaking_attention_reference
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Span mass keeps one accumulator per span in each query row's registers (triton).
+MAX_SPANS = 32
 
 
 def stickbreaking_attention(
@@ -24,6 +26,8 @@ def stickbreaking_attention(
     remainder: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     return_stats: bool = False,
+    key_spans: torch.Tensor | None = None,
+    num_spans: int | None = None,
     backend: str = "auto",
 ):
     """Causal stick-breaking attention (Tan et al., 2025) with queries at the end of the keys.
@@ -40,16 +44,24 @@ def stickbreaking_attention(
             unchanged.
         return_stats: also return the per-query distance sum_i A_ij * (j - i), in tokens (not
             normalised by the attended mass 1 - rem); it is not differentiable.
+        key_spans, num_spans: key_spans [B, Tk] integer, the span each key belongs to, in
+            [0, num_spans) (a key with another index counts in no span); with them the op also
+            returns each query's span mass sum_{i in span s} A_ij, so that the spans' masses and
+            rem sum to 1 when every key has a span. Not differentiable. The triton backend
+            computes it in its split-key kernel, for up to 64 query rows x group (decoding, the
+            last rows of a prefill); num_spans is at most MAX_SPANS.
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1; differentiable in q, k, v and
             remainder through o and rem, with Triton backward kernels), "torch" (chunked PyTorch,
             O(chunk^2) memory, differentiable), "reference" (the O(Tq * Tk) definition, float64
             capable), or "auto" (triton on CUDA, torch elsewhere).
 
     Returns:
-        (o, rem) or, with return_stats, (o, rem, distance): o [B, Hq, Tq, D] in q's dtype;
-        rem = 1 - sum_i A_ij and distance as [B, Hq, Tq] float32.
+        (o, rem), then distance with return_stats, then span_mass with key_spans: o
+        [B, Hq, Tq, D] in q's dtype; rem = 1 - sum_i A_ij and distance as [B, Hq, Tq] float32;
+        span_mass [B, Hq, Tq, num_spans] float32.
     """
     _check_inputs(q, k, v, remainder, key_mask, backend)
+    _check_spans(q, k, key_spans, num_spans)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if not math.isfinite(scale):
@@ -63,27 +75,29 @@ def stickbreaking_attention(
         remainder=remainder,
         key_mask=key_mask,
         return_stats=return_stats,
+        key_spans=key_spans,
+        num_spans=num_spans,
     )
 
     if q.shape[2] == 0:
-        o, rem, distance = _empty_outputs(q, return_stats)
+        o, rem, distance, span_mass = _empty_outputs(q, return_stats, num_spans)
     elif backend == "reference":
-        o, rem, distance = stickbreaking_attention_reference(q, k, v, **options)
+        o, rem, distance, span_mass = stickbreaking_attention_reference(q, k, v, **options)
     elif backend == "torch":
-        o, rem, distance = stickbreaking_attention_chunked(q, k, v, **options)
+        o, rem, distance, span_mass = stickbreaking_attention_chunked(q, k, v, **options)
     else:
         from .triton_backend import StickbreakingTritonFunction, stickbreaking_attention_triton
 
         if torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, remainder)
         ):
-            o, rem, distance = StickbreakingTritonFunction.apply(
+            o, rem, distance, span_mass = StickbreakingTritonFunction.apply(
                 q, k, v, remainder, key_mask, options["scale"], options["attend_current"],
-                return_stats,
+                return_stats, key_spans, num_spans,
             )
         else:
-            o, rem, distance = stickbreaking_attention_triton(q, k, v, **options)
-    return (o, rem, distance) if return_stats else (o, rem)
+            o, rem, distance, span_mass = stickbreaking_attention_triton(q, k, v, **options)
+    return (o, rem) + ((distance,) if return_stats else ()) + ((span_mass,) if key_spans is not None else ())
 
 
 def _resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -148,7 +162,25 @@ def _check_inputs(q, k, v, remainder, key_mask, backend: str) -> None:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}; put them on one device")
 
 
-def _empty_outputs(q: torch.Tensor, return_stats: bool):
+def _check_spans(q, k, key_spans, num_spans) -> None:
+    if key_spans is None and num_spans is None:
+        return
+    if key_spans is None or num_spans is None:
+        raise ValueError("key_spans and num_spans go together: pass both for span mass, or neither")
+    B, Tk = q.shape[0], k.shape[2]
+    if not isinstance(key_spans, torch.Tensor) or key_spans.dtype.is_floating_point or key_spans.dtype == torch.bool:
+        kind = key_spans.dtype if isinstance(key_spans, torch.Tensor) else type(key_spans).__name__
+        raise ValueError(f"key_spans must be an integer tensor of span indices, got {kind}")
+    if tuple(key_spans.shape) != (B, Tk):
+        raise ValueError(f"key_spans must have shape [batch, Tk] = ({B}, {Tk}), got {tuple(key_spans.shape)}")
+    if key_spans.device != q.device:
+        raise ValueError(f"key_spans is on {key_spans.device} but q is on {q.device}; put them on one device")
+    if isinstance(num_spans, bool) or not isinstance(num_spans, int) or not 1 <= num_spans <= MAX_SPANS:
+        raise ValueError(f"num_spans must be an integer from 1 to {MAX_SPANS}, got {num_spans!r}")
+
+
+def _empty_outputs(q: torch.Tensor, return_stats: bool, num_spans: int | None):
     B, Hq, _, D = q.shape
     rem = q.new_empty(B, Hq, 0, dtype=torch.float32)
-    return q.new_empty(B, Hq, 0, D), rem, (rem.clone() if return_stats else None)
+    span_mass = q.new_empty(B, Hq, 0, num_spans, dtype=torch.float32) if num_spans is not None else None
+    return q.new_empty(B, Hq, 0, D), rem, (rem.clone() if return_stats else None), span_mass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layout import HALT_NATS, query_positions, visible_keys
+from .layout import HALT_NATS, query_positions, span_members, visible_keys
 
 
 def stickbreaking_attention_chunked(
@@ -24,13 +24,16 @@ def stickbreaking_attention_chunked(
     remainder: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     return_stats: bool = False,
+    key_spans: torch.Tensor | None = None,
+    num_spans: int | None = None,
     chunk_size: int = 512,
     early_halting: bool = True,
 ):
     """Blocked stick-breaking attention; shapes and outputs as the reference.
 
-    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]; remainder: [Hq, D]; key_mask: [B, Tk] bool.
-    Computes in float32 (float64 for float64 inputs). Returns (o, rem, distance or None).
+    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]; remainder: [Hq, D]; key_mask: [B, Tk] bool;
+    key_spans: [B, Tk] span indices, or None. Computes in float32 (float64 for float64 inputs).
+    Returns (o, rem, distance or None, span_mass or None).
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, Tq, D = q.shape
@@ -40,7 +43,7 @@ def stickbreaking_attention_chunked(
     q_grouped = q.reshape(B, Hkv, group, Tq, D)
     positions = query_positions(Tq, Tk, q.device)
 
-    o_blocks, rem_blocks, dist_blocks = [], [], []
+    o_blocks, rem_blocks, dist_blocks, span_blocks = [], [], [], []
     for q_start in range(0, Tq, chunk_size):
         q_end = min(q_start + chunk_size, Tq)
         j = positions[q_start:q_end]
@@ -48,6 +51,7 @@ def stickbreaking_attention_chunked(
         o = torch.zeros(B, Hkv, group, q_end - q_start, v.shape[-1], dtype=compute, device=q.device)
         used = torch.zeros(B, Hkv, group, q_end - q_start, dtype=compute, device=q.device)
         distance = torch.zeros_like(used) if return_stats else None
+        span_mass = used.new_zeros(*used.shape, num_spans) if key_spans is not None else None
 
         last_key = int(j[-1]) + (1 if attend_current else 0)  # exclusive bound of visible keys
         for k_end in range(last_key, 0, -chunk_size):
@@ -70,6 +74,9 @@ def stickbreaking_attention_chunked(
             if return_stats:
                 gap = (j[:, None] - i[None, :]).to(compute)
                 distance = distance + (weights * gap).sum(-1)
+            if key_spans is not None:
+                members = span_members(key_spans[:, k_start:k_end], num_spans, compute)
+                span_mass = span_mass + weights @ members[:, None, None]
             if early_halting and bool((used >= HALT_NATS).all()):
                 break
 
@@ -80,8 +87,12 @@ def stickbreaking_attention_chunked(
         o_blocks.append(o)
         rem_blocks.append(rem)
         dist_blocks.append(distance)
+        span_blocks.append(span_mass)
 
     o = torch.cat(o_blocks, dim=3).reshape(B, Hq, Tq, -1).to(q.dtype)
     rem = torch.cat(rem_blocks, dim=3).reshape(B, Hq, Tq).float()
     distance = torch.cat(dist_blocks, dim=3).reshape(B, Hq, Tq).float() if return_stats else None
-    return o, rem, distance
+    span_mass = None
+    if key_spans is not None:
+        span_mass = torch.cat(span_blocks, dim=3).reshape(B, Hq, Tq, num_spans).float()
+    return o, rem, distance, span_mass

@@ -8,7 +8,9 @@ distance. The splits combine nearest-first, like a scan:
 
     o = sum_s 2^(-sum_{s' > s} used_s') * o_s,       rem = 2^(-sum_s used_s)
 
-All query heads of one key head are processed by the same program, so K and V are read once.
+The distance and the span mass (the weights summed over each span of keys, KEY_SPANS giving each
+key's span) combine as o does. All query heads of one key head are processed by the same program,
+so K and V are read once.
 """
 
 from __future__ import annotations
@@ -20,20 +22,34 @@ from .forward import _key_block, key_head, row_tile_mask, walk_start
 
 
 @triton.jit
+def add_span_mass(span_mass, weights, key_spans_ptr, key_pos, Tk, offs_span, NUM_SPANS: tl.constexpr):
+    """span_mass [queries, BLOCK_SPANS] plus, for each span s, the weights [queries, keys] of the keys
+    whose index in key_spans_ptr (one int32 per key) is s: a float32 row sum per span."""
+    spans = tl.load(key_spans_ptr + key_pos, mask=key_pos < Tk, other=-1)
+    for s in tl.static_range(NUM_SPANS):
+        in_span = tl.sum(tl.where((spans == s)[None, :], weights, 0.0), 1)
+        span_mass += tl.where((offs_span == s)[None, :], in_span[:, None], 0.0)
+    return span_mass
+
+
+@triton.jit
 def stickbreaking_split_kernel(
-    Q, K, V, KEY_MASK, O_PART, USED_PART, DIST_PART,
+    Q, K, V, KEY_MASK, KEY_SPANS, O_PART, USED_PART, DIST_PART, SPAN_PART,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
-    stride_mb, stride_mt,
+    stride_mb, stride_mt, stride_sb,
     num_kv_heads, Tq, Tk, group, qk_scale, split_len, num_splits,
     ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, RETURN_STATS: tl.constexpr,
+    NUM_SPANS: tl.constexpr, BLOCK_SPANS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid (num_splits, B * Hkv). Row m of a program is query t = m % Tq of head group m // Tq.
 
-    Writes O_PART [B*Hq*Tq, num_splits, D] fp32, USED_PART and DIST_PART [B*Hq*Tq, num_splits].
+    Writes O_PART [B*Hq*Tq, num_splits, D] fp32, USED_PART and DIST_PART [B*Hq*Tq, num_splits],
+    and with NUM_SPANS > 0 SPAN_PART [B*Hq*Tq, num_splits, NUM_SPANS] from KEY_SPANS [B, Tk]
+    int32 (batch stride stride_sb, key stride 1).
     """
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     pid_s = tl.program_id(0)
@@ -55,16 +71,22 @@ def stickbreaking_split_kernel(
     K, V, key_mask_ptr = key_head(K, V, KEY_MASK, b, h_kv, stride_kb, stride_kh, stride_vb,
                                   stride_vh, stride_mb)
     strict_upper_ones, o, used, distance = walk_start(offs_n, BLOCK_M, BLOCK_D)
+    offs_span = tl.arange(0, BLOCK_SPANS)
+    span_mass = tl.zeros([BLOCK_M, BLOCK_SPANS], dtype=tl.float32)
+    key_spans_ptr = KEY_SPANS + b * stride_sb
 
     split_start = pid_s * split_len
     num_blocks = tl.cdiv(tl.minimum(split_len, Tk - split_start), BLOCK_N)
     for step in tl.range(0, num_blocks, num_stages=NUM_STAGES):
-        o, used, distance = _key_block(
+        block_start = split_start + (num_blocks - 1 - step) * BLOCK_N
+        o, used, distance, weights = _key_block(
             q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
-            split_start + (num_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
+            block_start, query_pos, Tk, qk_scale,
             offs_n, offs_d, strict_upper_ones,
             HEAD_DIM, True, ATTEND_CURRENT, HAS_KEY_MASK, RETURN_STATS, EVEN_D, DOT_PRECISION,
         )
+        if NUM_SPANS > 0:
+            span_mass = add_span_mass(span_mass, weights, key_spans_ptr, block_start + offs_n, Tk, offs_span, NUM_SPANS)
 
     row = (b * num_kv_heads * group + h) * Tq + t  # row of [B, Hq, Tq]
     part = row * num_splits + pid_s
@@ -73,17 +95,21 @@ def stickbreaking_split_kernel(
     tl.store(USED_PART + part, used, mask=row_valid)
     if RETURN_STATS:
         tl.store(DIST_PART + part, distance, mask=row_valid)
+    if NUM_SPANS > 0:
+        span_ptrs = SPAN_PART + part[:, None] * NUM_SPANS + offs_span[None, :]
+        tl.store(span_ptrs, span_mass, mask=row_valid[:, None] & (offs_span < NUM_SPANS)[None, :])
 
 
 @triton.jit
 def stickbreaking_combine_kernel(
-    O_PART, USED_PART, DIST_PART, REMAINDER, O, REM, DIST,
+    O_PART, USED_PART, DIST_PART, SPAN_PART, REMAINDER, O, REM, DIST, SPAN_MASS,
     stride_ob, stride_oh, stride_ot,
     num_heads, Tq, num_splits,
-    HAS_REMAINDER: tl.constexpr, RETURN_STATS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_REMAINDER: tl.constexpr, RETURN_STATS: tl.constexpr, NUM_SPANS: tl.constexpr,
+    BLOCK_SPANS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """Grid (B * Hq * Tq,): combines one query row's splits, nearest (last) split first."""
+    """Grid (B * Hq * Tq,): combines one query row's splits (BLOCK_S of them at most), nearest
+    (last) split first; SPAN_MASS [B*Hq*Tq, NUM_SPANS]."""
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -113,3 +139,12 @@ def stickbreaking_combine_kernel(
     if RETURN_STATS:
         dist = tl.load(DIST_PART + row * num_splits + offs_s, mask=split_valid, other=0.0)
         tl.store(DIST + row, tl.sum(weight * dist, 0))
+    if NUM_SPANS > 0:
+        offs_span = tl.arange(0, BLOCK_SPANS)
+        span_valid = offs_span < NUM_SPANS
+        span_parts = tl.load(
+            SPAN_PART + (row * num_splits + offs_s)[:, None] * NUM_SPANS + offs_span[None, :],
+            mask=split_valid[:, None] & span_valid[None, :],
+            other=0.0,
+        )
+        tl.store(SPAN_MASS + row * NUM_SPANS + offs_span, tl.sum(weight[:, None] * span_parts, 0), mask=span_valid)

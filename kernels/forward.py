@@ -213,7 +213,8 @@ def _key_block(
     HEAD_DIM: tl.constexpr, DIAGONAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     RETURN_STATS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Adds one block of keys [block_start, block_start + BLOCK_N) to o, used and distance."""
+    """Adds one block of keys [block_start, block_start + BLOCK_N) to o, used and distance;
+    returns them and the block's weights A [queries, keys] (for span mass in decode.py)."""
     key_pos = block_start + offs_n
     kb, vb = load_key_block(K, V, key_pos, offs_d, stride_kt, stride_vt, Tk,
                             HEAD_DIM, DIAGONAL, EVEN_D)
@@ -228,7 +229,7 @@ def _key_block(
     if RETURN_STATS:
         gap = (query_pos[:, None] - key_pos[None, :]).to(tl.float32)
         distance += tl.sum(weights * gap, 1)
-    return o, used, distance
+    return o, used, distance, weights
 
 
 @triton.jit
@@ -266,7 +267,7 @@ def stickbreaking_forward_kernel(
     if EARLY_HALTING:
         near_blocks += tl.minimum(HALTING_WINDOW, shared_blocks)
     for step in range(0, near_blocks):
-        o, used, distance = _key_block(
+        o, used, distance, _ = _key_block(
             q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
             (shared_blocks + diag_blocks - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale,
             offs_n, offs_d, strict_upper_ones,
@@ -279,7 +280,7 @@ def stickbreaking_forward_kernel(
 
     # The rest, unmasked and software-pipelined, towards key 0.
     for step in tl.range(0, remaining, num_stages=NUM_STAGES):
-        o, used, distance = _key_block(
+        o, used, distance, _ = _key_block(
             q, o, used, distance, K, V, key_mask_ptr, stride_kt, stride_vt, stride_mt,
             (remaining - 1 - step) * BLOCK_N, query_pos, Tk, qk_scale, offs_n, offs_d,
             strict_upper_ones,

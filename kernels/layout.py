@@ -53,3 +53,10 @@ def visible_keys(
     if key_mask is not None:
         visible = visible & key_mask[:, None, None, :]
     return visible
+
+
+def span_members(key_spans: torch.Tensor, num_spans: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, k] span indices -> [B, k, num_spans] one-hot in `dtype`: 1 where a key is in span s
+    (an index outside [0, num_spans) gives a row of zeros)."""
+    spans = torch.arange(num_spans, device=key_spans.device)
+    return (key_spans[..., None] == spans).to(dtype)

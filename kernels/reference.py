@@ -11,14 +11,15 @@ For query row r (absolute position j = Tk - Tq + r) and key i, with z_ij = scale
     rem_j = 1 - sum_i A_ij = exp(-sum_i softplus(z_ij))
 
 Keys i < j are visible (i <= j with ``attend_current``); masked keys (``key_mask`` False) take no
-weight and leave the stick unchanged.
+weight and leave the stick unchanged. The span mass of query j over a set of keys S is
+sum_{i in S} A_ij.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .layout import expand_kv_heads, query_positions, visible_keys
+from .layout import expand_kv_heads, query_positions, span_members, visible_keys
 
 
 def stickbreaking_attention_reference(
@@ -31,13 +32,17 @@ def stickbreaking_attention_reference(
     remainder: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     return_stats: bool = False,
+    key_spans: torch.Tensor | None = None,
+    num_spans: int | None = None,
 ):
     """Naive stick-breaking attention.
 
-    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]; remainder: [Hq, D]; key_mask: [B, Tk] bool.
+    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]; remainder: [Hq, D]; key_mask: [B, Tk] bool;
+    key_spans: [B, Tk] span index of each key, in [0, num_spans), or None.
     Computes in float64 when the inputs are float64, otherwise in float32.
     Returns (o [B, Hq, Tq, D] in q's dtype, rem [B, Hq, Tq] float32,
-    distance [B, Hq, Tq] float32 or None): distance is sum_i A_ij * (j - i), in tokens.
+    distance [B, Hq, Tq] float32 or None, span_mass [B, Hq, Tq, num_spans] float32 or None):
+    distance is sum_i A_ij * (j - i), in tokens; span_mass the weights summed over each span.
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, Tq, _ = q.shape
@@ -63,4 +68,7 @@ def stickbreaking_attention_reference(
     distance = None
     if return_stats:
         distance = (weights * (j[:, None] - i[None, :]).to(compute)).sum(-1).float()
-    return o.to(q.dtype), rem.float(), distance
+    span_mass = None
+    if key_spans is not None:
+        span_mass = (weights @ span_members(key_spans, num_spans, compute)[:, None]).float()
+    return o.to(q.dtype), rem.float(), distance, span_mass

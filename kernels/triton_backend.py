@@ -134,13 +134,17 @@ def stickbreaking_attention_triton(
     remainder: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     return_stats: bool = False,
+    key_spans: torch.Tensor | None = None,
+    num_spans: int | None = None,
     early_halting: bool = True,
     config: KernelConfig | None = None,
 ):
     """Triton stick-breaking attention; arguments and outputs as the reference.
 
     q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] (any strides); remainder: [Hq, D];
-    key_mask: [B, Tk] bool. Returns (o [B, Hq, Tq, D], rem [B, Hq, Tq] fp32, distance or None).
+    key_mask: [B, Tk] bool; key_spans: [B, Tk] integer span indices (split-key path only: at most
+    SPLIT_KEY_MAX_ROWS query rows x group). Returns (o [B, Hq, Tq, D], rem [B, Hq, Tq] fp32,
+    distance or None, span_mass [B, Hq, Tq, num_spans] fp32 or None).
     ``early_halting=False`` and ``config`` (forward-kernel settings) are for benchmarks.
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -157,6 +161,16 @@ def stickbreaking_attention_triton(
     mask = key_mask.to(torch.uint8) if key_mask is not None else rem
     mask_strides = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
     r = remainder.to(torch.float32).contiguous() if remainder is not None else rem
+    span_mass = None
+    if key_spans is not None:
+        if group * Tq > SPLIT_KEY_MAX_ROWS:
+            raise ValueError(
+                f"span mass on the triton backend covers at most {SPLIT_KEY_MAX_ROWS} query rows x "
+                f"group (the split-key kernel); got {Tq} queries x {group}: pass only the rows "
+                "wanted (e.g. q[:, :, -1:] for the last query), or use backend='torch'"
+            )
+        key_spans = key_spans.to(torch.int32).contiguous()
+        span_mass = torch.empty(B, Hq, Tq, num_spans, dtype=torch.float32, device=q.device)
 
     if group * Tq <= SPLIT_KEY_MAX_ROWS:
         cfg = split_config(D, q.dtype)
@@ -167,24 +181,31 @@ def stickbreaking_attention_triton(
         o_part = torch.empty(rows, splits, D, dtype=torch.float32, device=q.device)
         used_part = torch.empty(rows, splits, dtype=torch.float32, device=q.device)
         dist_part = torch.empty_like(used_part) if return_stats else used_part
+        spans = dict(NUM_SPANS=0, BLOCK_SPANS=16)
+        span_part, key_spans_arg, span_out = used_part, used_part, used_part
+        if key_spans is not None:
+            # tl.dot needs 16 columns at least
+            spans = dict(NUM_SPANS=num_spans, BLOCK_SPANS=max(16, triton.next_power_of_2(num_spans)))
+            span_part = torch.empty(rows, splits, num_spans, dtype=torch.float32, device=q.device)
+            key_spans_arg, span_out = key_spans, span_mass
         stickbreaking_split_kernel[(splits, B * Hkv)](
-            q, k, v, mask, o_part, used_part, dist_part,
+            q, k, v, mask, key_spans_arg, o_part, used_part, dist_part, span_part,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            *mask_strides,
+            *mask_strides, key_spans_arg.stride(0) if key_spans is not None else 0,
             Hkv, Tq, Tk, group, qk_scale, split_len, splits,
             ATTEND_CURRENT=int(attend_current), HAS_KEY_MASK=key_mask is not None,
-            RETURN_STATS=return_stats,
+            RETURN_STATS=return_stats, **spans,
             BLOCK_M=max(16, triton.next_power_of_2(group * Tq)), BLOCK_N=cfg.block_n,
             BLOCK_D=block_d, HEAD_DIM=D, DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps,
         )
         stickbreaking_combine_kernel[(rows,)](
-            o_part, used_part, dist_part, r, o, rem, distance,
+            o_part, used_part, dist_part, span_part, r, o, rem, distance, span_out,
             o.stride(0), o.stride(1), o.stride(2),
             Hq, Tq, splits,
-            HAS_REMAINDER=remainder is not None, RETURN_STATS=return_stats,
+            HAS_REMAINDER=remainder is not None, RETURN_STATS=return_stats, **spans,
             BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HEAD_DIM=D,
             num_warps=4 if not triton_interpreting() else 1,
         )
@@ -205,7 +226,7 @@ def stickbreaking_attention_triton(
             DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps, maxnreg=cfg.max_registers,
         )
-    return o, rem, (distance if return_stats else None)
+    return o, rem, (distance if return_stats else None), span_mass
 
 
 def stickbreaking_attention_triton_backward(
@@ -300,30 +321,29 @@ def stickbreaking_attention_triton_backward(
 
 
 class StickbreakingTritonFunction(torch.autograd.Function):
-    """(o, rem, distance) = stickbreaking_attention_triton(...), differentiable in q, k, v and
-    remainder through both o and rem; distance is not differentiable. Saves only the inputs: the
-    backward recomputes everything else."""
+    """(o, rem, distance, span_mass) = stickbreaking_attention_triton(...), differentiable in q,
+    k, v and remainder through both o and rem; distance and span_mass are not differentiable.
+    Saves only the inputs: the backward recomputes everything else."""
 
     @staticmethod
-    def forward(ctx, q, k, v, remainder, key_mask, scale, attend_current, return_stats):
-        o, rem, distance = stickbreaking_attention_triton(
+    def forward(ctx, q, k, v, remainder, key_mask, scale, attend_current, return_stats, key_spans, num_spans):
+        o, rem, distance, span_mass = stickbreaking_attention_triton(
             q, k, v, scale=scale, attend_current=attend_current, remainder=remainder,
-            key_mask=key_mask, return_stats=return_stats,
+            key_mask=key_mask, return_stats=return_stats, key_spans=key_spans, num_spans=num_spans,
         )
         ctx.save_for_backward(q, k, v, remainder, key_mask)
         ctx.scale = scale
         ctx.attend_current = attend_current
-        if distance is not None:
-            ctx.mark_non_differentiable(distance)
-        return o, rem, distance
+        ctx.mark_non_differentiable(*(x for x in (distance, span_mass) if x is not None))
+        return o, rem, distance, span_mass
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, do, drem, _ddistance):
+    def backward(ctx, do, drem, _ddistance, _dspan_mass):
         q, k, v, remainder, key_mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dq, dk, dv, dremainder = stickbreaking_attention_triton_backward(
             q, k, v, do, drem, scale=ctx.scale, attend_current=ctx.attend_current,
             remainder=remainder, key_mask=key_mask, want_dq=needs[0], want_dkv=needs[1] or needs[2],
         )
-        return dq, dk, dv, dremainder, None, None, None, None
+        return dq, dk, dv, dremainder, None, None, None, None, None, None

@@ -49,6 +49,8 @@ def compile_kernel(kernel, dtype: torch.dtype, constants: dict, num_warps: int, 
             signature[name] = "constexpr"
         elif name == "KEY_MASK":
             signature[name] = "*u8"
+        elif name == "KEY_SPANS":
+            signature[name] = "*i32"
         elif name.isupper():
             signature[name] = f"*{TRITON_TYPES[dtype]}" if name in INPUT_POINTERS else "*fp32"
         else:
@@ -85,7 +87,9 @@ def main() -> None:
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--key-mask", action="store_true", help="the kernels' key_mask variants")
     parser.add_argument("--attend-current", action="store_true", help="their attend_current variants")
+    parser.add_argument("--spans", type=int, default=0, help="the split-key kernels with span mass over this many spans")
     args = parser.parse_args()
+    spans = dict(NUM_SPANS=args.spans, BLOCK_SPANS=max(16, triton.next_power_of_2(args.spans)))
     dtype = {v: k for k, v in TRITON_TYPES.items()}[args.dtype]
     precision = "ieee" if dtype == torch.float32 else "tf32"
     common = dict(ATTEND_CURRENT=int(args.attend_current), HAS_KEY_MASK=args.key_mask,
@@ -101,12 +105,12 @@ def main() -> None:
         describe(f"forward d={head_dim} {cfg}", forward)
         cfg = split_config(head_dim, dtype)
         split = compile_kernel(stickbreaking_split_kernel, dtype, dict(
-            common, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
+            common, **spans, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
             NUM_STAGES=cfg.num_stages,
         ), cfg.num_warps, cfg.num_stages)
         describe(f"split   d={head_dim} {cfg}", split)
         combine = compile_kernel(stickbreaking_combine_kernel, dtype, dict(
-            HAS_REMAINDER=False, RETURN_STATS=False, BLOCK_S=64, BLOCK_D=block_d, HEAD_DIM=head_dim,
+            HAS_REMAINDER=False, RETURN_STATS=False, **spans, BLOCK_S=64, BLOCK_D=block_d, HEAD_DIM=head_dim,
         ), 4, 1)
         describe(f"combine d={head_dim}", combine)
         cfg = backward_config(head_dim, dtype, args.key_mask)

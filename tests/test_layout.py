@@ -34,8 +34,8 @@ ALLOWED_IMPORTS = {
     "sb_eval.tasks": {"sb_eval.ruler", "sb_eval.data", "sb_eval.files", "sb_eval.options"},
     "sb_eval.training": {"sb_eval.model", "sb_eval.kernels", "sb_eval.ruler", "sb_eval.data", "sb_eval.tokenization", "sb_eval.files"},
     "sb_eval.reports": {"sb_eval.analysis", "sb_eval.files"},
-    "sb_eval.harness": {"sb_eval.model", "sb_eval.analysis", "sb_eval.kernels", "sb_eval.data", "sb_eval.reports", "sb_eval.files",
-                        "sb_eval.options", "sb_eval_hook"},
+    "sb_eval.harness": {"sb_eval.model", "sb_eval.analysis", "sb_eval.kernels", "sb_eval.data", "sb_eval.ruler", "sb_eval.tasks",
+                        "sb_eval.reports", "sb_eval.files", "sb_eval.options", "sb_eval_hook"},
     "sb_eval.commands": {"sb_eval.harness", "sb_eval.analysis", "sb_eval.reports", "sb_eval.model", "sb_eval.data", "sb_eval.ruler",
                          "sb_eval.files", "sb_eval.options"},
     "sb_eval.cli": {"sb_eval.commands", "sb_eval.model", "sb_eval_hook"},
@@ -194,7 +194,7 @@ def test_the_generators_load_neither_torch_nor_transformers():
     assert heavy(loaded_after(code)) == []
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["data"], ["sweep"], ["distance"], ["checkpoint"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["data"], ["sweep"], ["distance"], ["attribution"], ["checkpoint"]])
 def test_help_of_every_command_loads_no_torch(command):
     code = f"from sb_eval.cli import main\ntry:\n    main({command + ['--help']!r})\nexcept SystemExit:\n    pass"
     assert heavy(loaded_after(code)) == []

@@ -32,7 +32,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
@@ -228,11 +228,43 @@ def softmax_attention_distance(
 ) -> torch.Tensor:
     """sum_i p_ij * (j - i) of softmax attention, without the [Tq, Tk] matrix.
 
+    Arguments as softmax_weighted_sums. Returns [B, Hq, Tq] in tokens; 0 for a query that sees
+    no key.
+    """
+
+    def weighted_gaps(p, j, keys):
+        gap = (j[:, None] - keys[None, :]).to(p.dtype)  # [q, k]
+        return (p * gap).sum(-1, keepdim=True)
+
+    return softmax_weighted_sums(
+        q, k, weighted_gaps, 1, scale=scale, query_positions=query_positions, mask=mask,
+        key_block=key_block, query_block=query_block,
+    )[..., 0]
+
+
+def softmax_weighted_sums(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_sums: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    num_values: int,
+    *,
+    scale: float,
+    query_positions: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    key_block: int = SOFTMAX_KEY_BLOCK,
+    query_block: int | None = None,
+) -> torch.Tensor:
+    """sum_i p_ij * f(i, j) of softmax attention p, for num_values quantities f, without the
+    [Tq, Tk] matrix: blocks of query_block x key_block with a running maximum and normaliser
+    (float32; float64 for float64 inputs).
+
     q: [B, Hq, Tq, D]; k: [B, Hkv, Tk, D] with Hq a multiple of Hkv; query_positions: [Tq]
     positions j of the query rows among the keys; mask: bool [B or 1, 1, Tq, Tk], True where a
-    query sees a key, or None for causal (key i visible to query j when i <= j). Works in blocks
-    of query_block x key_block with a running maximum and normaliser (float32; float64 for
-    float64 inputs). Returns [B, Hq, Tq] in tokens; 0 for a query that sees no key.
+    query sees a key, or None for causal (key i visible to query j when i <= j).
+    block_sums(p, j, keys): for the unnormalised weights p [B, Hkv, group, q, k] of one block,
+    the query positions j [q] and the key positions keys [k], the block's sums
+    [B, Hkv, group, q, num_values]. Returns [B, Hq, Tq, num_values]; 0 for a query that sees no
+    key.
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, Tq, D = q.shape
@@ -242,7 +274,7 @@ def softmax_attention_distance(
         query_block = max(1, SOFTMAX_TILE_ELEMENTS // (B * Hq * min(key_block, Tk)))
     q_grouped = q.reshape(B, Hkv, group, Tq, D)
     neg_inf = torch.tensor(float("-inf"), dtype=compute, device=q.device)
-    distance_blocks = []
+    sum_blocks = []
     for q_start in range(0, Tq, query_block):
         q_end = min(q_start + query_block, Tq)
         j = query_positions[q_start:q_end]
@@ -250,14 +282,13 @@ def softmax_attention_distance(
         shape = (B, Hkv, group, q_end - q_start)
         running_max = torch.full(shape, float("-inf"), dtype=compute, device=q.device)
         normaliser = torch.zeros(shape, dtype=compute, device=q.device)
-        weighted_gap = torch.zeros(shape, dtype=compute, device=q.device)
+        sums = torch.zeros(*shape, num_values, dtype=compute, device=q.device)
         last_key = Tk if mask is not None else min(Tk, int(j.max()) + 1)
         for k_start in range(0, last_key, key_block):
             k_end = min(k_start + key_block, last_key)
             i = torch.arange(k_start, k_end, device=q.device)
-            gap = (j[:, None] - i[None, :]).to(compute)  # [q, k]
             if mask is None:
-                visible = (gap >= 0)[None, None, None]
+                visible = (i[None, :] <= j[:, None])[None, None, None]
             else:
                 visible = mask[:, :, q_start:q_end, k_start:k_end][:, :, None]  # [B|1, 1, 1, q, k]
             logits = qb @ k[:, :, None, k_start:k_end].to(compute).transpose(-1, -2)
@@ -268,11 +299,11 @@ def softmax_attention_distance(
             correction = torch.exp(running_max - shift)
             p = torch.exp(logits - shift[..., None])
             normaliser = normaliser * correction + p.sum(-1)
-            weighted_gap = weighted_gap * correction + (p * gap).sum(-1)
+            sums = sums * correction[..., None] + block_sums(p, j, i)
             running_max = new_max
-        distance = torch.where(normaliser > 0, weighted_gap / normaliser.clamp_min(torch.finfo(compute).tiny), 0.0)
-        distance_blocks.append(distance)
-    return torch.cat(distance_blocks, dim=-1).reshape(B, Hq, Tq)
+        normalised = sums / normaliser.clamp_min(torch.finfo(compute).tiny)[..., None]
+        sum_blocks.append(torch.where(normaliser[..., None] > 0, normalised, 0.0))
+    return torch.cat(sum_blocks, dim=-2).reshape(B, Hq, Tq, num_values)
 
 
 def softmax_query_layout(
@@ -309,30 +340,37 @@ def stats_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     attention_statistics: AttentionStatistics | None = None,
+    attention_spans=None,
     **kwargs,
 ):
-    """transformers' SDPA attention, unchanged, plus the statistics of this call recorded into
-    `attention_statistics` when the forward pass carries one. query [B, Hq, Tq, D] and key
-    [B, Hkv, Tk, D] arrive with RoPE applied and the cache appended, as the model attends with them."""
+    """transformers' SDPA attention, unchanged, plus what the forward pass asks to observe: the
+    statistics of this call recorded into `attention_statistics`, and the span mass of its last
+    query into `attention_spans` (an sb_eval.analysis.attribution.AnswerSpanMass). query
+    [B, Hq, Tq, D] and key [B, Hkv, Tk, D] arrive with RoPE applied and the cache appended, as the
+    model attends with them."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     output = sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
+    if attention_statistics is None and attention_spans is None:
+        return output
+    if kwargs.get("s_aux") is not None:
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__}: attention statistics cover plain softmax; this model has attention sinks (s_aux)"
+        )
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    Tq, Tk = query.shape[2], key.shape[2]
+    positions, mask = softmax_query_layout(Tq, Tk, attention_mask, is_causal, query.device)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if attention_spans is not None:
+        attention_spans.record_softmax(module.layer_idx, query, key, positions, mask, scale)
     statistics = attention_statistics
     if statistics is not None:
-        if kwargs.get("s_aux") is not None:
-            raise UnsupportedArchitectureError(
-                f"{type(module).__name__}: attention statistics cover plain softmax; this model has attention sinks (s_aux)"
-            )
-        is_causal = kwargs.get("is_causal")
-        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        Tq, Tk = query.shape[2], key.shape[2]
-        positions, mask = softmax_query_layout(Tq, Tk, attention_mask, is_causal, query.device)
         rows = statistics.query_rows(Tq)
         positions = positions[rows]
         mask = None if mask is None else mask[:, :, rows]
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         distance = softmax_attention_distance(
             query[:, :, rows], key, scale=scale, query_positions=positions, mask=mask
         )
@@ -367,27 +405,39 @@ def collecting_attention_statistics(model: nn.Module, positions: str = "all") ->
     (model.base_model): a stick-breaking model's from the kernel's fused statistics, a transformers
     softmax model's (which attends through SDPA meanwhile, its outputs unchanged) from the blocked
     pass. Yields the AttentionStatistics; afterwards the model is as it was (a softmax model back
-    on SDPA)."""
-    from sb_eval.model.modeling import StickBreakingForCausalLM
-
+    on the attention it had)."""
     config = model.config
     statistics = AttentionStatistics(config.num_hidden_layers, config.num_attention_heads, positions)
+    with observing_attention(model, STATISTICS_ARGUMENT, statistics):
+        yield statistics
+
+
+@contextmanager
+def observing_attention(model: nn.Module, argument: str, observer) -> Iterator[None]:
+    """Hands `observer` to the attention layers of every forward pass of the model's decoder
+    (model.base_model) while the block runs, as the forward argument `argument` (a forward
+    pre-hook adds it). A transformers softmax model attends meanwhile through the statistics
+    attention (SDPA, its outputs unchanged, plus the observers); afterwards it is back on the
+    attention it had, and nothing is left on the model."""
+    from sb_eval.model.modeling import StickBreakingForCausalLM
+
     softmax = not isinstance(model, StickBreakingForCausalLM)
     if softmax:
         softmax_attention_modules(model)  # raises for an architecture the statistics cannot observe
+        previous = model.config._attn_implementation
         register_stats_attention()
         model.set_attn_implementation(STATS_ATTENTION)
-    hook = model.base_model.register_forward_pre_hook(partial(_pass_statistics, statistics), with_kwargs=True)
+    hook = model.base_model.register_forward_pre_hook(partial(_pass_observer, argument, observer), with_kwargs=True)
     try:
-        yield statistics
+        yield
     finally:
         hook.remove()
         if softmax:
-            model.set_attn_implementation("sdpa")
+            model.set_attn_implementation(previous)
 
 
-def _pass_statistics(statistics: AttentionStatistics, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    return args, {**kwargs, STATISTICS_ARGUMENT: statistics}
+def _pass_observer(argument: str, observer, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return args, {**kwargs, argument: observer}
 
 
 def softmax_attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -21,11 +21,14 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
   longest prompt and generation budget, or their longest scoring window), from max_batch_size
   down on out-of-memory; off the GPU, auto means 1;
 - with attention_stats=PATH, every forward pass adds its attention statistics (how far back each
-  head looks, sb_eval.analysis.attention_stats) to a JSON file at PATH; `close()` writes it a last time.
+  head looks, sb_eval.analysis.attention_stats) to a JSON file at PATH; `close()` writes it a last time;
+- with attribution=PATH, the answers to RULER's generate_until requests are attributed (where
+  each head looked when it answered, sb_eval.harness.attributed_answers) into a JSON file at PATH, for
+  the first attribution_tokens answer tokens (default 1).
 
 Own model args (popped before HFLM sees them, recorded in the results' model info):
 attention_backend (auto | triton | torch | reference), logprob_chunk_size, allow_pickle,
-attention_stats, truncate_long_prompts.
+attention_stats, truncate_long_prompts, attribution, attribution_tokens.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ class StickBreakingLM(HFLM):
         tokenizer=None,
         attention_stats: str | None = None,
         truncate_long_prompts: bool = False,
+        attribution: str | None = None,
+        attribution_tokens: int = 1,
         **kwargs,
     ) -> None:
         kwargs = checked_model_arguments(kwargs)
@@ -87,6 +92,8 @@ class StickBreakingLM(HFLM):
         require_supported_lm_eval()
         if attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
+        if isinstance(attribution_tokens, bool) or not isinstance(attribution_tokens, int) or attribution_tokens < 1:
+            raise ValueError(f"attribution_tokens must be a positive number of answer tokens, got {attribution_tokens!r}")
         if int(logprob_chunk_size) < 1:
             raise ValueError(f"logprob_chunk_size must be a positive number of tokens, got {logprob_chunk_size!r}")
         if isinstance(pretrained, (str, Path)):
@@ -123,10 +130,19 @@ class StickBreakingLM(HFLM):
         self.model.set_attention_backend(attention_backend)
         self.attention_stats = str(attention_stats) if attention_stats else None
         self.attention_recorder = None
+        self.attribution = str(attribution) if attribution else None
+        self.attribution_tokens = attribution_tokens
+        self.attribution_recorder = None
+        source = pretrained if isinstance(pretrained, str) else type(pretrained).__name__
         if self.attention_stats:
-            source = pretrained if isinstance(pretrained, str) else type(pretrained).__name__
             self.attention_recorder = StatisticsRecorder(
                 self.model, self.attention_stats_path(), {"pretrained": source, **self.get_model_info()}
+            )
+        if self.attribution:
+            from .attributed_answers import AttributionRecorder  # the RULER generators: loaded only when asked for
+
+            self.attribution_recorder = AttributionRecorder(
+                self, self.rank_path(self.attribution), {"pretrained": source, **self.get_model_info()}, attribution_tokens
             )
 
     def _create_model(self, *args, **kwargs) -> None:
@@ -135,16 +151,24 @@ class StickBreakingLM(HFLM):
 
     def attention_stats_path(self) -> Path:
         """attention_stats, with .rankN before the suffix when several processes evaluate."""
-        path = Path(self.attention_stats)
+        return self.rank_path(self.attention_stats)
+
+    def rank_path(self, path: str) -> Path:
+        """`path`, with .rankN before the suffix when several processes evaluate."""
+        path = Path(path)
         return path if self.world_size == 1 else path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
 
     def close(self) -> None:
-        """Ends attention_stats recording: writes its file a last time and stops collecting. Call
-        it when done with the model; without it the file is still written when the model is
-        garbage-collected or the interpreter exits."""
+        """Ends attention_stats and attribution recording: writes their files a last time and
+        stops collecting. Call it when done with the model; without it the attention_stats file is
+        still written when the model is garbage-collected or the interpreter exits (attribution's
+        after every generate_until call)."""
         if self.attention_recorder is not None:
             self.attention_recorder.close()
             self.attention_recorder = None
+        if self.attribution_recorder is not None:
+            self.attribution_recorder.close()
+            self.attribution_recorder = None
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
@@ -155,6 +179,8 @@ class StickBreakingLM(HFLM):
             sb_max_length=self.max_length,
             sb_attention_stats=self.attention_stats,
             sb_truncate_long_prompts=self.truncate_long_prompts,
+            sb_attribution=self.attribution,
+            sb_attribution_tokens=self.attribution_tokens,
         )
         return info
 
@@ -169,8 +195,13 @@ class StickBreakingLM(HFLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         self._name_requests(requests)
+        if self.attribution_recorder is not None:
+            self.attribution_recorder.expect(requests)
         with self._batch_size_for(lambda: self._generation_probe(requests)):
-            return self._written_after(super().generate_until(requests, disable_tqdm=disable_tqdm))
+            results = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        if self.attribution_recorder is not None:
+            self.attribution_recorder.answered(requests, results)
+        return self._written_after(results)
 
     def _name_requests(self, requests) -> None:
         """Remembers "task, document N" for each request, by its context (generation) or its
@@ -287,6 +318,8 @@ class StickBreakingLM(HFLM):
             self.too_long("generate_until", strings[longest], int(lengths[longest]), left_truncate_len)
             input_ids = input_ids[:, -left_truncate_len:]
             attention_mask = attention_mask[:, -left_truncate_len:]
+        if self.attribution_recorder is not None:
+            self.attribution_recorder.arm(strings, input_ids, attention_mask)
         return input_ids, attention_mask
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):

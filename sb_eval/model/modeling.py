@@ -9,9 +9,11 @@ Importing this module registers ``model_type: "stickbreaking"`` with transformer
 so that ``AutoModelForCausalLM.from_pretrained(folder)`` loads such checkpoints.
 
 What a forward pass does besides the model's arithmetic comes in as arguments: the attention
-backend is the config's (``set_attention_backend``), and ``attention_statistics`` (an
+backend is the config's (``set_attention_backend``), ``attention_statistics`` (an
 sb_eval.analysis.attention_stats.AttentionStatistics, usually handed in by a forward pre-hook)
-receives every layer's per-query distance and remainder.
+receives every layer's per-query distance and remainder, and ``attention_spans`` (an
+sb_eval.analysis.attribution.AnswerSpanMass, handed in the same way) the span mass of the query
+that produces the next token.
 """
 
 from __future__ import annotations
@@ -101,15 +103,21 @@ class StickBreakingAttention(nn.Module):
         cache: Cache | None,
         key_mask: torch.Tensor | None,
         attention_statistics=None,
+        attention_spans=None,
     ) -> torch.Tensor:
         """hidden [B, T, n_embd] -> [B, T, n_embd]; key_mask [B, past + T] bool or None;
-        attention_statistics: an AttentionStatistics that records this call, or None."""
+        attention_statistics: an AttentionStatistics that records this call, or None;
+        attention_spans: an AnswerSpanMass that records the last query's span mass, or None."""
         B, T, _ = hidden.shape
         q, k, v = self.split_heads(self.c_attn(hidden))
         current_v = v
         if cache is not None:
             # Both kinds of cache copy k and v (views into c_attn's output) into their own storage.
             k, v = cache.update(k, v, self.layer_idx)
+        # The span mass of the last query (the one that produces the next token): in the same
+        # call when it is the only query, in a call of its own after a prefill.
+        key_spans = None if attention_spans is None else attention_spans.key_spans(k.shape[2])
+        spans = {} if key_spans is None else dict(key_spans=key_spans, num_spans=attention_spans.num_spans)
         outputs = stickbreaking_attention(
             q, k, v,
             scale=self.scale,
@@ -118,6 +126,7 @@ class StickBreakingAttention(nn.Module):
             key_mask=key_mask,
             return_stats=attention_statistics is not None,
             backend=self.config.attention_backend,
+            **(spans if T == 1 else {}),
         )
         o, rem = outputs[:2]
         if attention_statistics is not None:
@@ -125,6 +134,12 @@ class StickBreakingAttention(nn.Module):
             attention_statistics.record_stick_breaking(
                 self.layer_idx, tokens_back, rem, k.shape[2], key_mask, self.attend_current
             )
+        if spans:
+            last = outputs if T == 1 else stickbreaking_attention(
+                q[:, :, -1:], k, v, scale=self.scale, attend_current=self.attend_current,
+                key_mask=key_mask, backend=self.config.attention_backend, **spans,
+            )
+            attention_spans.record(self.layer_idx, k.shape[2], last[-1][:, :, 0], last[1][:, :, 0])
         if self.add_value_remainder:
             group = self.num_heads // current_v.shape[1]
             o = o + rem[..., None].to(o.dtype) * current_v.repeat_interleave(group, dim=1)
@@ -167,8 +182,8 @@ class StickBreakingBlock(nn.Module):
         self.mlp = StickBreakingMLP(config)
         self.m_residual = config.m_residual
 
-    def forward(self, x, cache, key_mask, attention_statistics=None):
-        attn = self.attn(self.ln_1(x), cache, key_mask, attention_statistics)
+    def forward(self, x, cache, key_mask, attention_statistics=None, attention_spans=None):
+        attn = self.attn(self.ln_1(x), cache, key_mask, attention_statistics, attention_spans)
         if self.m_residual is not None:
             attn = attn * self.m_residual
         x = x + attn
@@ -236,12 +251,13 @@ class StickBreakingModel(StickBreakingPreTrainedModel):
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
         attention_statistics=None,
+        attention_spans=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids [B, T] (or inputs_embeds [B, T, n_embd]); attention_mask [B, past + T] with 0
         for padding (any side); cache holds the keys and values of earlier calls (any transformers
-        Cache; without one, a PreallocatedCache is made, sized to this call);
-        attention_statistics records every layer's attention (see the module's docstring)."""
+        Cache; without one, a PreallocatedCache is made, sized to this call); attention_statistics
+        and attention_spans record every layer's attention (see the module's docstring)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = cache if cache is not None else past_key_values
@@ -259,7 +275,7 @@ class StickBreakingModel(StickBreakingPreTrainedModel):
         for block in self.h:
             if output_hidden_states:
                 all_hidden.append(x)
-            x = block(x, cache if use_cache else None, key_mask, attention_statistics)
+            x = block(x, cache if use_cache else None, key_mask, attention_statistics, attention_spans)
         x = self.ln_f(x)
         if output_hidden_states:
             all_hidden.append(x)
