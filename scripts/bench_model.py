@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--decode-cache", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", type=int, help="print a by-kernel breakdown of one prefill of this many tokens")
+    parser.add_argument("--models", default="sb-random,sb-long-range,llama-sdpa", help="comma-separated; llama-sdpa is the baseline")
     parser.add_argument("--json")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -193,8 +194,8 @@ def main() -> None:
     header["copy_bytes_per_s"] = bandwidth
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     floors = {}
-    for name, build in builds.items():
-        model = build()
+    for name in args.models.split(","):
+        model = builds[name]()
         cache_kinds = ("dynamic",) if name.startswith("llama") else ("dynamic", "preallocated")
         rows += measure(model, name, lengths, args.decode_cache, args.repeats, cache_kinds)
         floors[name] = decode_floor_ms(model, args.decode_cache, bandwidth / 2)  # reading alone: half the traffic
@@ -209,7 +210,7 @@ def main() -> None:
                   f"the floor of reading cache and weights once ({row['floor_ms']:.2f} ms)")
     for kind, t in sorted({(r["kind"], r["T"]) for r in rows}):
         llama = next(r for r in rows if (r["kind"], r["T"], r["model"]) == (kind, t, "llama-sdpa"))
-        for name in ("sb-random", "sb-long-range"):
+        for name in [name for name in ("sb-random", "sb-long-range") if name in args.models.split(",")]:
             sb = [r for r in rows if (r["kind"], r["T"], r["model"]) == (kind, t, name)][-1]
             line = f"{name:14s} {kind:8s} T={t:<6d} time {sb['ms'] / llama['ms']:5.2f}x llama's"
             if "peak_extra_bytes" in sb:
