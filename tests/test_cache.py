@@ -4,6 +4,9 @@ requests do."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from lm_eval.api.instance import Instance
@@ -88,6 +91,18 @@ def test_the_cache_grows_past_its_capacity_and_keeps_what_it_holds(model):
     grown.update(keys[:, :, :CAPACITY_STEP], keys[:, :, :CAPACITY_STEP], 0)
     all_keys, _ = grown.update(keys[:, :, CAPACITY_STEP:], keys[:, :, CAPACITY_STEP:], 0)
     assert grown.layers[0].capacity == 2 * CAPACITY_STEP and torch.equal(all_keys, keys)
+
+
+def test_a_cache_is_freed_with_its_last_reference_not_by_the_garbage_collector():
+    cache = PreallocatedCache(16)
+    cache.update(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), 0)
+    buffer = weakref.ref(cache.layers[0]._key_buffer)
+    gc.disable()
+    try:
+        del cache
+        assert buffer() is None
+    finally:
+        gc.enable()
 
 
 def test_crop_and_batch_selection(model):

@@ -12,6 +12,7 @@ cheap too.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -123,7 +124,7 @@ class PreallocatedCache(Cache):
         if capacity < 0:
             raise ValueError(f"capacity must be a number of tokens >= 0, got {capacity}")
         self.capacity = capacity
-        super().__init__(layer_class_to_replicate=self._new_layer)
-
-    def _new_layer(self) -> PreallocatedLayer:
-        return PreallocatedLayer(self.capacity)
+        # A partial, not a bound method: a reference from the cache to itself would keep its
+        # buffers (24 GB at 64K tokens and the 3B's shapes) alive until the garbage collector
+        # runs, not until the last reference goes.
+        super().__init__(layer_class_to_replicate=partial(PreallocatedLayer, capacity))
