@@ -5,26 +5,32 @@ type_haystack (repeat | essay | needle), type_needle_k and type_needle_v (words 
 uuids), num_needle_k, num_needle_v, num_needle_q. Three more make training samples that share
 nothing with the evaluation sets but their form: key_words (RULER's adjective-noun pairs, or
 verb-noun), essay_file (another text's sentences as the essay haystack) and essay_start
-(RULER's beginning of the text, or a random sentence per sample).
+(RULER's beginning of the text, or a random sentence per sample); those have no RULER size
+(sizing="fill").
 """
 
 from __future__ import annotations
 
 import random
+import uuid
+from collections.abc import Callable
 
-from .corpora import essay_sentences
+from .corpora import essay_sentences, essay_text
 from .fitting import Draft
 from .haystacks import (
     NOISE,
     DistractorPool,
+    Essay,
     PoolSample,
     RepeatedText,
-    TextRun,
     TextRunFrom,
     depth_positions,
     evenly_spaced_depths,
+    interleave,
 )
-from .registry import DrawSample, register_generator
+from .reference_random import adjective_noun_pairs
+from .registry import Sampler, register_generator
+from .sizing import ReferenceCounter, ReferenceSize, SizingTarget, reference_search, stepped_size
 from .values import value_drawer
 
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
@@ -41,11 +47,14 @@ HAYSTACKS = ("repeat", "essay", "needle")
 ESSAY_STARTS = ("beginning", "random")
 # A random essay start leaves at least this share of the text after it, for the longest contexts.
 RANDOM_START_SHARE = 0.8
+# RULER's haystack steps: essay words, noise lines or distractor lines (fewer below 4K).
+ESSAY_STEP, LINE_STEP, SHORT_LINE_STEP, SHORT_CONTEXT = 500, 25, 5, 4096
 
 
-@register_generator("niah")
+@register_generator("niah", version=2)
 def niah(
     set_rng: random.Random,
+    target: SizingTarget,
     *,
     type_haystack: str = "essay",
     type_needle_k: str = "words",
@@ -73,7 +82,7 @@ def niah(
     head, tail, answer_prefix = prompt_parts(type_needle_v, singular=num_needle_q * num_needle_v == 1)
 
     if type_haystack == "essay":
-        essay = TextRun(essay_sentences(essay_file), " ", "essay")
+        essay = Essay(essay_text(essay_file), essay_sentences(essay_file))
     elif type_haystack == "needle":
         pool = DistractorPool(
             lambda rng: NEEDLE.format(type_needle_v=type_needle_v, key=draw_key(rng), value=draw_value(rng)),
@@ -82,7 +91,7 @@ def niah(
     elif type_haystack != "repeat":
         raise ValueError(f"type_haystack={type_haystack!r} is not a haystack; valid: {list(HAYSTACKS)}")
 
-    def draw(rng: random.Random) -> Draft:
+    def draw(rng: random.Random, index: int) -> Draft:
         keys, values, needles = [], [], []
         for _ in range(num_needle_k):
             keys.append(draw_key(rng))
@@ -92,12 +101,14 @@ def niah(
         queried = rng.sample(range(num_needle_k), num_needle_q)
         queries = [keys[i] for i in queried]
         query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+        answered = {NEEDLE.format(type_needle_v=type_needle_v, key=keys[i], value=value) for i in queried for value in values[i]}
         prompt = dict(
             head=head,
             tail=tail.format(query=query),
             answer_prefix=answer_prefix.format(query=query),
             outputs=[value for i in queried for value in values[i]],
             inserts=needles,
+            answers_in=answered.__contains__,
         )
         if type_haystack == "essay":
             depths = rng.sample(DEPTHS, num_needles)
@@ -114,7 +125,90 @@ def niah(
             min_units=num_needles,
         )
 
-    return draw
+    def reference_size() -> ReferenceSize:
+        if key_words != "adjective-noun" or essay_file is not None or essay_start != "beginning":
+            raise ValueError("key_words, essay_file and essay_start other than RULER's have no RULER size; use sizing='fill'")
+        step = ESSAY_STEP if type_haystack == "essay" else LINE_STEP if target.max_seq_length >= SHORT_CONTEXT else SHORT_LINE_STEP
+        search_sample = _reference_search_sample(
+            target.seed, type_haystack, type_needle_k, type_needle_v, num_needle_k, num_needle_v, num_needle_q, essay if type_haystack == "essay" else None
+        )
+
+        def search(counter: ReferenceCounter) -> ReferenceSize:
+            draw_at = search_sample()
+            units = stepped_size(
+                lambda size, threshold: counter.tokens(*draw_at(size), threshold),
+                target,
+                step,
+                most=essay.words if type_haystack == "essay" else None,
+                cap_before_step=True,
+            )
+            return ReferenceSize(units, step, target.max_seq_length - target.tokens_to_generate)
+
+        return reference_search(search, target.counter)
+
+    return Sampler(draw, reference_size)
+
+
+def _reference_search_sample(
+    seed: int,
+    type_haystack: str,
+    type_needle_k: str,
+    type_needle_v: str,
+    num_needle_k: int,
+    num_needle_v: int,
+    num_needle_q: int,
+    essay: Essay | None,
+) -> Callable[[], Callable[[int], tuple[str, list[str]]]]:
+    """RULER's search samples: a function that starts RULER's random stream afresh and returns
+    the function drawing, at each size in turn, RULER's sample as (head, the rest of the prompt's
+    pieces with the answers appended), making RULER's draws in RULER's order."""
+
+    def start() -> Callable[[int], tuple[str, list[str]]]:
+        rng = random.Random(seed)
+        draw_key, draw_value = _reference_drawer(rng, type_needle_k), _reference_drawer(rng, type_needle_v)
+
+        def sample_at(size: int) -> tuple[str, list[str]]:
+            keys, values, needles = [], [], []
+            for _ in range(num_needle_k):
+                keys.append(draw_key())
+                values.append([])
+                for _ in range(num_needle_v):
+                    values[-1].append(draw_value())
+                    needles.append(NEEDLE.format(type_needle_v=type_needle_v, key=keys[-1], value=values[-1][-1]))
+            random.Random(seed).shuffle(needles)
+            if essay is not None:
+                units, separator = essay.take(size), " "
+                positions = depth_positions(len(units), rng.sample(DEPTHS, len(needles)))
+            else:
+                separator = "\n"
+                if type_haystack == "repeat":
+                    units = [NOISE] * size
+                else:
+                    units = [NEEDLE.format(type_needle_v=type_needle_v, key=draw_key(), value=draw_value()) for _ in range(size)]
+                positions = sorted(rng.sample(range(size), len(needles)), reverse=True)
+            queried = rng.sample(range(num_needle_k), num_needle_q)
+            queries = [keys[i] for i in queried]
+            query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+            head, tail, answer_prefix = prompt_parts(type_needle_v, singular=num_needle_q * num_needle_v == 1)
+            elements = interleave(units, needles, positions, keep_empty_gaps=essay is not None)
+            answers = " ".join(value for i in queried for value in values[i])
+            return head, elements[:1] + [separator + element for element in elements[1:]] + [
+                tail.format(query=query), answer_prefix.format(query=query) + answers
+            ]
+
+        return sample_at
+
+    return start
+
+
+def _reference_drawer(rng: random.Random, value_type: str) -> Callable[[], str]:
+    """RULER's generate_random: a key or value of `value_type` from its global `random`."""
+    if value_type == "numbers":
+        return lambda: str(rng.randint(10**6, 10**7 - 1))
+    if value_type == "words":
+        pairs = adjective_noun_pairs()
+        return lambda: rng.choice(pairs)
+    return lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
 def prompt_parts(type_needle_v: str, singular: bool) -> tuple[str, str, str]:

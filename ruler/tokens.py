@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -43,6 +44,8 @@ class TokenCounter:
         self._piece_counts: dict[str, int] = {}
         self._first_counts: dict[str, int] = {}
         self._anchor_count = len(self._encode_batch([ANCHOR])[0])
+        # What the tokenizer adds to every text (a BOS token, say): RULER counts without it.
+        self.special_tokens = len(self._encode_batch([""])[0])
 
     def count(self, texts: Sequence[str]) -> list[int]:
         """Exact token counts of whole texts (each as the first and only piece of a prompt)."""
@@ -62,7 +65,9 @@ class TokenCounter:
         """Estimated token count of `first + "".join(rest)`: the sum of its pieces' counts."""
         if first not in self._first_counts:
             self._first_counts[first] = self.count([first])[0]
-        return self._first_counts[first] + sum(self.pieces(rest))
+        # Long contexts repeat few distinct pieces (noise lines, coded words): count each once.
+        repeats = Counter(rest)
+        return self._first_counts[first] + sum(tokens * repeats[piece] for piece, tokens in zip(repeats, self.pieces(repeats)))
 
     def fingerprint(self) -> str:
         """A short hash of how this tokenizer encodes a probe text; part of cache keys."""
