@@ -78,7 +78,7 @@ def cwe(set_rng: random.Random, target: SizingTarget, *, freq_cw: int = 30, freq
                 return counter.tokens(head, pieces, threshold)
 
             units = stepped_size(tokens_at, target, STEP, most=len(pool))
-            return ReferenceSize(units, STEP, target.max_seq_length - target.tokens_to_generate)
+            return ReferenceSize(units, STEP, target.max_seq_length - target.tokens_to_generate, target.max_seq_length)
 
         return reference_search(search, target.counter)
 

@@ -120,8 +120,8 @@ def fit_reference(draft: Draft, size: ReferenceSize, counter: TokenCounter, exac
         units = draft.haystack.take(units_count) if units_count > 0 else []
         if len(units) < max(1, draft.min_units):
             raise TooShortError(
-                f"RULER's haystack size for max_seq_length={size.allowed} tokens of input leaves {max(0, units_count)} "
-                f"haystack units, too few for this task. Use a longer max_seq_length."
+                f"max_seq_length={size.max_seq_length} leaves {max(0, units_count)} units of haystack at RULER's "
+                f"size, too few for this task. Use a longer max_seq_length."
             )
         sample = _render(draft, head, units, counter, exact)
         if sample.length - counter.special_tokens <= size.allowed:

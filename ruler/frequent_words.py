@@ -77,7 +77,7 @@ def fwe(set_rng: random.Random, target: SizingTarget, *, alpha: float = 2.0, cod
             size = target.max_seq_length // coded_wordlen
             while tokens(size) < target.max_seq_length:
                 size += step
-            return ReferenceSize(size - step, step, target.max_seq_length)
+            return ReferenceSize(size - step, step, target.max_seq_length, target.max_seq_length)
 
         return reference_search(search, target.counter)
 

@@ -70,7 +70,8 @@ def generate(
     aggregation tasks), "needle_depths": where those start, in percent of the context's tokens}.
 
     `sizing` "ruler" (default) gives the haystack the size RULER's own generator gives it for the
-    same tokenizer, length and seed; "fill" the largest that fits (sb_eval.ruler.sizing). Either
+    same tokenizer, length and seed; "fill" the largest that fits (sb_eval.ruler.sizing); sets
+    without a RULER counterpart (a generator of your own, training parameters) fill. Either
     way length plus the task's tokens_to_generate is at most max_seq_length, counting special
     tokens under "fill" and not (as RULER) under "ruler"; RULER's FWE sizes its prompt to
     max_seq_length itself, without the generated tokens, and so does "ruler" here.
@@ -134,9 +135,10 @@ def _generate_set(
     # Each sample draws from its own seed, so its needles do not depend on how long the earlier
     # samples' haystacks came out with this tokenizer.
     sample_seeds = [set_rng.getrandbits(64) for _ in range(num_samples)]
+    if sizing == "ruler" and sampler.reference_size is None:
+        logger.info("%s with %s has no RULER counterpart: its samples fill their context", spec.generator, spec.params)
+        sizing = "fill"
     if sizing == "ruler":
-        if sampler.reference_size is None:
-            raise ValueError(f"generator {spec.generator!r} has no RULER counterpart to size its haystack like; use sizing='fill'")
         size = sampler.reference_size()
         logger.info("%s at %d tokens: RULER's haystack size %d (step %d)", spec.generator, target.max_seq_length, size.units, size.step)
 

@@ -5,8 +5,8 @@ type_haystack (repeat | essay | needle), type_needle_k and type_needle_v (words 
 uuids), num_needle_k, num_needle_v, num_needle_q. Three more make training samples that share
 nothing with the evaluation sets but their form: key_words (RULER's adjective-noun pairs, or
 verb-noun), essay_file (another text's sentences as the essay haystack) and essay_start
-(RULER's beginning of the text, or a random sentence per sample); those have no RULER size
-(sizing="fill").
+(RULER's beginning of the text, or a random sentence per sample); with those, samples are
+not RULER's and fill their context (sizing="fill").
 """
 
 from __future__ import annotations
@@ -126,8 +126,6 @@ def niah(
         )
 
     def reference_size() -> ReferenceSize:
-        if key_words != "adjective-noun" or essay_file is not None or essay_start != "beginning":
-            raise ValueError("key_words, essay_file and essay_start other than RULER's have no RULER size; use sizing='fill'")
         step = ESSAY_STEP if type_haystack == "essay" else LINE_STEP if target.max_seq_length >= SHORT_CONTEXT else SHORT_LINE_STEP
         search_sample = _reference_search_sample(
             target.seed, type_haystack, type_needle_k, type_needle_v, num_needle_k, num_needle_v, num_needle_q, essay if type_haystack == "essay" else None
@@ -142,11 +140,12 @@ def niah(
                 most=essay.words if type_haystack == "essay" else None,
                 cap_before_step=True,
             )
-            return ReferenceSize(units, step, target.max_seq_length - target.tokens_to_generate)
+            return ReferenceSize(units, step, target.max_seq_length - target.tokens_to_generate, target.max_seq_length)
 
         return reference_search(search, target.counter)
 
-    return Sampler(draw, reference_size)
+    rulers = key_words == "adjective-noun" and essay_file is None and essay_start == "beginning"
+    return Sampler(draw, reference_size if rulers else None)
 
 
 def _reference_search_sample(

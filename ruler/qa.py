@@ -99,7 +99,7 @@ def qa(set_rng: random.Random, target: SizingTarget, *, dataset: str, data_file:
                 return counter.tokens(template_head, pieces + ending, threshold)
 
             units = stepped_size(tokens_at, target, STEP, most=len(documents))
-            return ReferenceSize(units, STEP, target.max_seq_length - target.tokens_to_generate)
+            return ReferenceSize(units, STEP, target.max_seq_length - target.tokens_to_generate, target.max_seq_length)
 
         return reference_search(search, target.counter)
 

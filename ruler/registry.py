@@ -25,8 +25,8 @@ class Sampler:
     """What a generator makes of one set's parameters.
 
     `draw(rng, index)` is sample `index` of the set, drawn from `rng`; `reference_size()` replays
-    RULER's search for the set's haystack size (None where the generator has no RULER
-    counterpart: such sets take sizing="fill").
+    RULER's search for the set's haystack size (None where the generator or these parameters have
+    no RULER counterpart: such sets fill their context whatever the sizing).
     """
 
     draw: DrawSample

@@ -49,6 +49,7 @@ class ReferenceSize:
     units: int
     step: int
     allowed: int
+    max_seq_length: int
     example_units: int | None = None
 
 

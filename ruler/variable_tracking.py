@@ -11,7 +11,7 @@ import random
 import string
 from collections.abc import Callable
 
-from .fitting import EXAMPLE_LENGTH_STEP, Draft, Example
+from .fitting import EXAMPLE_LENGTH_STEP, Draft, Example, TooShortError
 from .haystacks import NOISE, RepeatedText
 from .reference_random import NumpyLegacyRandom
 from .registry import Sampler, register_generator
@@ -58,9 +58,6 @@ def variable_tracking(
         return draft
 
     def reference_size() -> ReferenceSize:
-        if name_length != 5:
-            raise ValueError(f"name_length={name_length} has no RULER size (RULER's names have 5 letters); use sizing='fill'")
-
         def search(counter: ReferenceCounter) -> ReferenceSize:
             sample_at = _reference_search_sample(target.seed, num_chains, num_hops)
             # RULER's example: a search at example_length tokens in steps of 5 paragraphs, then
@@ -75,6 +72,8 @@ def variable_tracking(
                 if example_units >= EXAMPLE_STEP:
                     break
                 length = (length // EXAMPLE_LENGTH_STEP + 1) * EXAMPLE_LENGTH_STEP
+                if length >= target.max_seq_length:
+                    raise TooShortError(f"the task's solved example does not fit in max_seq_length={target.max_seq_length}")
             allowed = length - target.tokens_to_generate
             for _ in range(EXAMPLE_DRAWS):
                 head, pieces, names = sample_at(example_units, True)
@@ -89,11 +88,12 @@ def variable_tracking(
                 STEP,
                 extra_tokens=example_tokens,
             )
-            return ReferenceSize(units, STEP, target.max_seq_length - target.tokens_to_generate, example_units)
+            return ReferenceSize(units, STEP, target.max_seq_length - target.tokens_to_generate, target.max_seq_length, example_units)
 
         return reference_search(search, target.counter)
 
-    return Sampler(draw, reference_size)
+    # RULER names its variables with 5 letters; other names make training samples, which fill.
+    return Sampler(draw, reference_size if name_length == 5 else None)
 
 
 def _chains_draft(rng: random.Random, num_chains: int, num_hops: int, name_length: int) -> Draft:

@@ -5,6 +5,7 @@
     sb-eval checkpoint DIR               write a small random stick-breaking checkpoint to DIR
     sb-eval sweep ...                    models x tasks x context lengths, resumable, with table and plots
     sb-eval distance ...                 how far back each attention head looks, per layer and head
+    sb-eval report PATH... --output DIR  RULER's report of lm-eval runs and sweeps: tables, intervals, depth
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ def command(module: str):
 
 
 # Subcommands whose arguments belong to another parser, passed on untouched.
-PASS_THROUGH = {"run": run_lm_eval, "data": command("data"), "sweep": command("sweep"), "distance": command("distance")}
+PASS_THROUGH = {
+    "run": run_lm_eval,
+    "data": command("data"),
+    "sweep": command("sweep"),
+    "distance": command("distance"),
+    "report": command("report"),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("data", help="fetch offline corpora: sb-eval data fetch [NAMES] | list")
     commands.add_parser("sweep", help="run models x tasks x context lengths into a results folder (see sb-eval sweep -h)")
     commands.add_parser("distance", help="attention-weighted distance per layer and head (see sb-eval distance -h)")
+    commands.add_parser("report", help="RULER's report of lm-eval runs and sweeps (see sb-eval report -h)")
     checkpoint = commands.add_parser("checkpoint", help="write a small random stick-breaking checkpoint")
     checkpoint.add_argument("folder", help="where to write it (must not exist or be empty)")
     checkpoint.add_argument("--seed", type=int, default=0)

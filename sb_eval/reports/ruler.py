@@ -113,7 +113,7 @@ def _read_lm_eval(path: Path, models: dict[str, Results]) -> None:
     model_args = config.get("model_args") or ""
     if isinstance(model_args, dict):
         model_args = ",".join(f"{key}={value}" for key, value in model_args.items())
-    spec = f"{config.get('model', 'model')}:{model_args}"
+    spec = f"{config.get('model', 'model')}:{model_args}" if model_args else str(config.get("model", "model"))
     results = models.setdefault(spec, Results(spec))
     for group, members in document.get("group_subtasks", {}).items():
         if members:
