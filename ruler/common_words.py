@@ -73,9 +73,12 @@ def cwe(set_rng: random.Random, target: SizingTarget, *, freq_cw: int = 30, freq
             def tokens_at(size: int, threshold: int) -> int:
                 head = example(rng) + "\n" + template_head
                 chosen = rng.sample(pool, size)
-                answers = "".join(_numbered(chosen[:num_cw]))
-                pieces = _numbered(_listed(chosen, num_cw, *repeats, target.seed)) + [template_tail, ANSWER_PREFIX + " " + answers]
-                return counter.tokens(head, pieces, threshold)
+
+                def prompt() -> tuple[str, list[str]]:
+                    answers = "".join(_numbered(chosen[:num_cw]))
+                    return head, _numbered(_listed(chosen, num_cw, *repeats, target.seed)) + [template_tail, ANSWER_PREFIX + " " + answers]
+
+                return counter.tokens(size, threshold, prompt)
 
             units = stepped_size(tokens_at, target, STEP, most=len(pool))
             return ReferenceSize(units, STEP, target.max_seq_length - target.tokens_to_generate, target.max_seq_length)

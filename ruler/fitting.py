@@ -157,26 +157,25 @@ def _pieces(draft: Draft, units: list[str]) -> list[str]:
 
 
 def _located(draft: Draft, head: str, units: list[str], sample: FittedSample, counter: TokenCounter, exact: bool) -> FittedSample:
-    """`sample` with the token position and depth of each context element that holds an answer."""
+    """`sample` with the token position and depth of each context element that holds an answer:
+    the index of the token that holds the element's first character."""
     if draft.answers_in is None:
         return sample
+    separator = draft.haystack.separator
     pieces = _pieces(draft, units)[:-2]
+    counts = [0] * len(pieces) if exact else counter.pieces(pieces)
+    context_start = counter.count([head])[0] if exact else counter.prompt(head, [])
+    offset, cumulative, firsts = len(head), context_start, []  # (character, token) of each element's start
+    for piece, count, before in zip(pieces, counts, [""] + [separator] * len(pieces)):
+        if draft.answers_in(piece[len(before):]):
+            # Its first character is in the piece's first token, or in the one after its separator.
+            firsts.append((offset + len(before), cumulative + counter.pieces([piece[: len(before) + 1]])[0] - 1))
+        offset, cumulative = offset + len(piece), cumulative + count
     if exact:
-        starts, offset = [], len(head)
-        for piece in pieces:
-            starts.append(offset)
-            offset += len(piece)
-        context_start, context_end = counter.count([head, sample.input[:offset]])
-        located = [i for i, piece in enumerate(pieces) if draft.answers_in(piece.removeprefix(draft.haystack.separator) if i else piece)]
-        tokens = counter.count([sample.input[: starts[i]] for i in located])
+        context_end = counter.count([sample.input[:offset]])[0]
+        tokens = [count - 1 for count in counter.count([sample.input[: character + 1] for character, _ in firsts])]
     else:
-        context_start = counter.prompt(head, [])
-        cumulative, tokens = context_start, []
-        for index, (piece, count) in enumerate(zip(pieces, counter.pieces(pieces))):
-            if draft.answers_in(piece.removeprefix(draft.haystack.separator) if index else piece):
-                tokens.append(cumulative)
-            cumulative += count
-        context_end = cumulative
+        context_end, tokens = cumulative, [token for _, token in firsts]
     span = max(1, context_end - context_start)
     sample.needle_tokens = tokens
     sample.needle_depths = [round(100 * (token - context_start) / span, 2) for token in tokens]

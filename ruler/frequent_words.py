@@ -69,8 +69,11 @@ def fwe(set_rng: random.Random, target: SizingTarget, *, alpha: float = 2.0, cod
             text = CodedText(vocabulary_from(random.Random(target.seed)), counts, target.seed)
 
             def tokens(size: int) -> int:
-                pieces = [" ".join(text.take(size)), template_tail, ANSWER_PREFIX]
-                return counter.tokens(template_head, pieces, target.max_seq_length)
+                def prompt() -> tuple[str, list[str]]:
+                    words = text.take(size)
+                    return template_head, words[:1] + [" " + word for word in words[1:]] + [template_tail, ANSWER_PREFIX]
+
+                return counter.tokens(size, target.max_seq_length, prompt)
 
             # RULER grows the text from max_seq_length // coded_wordlen words until it reaches
             # max_seq_length tokens, then steps back once.

@@ -134,7 +134,7 @@ def niah(
         def search(counter: ReferenceCounter) -> ReferenceSize:
             draw_at = search_sample()
             units = stepped_size(
-                lambda size, threshold: counter.tokens(*draw_at(size), threshold),
+                lambda size, threshold: counter.tokens(size, threshold, draw_at(size)),
                 target,
                 step,
                 most=essay.words if type_haystack == "essay" else None,
@@ -157,57 +157,68 @@ def _reference_search_sample(
     num_needle_v: int,
     num_needle_q: int,
     essay: Essay | None,
-) -> Callable[[], Callable[[int], tuple[str, list[str]]]]:
+) -> Callable[[], Callable[[int], Callable[[], tuple[str, list[str]]]]]:
     """RULER's search samples: a function that starts RULER's random stream afresh and returns
-    the function drawing, at each size in turn, RULER's sample as (head, the rest of the prompt's
-    pieces with the answers appended), making RULER's draws in RULER's order."""
+    the function that makes, at each size in turn, RULER's draws in RULER's order, and returns
+    the function building that sample's prompt as (head, the rest of its pieces with the answers
+    appended), to be called only if its tokens are counted."""
 
-    def start() -> Callable[[int], tuple[str, list[str]]]:
+    def start() -> Callable[[int], Callable[[], tuple[str, list[str]]]]:
         rng = random.Random(seed)
-        draw_key, draw_value = _reference_drawer(rng, type_needle_k), _reference_drawer(rng, type_needle_v)
+        (draw_key, key_text), (draw_value, value_text) = _reference_drawer(rng, type_needle_k), _reference_drawer(rng, type_needle_v)
+        head, tail, answer_prefix = prompt_parts(type_needle_v, singular=num_needle_q * num_needle_v == 1)
 
-        def sample_at(size: int) -> tuple[str, list[str]]:
+        def needle(key: object, value: object) -> str:
+            return NEEDLE.format(type_needle_v=type_needle_v, key=key_text(key), value=value_text(value))
+
+        def sample_at(size: int) -> Callable[[], tuple[str, list[str]]]:
             keys, values, needles = [], [], []
             for _ in range(num_needle_k):
                 keys.append(draw_key())
                 values.append([])
                 for _ in range(num_needle_v):
                     values[-1].append(draw_value())
-                    needles.append(NEEDLE.format(type_needle_v=type_needle_v, key=keys[-1], value=values[-1][-1]))
+                    needles.append(needle(keys[-1], values[-1][-1]))
             random.Random(seed).shuffle(needles)
+            distractors = []
             if essay is not None:
-                units, separator = essay.take(size), " "
+                units = essay.take(size)
                 positions = depth_positions(len(units), rng.sample(DEPTHS, len(needles)))
             else:
-                separator = "\n"
-                if type_haystack == "repeat":
-                    units = [NOISE] * size
-                else:
-                    units = [NEEDLE.format(type_needle_v=type_needle_v, key=draw_key(), value=draw_value()) for _ in range(size)]
+                if type_haystack == "needle":
+                    distractors = [(draw_key(), draw_value()) for _ in range(size)]
                 positions = sorted(rng.sample(range(size), len(needles)), reverse=True)
             queried = rng.sample(range(num_needle_k), num_needle_q)
-            queries = [keys[i] for i in queried]
-            query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
-            head, tail, answer_prefix = prompt_parts(type_needle_v, singular=num_needle_q * num_needle_v == 1)
-            elements = interleave(units, needles, positions, keep_empty_gaps=essay is not None)
-            answers = " ".join(value for i in queried for value in values[i])
-            return head, elements[:1] + [separator + element for element in elements[1:]] + [
-                tail.format(query=query), answer_prefix.format(query=query) + answers
-            ]
+
+            def prompt() -> tuple[str, list[str]]:
+                queries = [key_text(keys[i]) for i in queried]
+                query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+                if essay is None:
+                    lines = [needle(key, value) for key, value in distractors] if distractors else [NOISE] * size
+                elements = interleave(units if essay is not None else lines, needles, positions, keep_empty_gaps=essay is not None)
+                separator = " " if essay is not None else "\n"
+                answers = " ".join(value_text(value) for i in queried for value in values[i])
+                return head, elements[:1] + [separator + element for element in elements[1:]] + [
+                    tail.format(query=query), answer_prefix.format(query=query) + answers
+                ]
+
+            return prompt
 
         return sample_at
 
     return start
 
 
-def _reference_drawer(rng: random.Random, value_type: str) -> Callable[[], str]:
-    """RULER's generate_random: a key or value of `value_type` from its global `random`."""
+def _reference_drawer(rng: random.Random, value_type: str) -> tuple[Callable[[], object], Callable[[object], str]]:
+    """RULER's generate_random for `value_type` from its global `random`: the draw, and the text
+    of what it drew (made only when a prompt is built)."""
     if value_type == "numbers":
-        return lambda: str(rng.randint(10**6, 10**7 - 1))
+        return (lambda: rng.randint(10**6, 10**7 - 1)), str
     if value_type == "words":
         pairs = adjective_noun_pairs()
-        return lambda: rng.choice(pairs)
-    return lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        # random.choice(pairs) is pairs[randrange(len(pairs))], the same draw.
+        return (lambda: rng.randrange(len(pairs))), pairs.__getitem__
+    return (lambda: rng.getrandbits(128)), (lambda bits: str(uuid.UUID(int=bits, version=4)))
 
 
 def prompt_parts(type_needle_v: str, singular: bool) -> tuple[str, str, str]:

@@ -94,9 +94,8 @@ def qa(set_rng: random.Random, target: SizingTarget, *, dataset: str, data_file:
                     texts = [documents[i] for i in chosen]
                 else:
                     texts = list(documents)
-                pieces = _labelled(shuffled_as_ruler(texts, target.seed))
                 ending = [template_tail.format(query=question.query), ANSWER_PREFIX + f" {question.outputs}"]
-                return counter.tokens(template_head, pieces + ending, threshold)
+                return counter.tokens(size, threshold, lambda: (template_head, _labelled(shuffled_as_ruler(texts, target.seed)) + ending))
 
             units = stepped_size(tokens_at, target, STEP, most=len(documents))
             return ReferenceSize(units, STEP, target.max_seq_length - target.tokens_to_generate, target.max_seq_length)

@@ -56,27 +56,40 @@ class ReferenceSize:
 class ReferenceCounter:
     """Token counts as RULER takes them (`tokenizer.tokenize(text)`: no special tokens).
 
-    A count far from the threshold it is compared with is the sum of memoised piece counts; one
-    within `MARGIN` tokens of it is taken on the whole text. Where the two disagree by more than
-    half the margin, the tokenizer does not count additively and `unreliable` is set: the search
-    is then run again with every text tokenized whole.
+    A search only needs to know on which side of a threshold each count falls. A haystack whose
+    size in units, at the tokens per unit of the last prompt counted, comes to `SKIP_BELOW` of
+    the threshold or less is taken to be below it, and its prompt is not even built (RULER's
+    search prompts grow by steps of the same kind of unit, so the rate barely moves, and it
+    overstates the next prompt's count, since the fixed text is spread over fewer units). A
+    prompt nearer the threshold is counted as the sum of its memoised piece counts, and one within
+    `MARGIN` tokens of it whole. Where the sum and the whole count disagree by more than half the
+    margin, the tokenizer does not count additively and `unreliable` is set: the search is then
+    run again with every prompt near the threshold tokenized whole.
     """
 
     MARGIN = 64
+    SKIP_BELOW = 0.97
 
     def __init__(self, counter: TokenCounter, exact: bool = False):
         self.counter = counter
         self.exact = exact
         self.unreliable = False
+        self._tokens_per_unit: float | None = None
 
-    def tokens(self, first: str, rest: Iterable[str], threshold: int) -> int:
-        rest = list(rest)
+    def tokens(self, size: int, threshold: int, prompt: Callable[[], tuple[str, list[str]]]) -> int:
+        """Tokens of the prompt (head, pieces) that `prompt()` builds around `size` haystack units,
+        exact wherever it matters for comparing with `threshold`."""
+        if self._tokens_per_unit is not None and size * self._tokens_per_unit <= self.SKIP_BELOW * threshold - self.MARGIN:
+            return int(size * self._tokens_per_unit)
+        first, rest = prompt()
         estimate = None
         if not self.exact:
             estimate = self.counter.prompt(first, rest) - self.counter.special_tokens
+            self._tokens_per_unit = estimate / max(1, size)
             if abs(estimate - threshold) > self.MARGIN:
                 return estimate
-        exact = self.counter.count([first + "".join(rest)])[0] - self.counter.special_tokens
+        exact = self.exact_tokens(first + "".join(rest))
+        self._tokens_per_unit = exact / max(1, size)
         if estimate is not None and abs(exact - estimate) > self.MARGIN // 2:
             self.unreliable = True
         return exact
@@ -105,7 +118,7 @@ def stepped_size(
     """RULER's search loop: the haystack size one step below the first that overflows.
 
     `tokens_at(size, threshold)` draws RULER's search sample at `size` units and counts its tokens
-    with its answers appended (exactly where the count is near `threshold`). The loop runs while
+    with its answers appended (ReferenceCounter.tokens: exactly where it matters). The loop runs while
     tokens + tokens_to_generate + `extra_tokens` stay below max_seq_length; a count that lands on
     max_seq_length exactly ends it without the step back, as RULER's does. Sizes stop at `most`
     (the units there are), checked before the step up (`cap_before_step`, RULER's NIAH) or after

@@ -67,7 +67,7 @@ def variable_tracking(
             while True:
                 example_target = SizingTarget(length, target.tokens_to_generate, counter.counter, target.seed)
                 example_units = stepped_size(
-                    lambda size, threshold: counter.tokens(*_with_answer(*sample_at(size, True)), threshold), example_target, EXAMPLE_STEP
+                    lambda size, threshold: counter.tokens(size, threshold, _with_answer(*sample_at(size, True))), example_target, EXAMPLE_STEP
                 )
                 if example_units >= EXAMPLE_STEP:
                     break
@@ -77,13 +77,13 @@ def variable_tracking(
             allowed = length - target.tokens_to_generate
             for _ in range(EXAMPLE_DRAWS):
                 head, pieces, names = sample_at(example_units, True)
-                if counter.tokens(head, pieces, allowed) <= allowed:
+                if counter.tokens(example_units, allowed, lambda: (head, pieces)) <= allowed:
                     break
             else:
                 raise ValueError(f"RULER's example search chose {example_units} noise paragraphs, which never fit in {length} tokens")
             example_tokens = counter.exact_tokens(head + "".join(pieces) + " " + " ".join(names) + "\n\n")
             units = stepped_size(
-                lambda size, threshold: counter.tokens(*_with_answer(*sample_at(size, False)), threshold),
+                lambda size, threshold: counter.tokens(size, threshold, _with_answer(*sample_at(size, False))),
                 target,
                 STEP,
                 extra_tokens=example_tokens,
@@ -171,6 +171,6 @@ def _reference_search_sample(seed: int, num_chains: int, num_hops: int) -> Calla
     return sample_at
 
 
-def _with_answer(head: str, pieces: list[str], names: list[str]) -> tuple[str, list[str]]:
-    """The prompt with its answer appended as RULER's search appends it: the list's repr."""
-    return head, pieces + [f" {names}"]
+def _with_answer(head: str, pieces: list[str], names: list[str]) -> Callable[[], tuple[str, list[str]]]:
+    """The prompt with its answer appended as RULER's search appends it (the list's repr)."""
+    return lambda: (head, pieces + [f" {names}"])
