@@ -10,7 +10,7 @@ Words are wonderwords' nouns, adjectives and verbs, as RULER takes them.
 from __future__ import annotations
 
 import random
-from functools import cache
+from functools import cache, lru_cache
 
 from .fitting import Draft
 from .reference_random import shuffled_as_ruler
@@ -52,8 +52,9 @@ def cwe(set_rng: random.Random, target: SizingTarget, *, freq_cw: int = 30, freq
     short = target.max_seq_length < SHORT_CONTEXT
     example_shape = SHORT_EXAMPLE if short else EXAMPLE
     repeats = SHORT_REPEATS if short else (freq_cw, freq_ucw)
-    # RULER shuffles its word list with the run's seed before sampling from it.
-    pool = shuffled_as_ruler(words(), target.seed)
+    # RULER shuffles its word list with the run's seed before sampling from it. Words are kept
+    # with the space they follow in the list, so that lists are joined, not built word by word.
+    pool = [" " + word for word in shuffled_as_ruler(words(), target.seed)]
     template_head, _, template_tail = TEMPLATE.partition("{context}")
 
     def example(rng: random.Random) -> str:
@@ -103,7 +104,7 @@ class WordList:
         self.pool, self.num_cw, self.repeats, self.seed = pool, num_cw, (common, other), seed
         self._rng = rng
         self._order: list[str] | None = None
-        self.common = self._words(num_cw)[:num_cw]
+        self.common = [word[1:] for word in self._words(num_cw)]
 
     def take(self, count: int) -> list[str]:
         if not self.num_cw < count <= len(self.pool):
@@ -115,7 +116,7 @@ class WordList:
         words and numbers."""
         chosen = self._words(len(self.pool))
         common, other = self.repeats
-        word_tokens = counter.pieces(" " + word for word in chosen)
+        word_tokens = counter.pieces(chosen)
         length = self.num_cw * common + (len(chosen) - self.num_cw) * other
         number_tokens = counter.pieces(_numbered_marks(length))
         listed = self.num_cw * common
@@ -145,11 +146,15 @@ def _listed(chosen: list[str], num_cw: int, common: int, other: int, seed: int) 
 
 
 def _numbered(listed: list[str]) -> list[str]:
-    """"1. apple 2. pear ..." as pieces: "1.", " apple", " 2.", " pear", ..."""
-    marks = _numbered_marks(len(listed))
-    return [piece for mark, word in zip(marks, listed) for piece in (mark, " " + word)]
+    """"1. apple 2. pear ..." as pieces: "1.", " apple", " 2.", " pear", ... (`listed` holds the
+    words with their spaces)."""
+    pieces = [""] * (2 * len(listed))
+    pieces[0::2] = _numbered_marks(len(listed))
+    pieces[1::2] = listed
+    return pieces
 
 
-def _numbered_marks(length: int) -> list[str]:
-    return ["1."] + [f" {number}." for number in range(2, length + 1)]
+@lru_cache(maxsize=8)
+def _numbered_marks(length: int) -> tuple[str, ...]:
+    return ("1.", *(f" {number}." for number in range(2, length + 1)))
 

@@ -153,7 +153,9 @@ def _pieces(draft: Draft, units: list[str]) -> list[str]:
         )
     elements = interleave(units, draft.inserts, positions, draft.keep_empty_gaps)
     separator = draft.haystack.separator
-    return elements[:1] + [separator + element for element in elements[1:]] + [draft.tail, draft.answer_prefix]
+    if separator:
+        elements[1:] = [separator + element for element in elements[1:]]
+    return elements + [draft.tail, draft.answer_prefix]
 
 
 def _located(draft: Draft, head: str, units: list[str], sample: FittedSample, counter: TokenCounter, exact: bool) -> FittedSample:

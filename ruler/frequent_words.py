@@ -14,6 +14,7 @@ import math
 import random
 import string
 from collections.abc import Callable
+from itertools import chain, repeat
 
 from .fitting import Draft
 from .reference_random import shuffled_as_ruler
@@ -45,19 +46,32 @@ def fwe(set_rng: random.Random, target: SizingTarget, *, alpha: float = 2.0, cod
     shares = [rank ** -float(alpha) for rank in range(1, vocabulary + 1)]
     normaliser = zeta(float(alpha))
     step = target.max_seq_length // STEP_DIVISOR
-    template_head, _, template_tail = TEMPLATE.partition("{context}")
+    template_head, _, template_tail = TEMPLATE.partition(" {context}")
 
     def counts(size: int) -> list[int]:
         """How often each rank appears in a text of `size` words, as RULER computes it."""
         return [int(size * share / normaliser) for share in shares]
 
-    def vocabulary_from(rng: random.Random) -> list[str]:
-        """RULER's vocabulary: distinct random words, sorted, then in its seed's order, "..." first."""
+    def ruler_vocabulary(rng: random.Random) -> list[str]:
+        """RULER's vocabulary, drawn as RULER draws it: distinct random words, sorted, then in its
+        seed's order, "..." in place of the first."""
         drawn = ["".join(rng.choices(string.ascii_lowercase, k=coded_wordlen)) for _ in range(vocabulary)]
         while len(set(drawn)) < vocabulary:
             drawn.append("".join(rng.choices(string.ascii_lowercase, k=coded_wordlen)))
-        ranked = shuffled_as_ruler(sorted(set(drawn)), target.seed)
-        return [NOISE] + ranked[1:]
+        return [NOISE] + shuffled_as_ruler(sorted(set(drawn)), target.seed)[1:]
+
+    def vocabulary_from(rng: random.Random) -> list[str]:
+        """"..." and distinct random words in a random order: the distribution of RULER's ranks,
+        drawn a word per draw."""
+        words: dict[str, None] = {}
+        while len(words) < vocabulary - 1:
+            number = rng.randrange(len(string.ascii_lowercase) ** coded_wordlen)
+            letters = []
+            for _ in range(coded_wordlen):
+                number, letter = divmod(number, len(string.ascii_lowercase))
+                letters.append(string.ascii_lowercase[letter])
+            words["".join(letters)] = None
+        return [NOISE, *words]
 
     def draw(rng: random.Random, index: int) -> Draft:
         ranked = vocabulary_from(rng)
@@ -66,14 +80,10 @@ def fwe(set_rng: random.Random, target: SizingTarget, *, alpha: float = 2.0, cod
 
     def reference_size() -> ReferenceSize:
         def search(counter: ReferenceCounter) -> ReferenceSize:
-            text = CodedText(vocabulary_from(random.Random(target.seed)), counts, target.seed)
+            text = CodedText(ruler_vocabulary(random.Random(target.seed)), counts, target.seed)
 
             def tokens(size: int) -> int:
-                def prompt() -> tuple[str, list[str]]:
-                    words = text.take(size)
-                    return template_head, words[:1] + [" " + word for word in words[1:]] + [template_tail, ANSWER_PREFIX]
-
-                return counter.tokens(size, target.max_seq_length, prompt)
+                return counter.tokens(size, target.max_seq_length, lambda: (template_head, text.take(size) + [template_tail, ANSWER_PREFIX]))
 
             # RULER grows the text from max_seq_length // coded_wordlen words until it reaches
             # max_seq_length tokens, then steps back once.
@@ -89,12 +99,14 @@ def fwe(set_rng: random.Random, target: SizingTarget, *, alpha: float = 2.0, cod
 
 class CodedText:
     """One sample's coded text: `counts(size)` copies of each ranked word, in RULER's order for a
-    text of that length. Units are its words; the noise "..." is rank 1."""
+    text of that length; the noise "..." is rank 1. Units are its words, each with the space
+    before it (the prompt's head ends before the text's first space)."""
 
-    separator = " "
+    separator = ""
 
     def __init__(self, ranked: list[str], counts: Callable[[int], list[int]], seed: int):
         self.ranked, self.counts, self.seed = ranked, counts, seed
+        self.spaced = [" " + word for word in ranked]
 
     def take(self, count: int) -> list[str]:
         repeats = self.counts(count)
@@ -103,11 +115,11 @@ class CodedText:
                 f"a coded text of {count} words ties its third most frequent word with the fourth ({repeats[ANSWERS.stop]} "
                 f"times each), so the answer is ambiguous; use a longer max_seq_length"
             )
-        return shuffled_as_ruler([word for word, times in zip(self.ranked, repeats) for _ in range(times)], self.seed)
+        return shuffled_as_ruler(list(chain.from_iterable(map(repeat, self.spaced, repeats))), self.seed)
 
     def fill(self, budget: int, counter: TokenCounter) -> list[str]:
         """The longest text whose words fit `budget` tokens (word counts only grow with the size)."""
-        word_tokens = counter.pieces(" " + word for word in self.ranked)
+        word_tokens = counter.pieces(self.spaced)
 
         def tokens(size: int) -> int:
             return sum(times * tokens for times, tokens in zip(self.counts(size), word_tokens))

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache, lru_cache
+from operator import itemgetter
 from typing import TypeVar
 
 from .values import _word_list
@@ -88,17 +89,17 @@ class SortedPairs(Sequence):
 
 
 @lru_cache(maxsize=16)
-def _shuffled_order(seed: int, length: int) -> tuple[int, ...]:
+def _shuffled_order(seed: int, length: int) -> Callable[[Sequence], tuple]:
     order = list(range(length))
     random.Random(seed).shuffle(order)
-    return tuple(order)
+    return itemgetter(*order) if length > 1 else lambda items: tuple(items)
 
 
 def shuffled_as_ruler(items: Sequence[T], seed: int) -> list[T]:
     """`items` shuffled by `random.Random(seed).shuffle`, as RULER shuffles its lists, needles and
     documents: the same order for every list of the same length. The order is computed once
     per length and seed."""
-    return [items[index] for index in _shuffled_order(seed, len(items))]
+    return list(_shuffled_order(seed, len(items))(items))
 
 
 @cache
