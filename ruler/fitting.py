@@ -121,7 +121,8 @@ def fit_reference(draft: Draft, size: ReferenceSize, counter: TokenCounter, exac
         if len(units) < max(1, draft.min_units):
             raise TooShortError(
                 f"max_seq_length={size.max_seq_length} leaves {max(0, units_count)} units of haystack at RULER's "
-                f"size, too few for this task. Use a longer max_seq_length."
+                f"size (steps of {size.step}), too few for this task: RULER's own generator cannot make this set. "
+                f"Use a longer max_seq_length, or sizing='fill'."
             )
         sample = _render(draft, head, units, counter, exact)
         if sample.length - counter.special_tokens <= size.allowed:
