@@ -41,6 +41,21 @@ RECORDED = {
         "qa_1": [10, 10, 40],
         "qa_2": [10, 30, 50],
     },
+    "default checkpoint": {
+        "niah_single_1": [60, 125, 250],
+        "niah_single_2": [500, 1000, 2500],
+        "niah_single_3": [500, 1000, 2500],
+        "niah_multikey_1": [500, 1000, 2500],
+        "niah_multikey_2": [80, 150, 350],
+        "niah_multikey_3": [20, 50, 100],
+        "niah_multivalue": [500, 1000, 2500],
+        "niah_multiquery": [500, 1000, 2500],
+        "vt": [(10, 40), (10, 110), (10, 250)],
+        "cwe": [240, 70, 330],
+        "fwe": [725, 1322, 2645],
+        "qa_1": [10, 20, 40],
+        "qa_2": [10, 30, 60],
+    },
 }
 TOKENIZERS = {"bpe": merging_bpe_tokenizer, "default checkpoint": lambda: AutoTokenizer.from_pretrained(DEFAULT_CHECKPOINT)}
 
