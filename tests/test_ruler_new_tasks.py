@@ -12,6 +12,7 @@ import pytest
 from test_ruler_helpers import merging_bpe_tokenizer, write_hotpotqa_standin, write_squad_standin, write_standin_essays
 
 from sb_eval.ruler.corpora import MissingCorpusError
+from sb_eval.ruler.frequent_words import CodedText, zeta
 from sb_eval.ruler.generate import generate
 from sb_eval.ruler.qa import read_questions
 from sb_eval.ruler.registry import TASKS, TaskSpec
@@ -145,3 +146,13 @@ def test_each_sample_records_where_its_answers_sit(task):
         for value in sample["outputs"] if task != "vt" else []:
             needle = re.search(rf"One of the special magic \w+ for [^\n]*? is: {value}\.", sample["input"]).group()
             assert any(tokenizer.decode(ids[token:]).startswith(needle) for token in sample["needle_tokens"])
+
+
+def test_parameters_that_would_make_answers_ambiguous_are_refused():
+    with pytest.raises(ValueError, match=r"freq_cw=3 must exceed freq_ucw=3, or the common words tie"):
+        generate(TaskSpec("cwe", 120, {"freq_cw": 3, "freq_ucw": 3}), 4096, merging_bpe_tokenizer(), 1)
+    # FWE's rank 4 and rank 5 come apart from about 74 words of text on.
+    text = CodedText(["...", "a", "b", "c", "d", "e"], lambda size: [int(size * k**-2.0 / zeta(2.0)) for k in range(1, 7)], seed=42)
+    with pytest.raises(ValueError, match=r"a coded text of 20 words ties its third most frequent word with the fourth"):
+        text.take(20)
+    assert len(text.take(200)) > 100
