@@ -110,12 +110,12 @@ def stepped_size(
     tokens_at: Callable[[int, int], int],
     target: SizingTarget,
     step: int,
-    start: int | None = None,
     most: int | None = None,
     extra_tokens: int = 0,
     cap_before_step: bool = False,
 ) -> int:
-    """RULER's search loop: the haystack size one step below the first that overflows.
+    """RULER's search loop: the haystack size one step below the first that overflows, trying
+    one step, two steps, ...
 
     `tokens_at(size, threshold)` draws RULER's search sample at `size` units and counts its tokens
     with its answers appended (ReferenceCounter.tokens: exactly where it matters). The loop runs while
@@ -124,7 +124,7 @@ def stepped_size(
     (the units there are), checked before the step up (`cap_before_step`, RULER's NIAH) or after
     it (its other tasks).
     """
-    size = start if start is not None else step
+    size = step
     limit = target.max_seq_length - target.tokens_to_generate - extra_tokens
     total = 0
     while total < limit:

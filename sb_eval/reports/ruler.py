@@ -157,7 +157,7 @@ def _read_samples(path: Path) -> dict[int, list[Sample]]:
             reply = record.get("filtered_resps") or record.get("resps") or [""]
             while isinstance(reply, list):
                 reply = reply[0] if reply else ""
-            key = record.get("doc_hash") or str(hash(doc.get("input", "")))
+            key = record.get("doc_hash") or doc.get("input", "")
             by_length.setdefault(int(length), []).append(
                 Sample(float(record[str(length)]), list(doc.get("needle_depths") or []), not str(reply).strip(), key)
             )
@@ -337,6 +337,12 @@ class _Report:
         self.rng = random.Random(seed)
         self.tasks = self._task_order()
         self.lengths = sorted({length for model in models for cells in model.cells.values() for length in cells})
+        # Drawn once, so that the table and the plot show the same intervals.
+        self.averages = [
+            {length: average_estimate([model.cells[task][length] for task in tasks], resamples, self.rng)
+             for length in self.lengths if (tasks := self._average_tasks(length))}
+            for model in models
+        ]
 
     def _task_order(self) -> list[str]:
         """Tasks in the order of the groups that named them, then the rest sorted."""
@@ -363,15 +369,8 @@ class _Report:
     def _average_tasks(self, length: int) -> list[str]:
         return [task for task in self.tasks if all(length in model.cells.get(task, {}) for model in self.models)]
 
-    def averages(self) -> list[dict[int, Estimate]]:
-        return [
-            {length: average_estimate([model.cells[task][length] for task in tasks], self.resamples, self.rng)
-             for length in self.lengths if (tasks := self._average_tasks(length))}
-            for model in self.models
-        ]
-
     def markdown(self) -> str:
-        averages = self.averages()
+        averages = self.averages
         full = all(len(self._average_tasks(length)) == RULER_TASK_COUNT for length in self.lengths)
         average_name = AVERAGE if full else f"average of the tasks present ({', '.join(ruler_name(t) for t in self.tasks)})"
         lines = ["# RULER report", "", "Models:", ""]
@@ -456,7 +455,7 @@ class _Report:
     def average_png(self) -> bytes:
         figure = Figure(figsize=(7, 4.2))
         axes = figure.add_subplot()
-        for label, model_averages in zip(self.labels, self.averages()):
+        for label, model_averages in zip(self.labels, self.averages):
             lengths = sorted(model_averages)
             values = [model_averages[length].value for length in lengths]
             line = axes.plot(lengths, values, marker="o", label=label)[0]
