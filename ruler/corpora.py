@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
 DATA_DIR_VARIABLE = "SB_EVAL_DATA_DIR"
 
-# RULER's essay haystack: Paul Graham's essays, split into sentences as RULER splits them (punkt).
+# RULER's essay haystack: Paul Graham's essays as RULER ships them ({"text": ...}), and split into
+# sentences as RULER splits them (punkt).
 ESSAYS = "essays"
+ESSAY_TEXT_FILE = Path("essays") / "PaulGrahamEssays.json"
 ESSAY_SENTENCES_FILE = Path("essays") / "sentences.json"
 
 # Long documents (75K-124K GPT-2 tokens each) for long-context perplexity: AA-LCR's contexts.
@@ -56,6 +59,30 @@ def essay_sentences(path: str | os.PathLike | None = None) -> list[str]:
             )
     stat = path.stat()
     return _read_sentences(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def essay_text(path: str | os.PathLike | None = None) -> str:
+    """The essays with whitespace runs collapsed to one space, as RULER cuts its haystack into
+    words; for another sentences file at `path`, its sentences joined by spaces."""
+    if path is not None:
+        return " ".join(essay_sentences(path))
+    path = data_dir() / ESSAY_TEXT_FILE
+    if not path.is_file():
+        raise MissingCorpusError(
+            f"RULER's essay haystack sizes need the essay text {path}, which is not there. "
+            f"Fetch it once with: {fetch_command(ESSAYS)}"
+        )
+    stat = path.stat()
+    return _read_text(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _read_text(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, encoding="utf-8") as file:
+        text = json.load(file).get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{path}: field 'text' must be a non-empty string; refetch it with: {fetch_command(ESSAYS)}")
+    return re.sub(r"\s+", " ", text)
 
 
 @lru_cache(maxsize=4)

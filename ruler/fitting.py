@@ -2,7 +2,9 @@
 
 A generator describes a sample as a `Draft`: the prompt text around the context, the answers, the
 haystack that fills the context and the texts (needles) inserted into it. `fit` chooses the
-largest haystack that keeps prompt + generation budget within max_seq_length.
+largest haystack that keeps prompt + generation budget within max_seq_length ("fill" sizing);
+`fit_reference` takes the size RULER's search found for the set ("ruler" sizing,
+sb_eval.ruler.sizing).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .haystacks import Haystack, interleave
+from .sizing import ReferenceSize
 from .tokens import TokenCounter
 
 # A solved example that its own max_seq_length cannot hold gets the next multiple of this.
@@ -54,6 +57,8 @@ class Draft:
     keep_empty_gaps: bool = False
     min_units: int = 0
     example: Example | None = None
+    # Which context elements (units or inserts) hold an answer, for their depth; None: no depth.
+    answers_in: Callable[[str], bool] | None = None
 
 
 @dataclass
@@ -62,6 +67,10 @@ class FittedSample:
     answer_prefix: str
     outputs: list[str]
     length: int  # tokens of `input`, special tokens included
+    # Where the answers sit: each answer-holding element's first token in `input` (0-based), and
+    # its depth, in percent of the context's tokens before it.
+    needle_tokens: list[int] = field(default_factory=list)
+    needle_depths: list[float] = field(default_factory=list)
 
 
 def fit(draft: Draft, max_seq_length: int, tokens_to_generate: int, counter: TokenCounter, exact: bool = False) -> FittedSample:
@@ -86,24 +95,94 @@ def fit(draft: Draft, max_seq_length: int, tokens_to_generate: int, counter: Tok
                 f"the prompt and {tokens_to_generate} generated tokens; this task needs at least "
                 f"{draft.min_units}. Use a longer max_seq_length."
             )
-        positions = draft.place(len(units))
-        if len(positions) != len(draft.inserts) or not all(0 <= p <= len(units) for p in positions):
-            raise ValueError(
-                f"Draft.place({len(units)}) returned {positions}: it must give one unit index in "
-                f"0..{len(units)} for each of the {len(draft.inserts)} inserts"
-            )
-        elements = interleave(units, draft.inserts, positions, draft.keep_empty_gaps)
-        pieces = elements[:1] + [separator + element for element in elements[1:]] + ending
-        text = head + "".join(pieces)
-        length = counter.count([text])[0] if exact else counter.prompt(head, pieces)
-        if length <= allowed:
-            return FittedSample(text, draft.answer_prefix, draft.outputs, length)
+        sample = _render(draft, head, units, counter, exact)
+        if sample.length <= allowed:
+            return _located(draft, head, units, sample, counter, exact)
         if not units:
             raise TooShortError(
-                f"max_seq_length={max_seq_length} is too short for this task's prompt ({length} "
+                f"max_seq_length={max_seq_length} is too short for this task's prompt ({sample.length} "
                 f"tokens) plus {tokens_to_generate} generated tokens"
             )
-        budget -= length - allowed
+        budget -= sample.length - allowed
+
+
+def fit_reference(draft: Draft, size: ReferenceSize, counter: TokenCounter, exact: bool = False) -> FittedSample:
+    """The sample with RULER's haystack size for its set, a step smaller at a time while its input
+    (counted without special tokens, as RULER counts) has more than `size.allowed` tokens."""
+    head = draft.head
+    if draft.example is not None:
+        if size.example_units is None:
+            raise ValueError("this task shows a solved example, but its ReferenceSize gives no example_units")
+        example = _render(draft.example.draft, draft.example.draft.head, draft.example.draft.haystack.take(size.example_units), counter, exact)
+        head = example.input + " " + " ".join(example.outputs) + draft.example.separator + head
+    units_count = size.units
+    while True:
+        units = draft.haystack.take(units_count) if units_count > 0 else []
+        if len(units) < max(1, draft.min_units):
+            raise TooShortError(
+                f"max_seq_length={size.max_seq_length} leaves {max(0, units_count)} units of haystack at RULER's "
+                f"size (steps of {size.step}), too few for this task: RULER's own generator cannot make this set. "
+                f"Use a longer max_seq_length, or sizing='fill'."
+            )
+        sample = _render(draft, head, units, counter, exact)
+        if sample.length - counter.special_tokens <= size.allowed:
+            return _located(draft, head, units, sample, counter, exact)
+        units_count -= size.step
+
+
+def _render(draft: Draft, head: str, units: list[str], counter: TokenCounter, exact: bool) -> FittedSample:
+    """The prompt of `draft` with `units` of haystack after `head`, and its token count."""
+    pieces = _pieces(draft, units)
+    text = head + "".join(pieces)
+    if exact:
+        return FittedSample(text, draft.answer_prefix, draft.outputs, counter.count([text])[0])
+    # The context's ends may merge with the text around them into one token (its last newline
+    # with the tail's, the head's last space with the first word): each end is counted with its
+    # neighbour, the repeated middle piece by piece.
+    first, middle, last = head + pieces[0], pieces[1:-3], "".join(pieces[-3:]) if len(pieces) > 3 else "".join(pieces[1:])
+    return FittedSample(text, draft.answer_prefix, draft.outputs, counter.prompt(first, middle + [last]))
+
+
+def _pieces(draft: Draft, units: list[str]) -> list[str]:
+    """The prompt after its head: the context's elements (units and inserts) with their separator
+    before all but the first, then the tail and the answer prefix."""
+    positions = draft.place(len(units))
+    if len(positions) != len(draft.inserts) or not all(0 <= p <= len(units) for p in positions):
+        raise ValueError(
+            f"Draft.place({len(units)}) returned {positions}: it must give one unit index in "
+            f"0..{len(units)} for each of the {len(draft.inserts)} inserts"
+        )
+    elements = interleave(units, draft.inserts, positions, draft.keep_empty_gaps)
+    separator = draft.haystack.separator
+    if separator:
+        elements[1:] = [separator + element for element in elements[1:]]
+    return elements + [draft.tail, draft.answer_prefix]
+
+
+def _located(draft: Draft, head: str, units: list[str], sample: FittedSample, counter: TokenCounter, exact: bool) -> FittedSample:
+    """`sample` with the token position and depth of each context element that holds an answer:
+    the index of the token that holds the element's first character."""
+    if draft.answers_in is None:
+        return sample
+    separator = draft.haystack.separator
+    pieces = _pieces(draft, units)[:-2]
+    counts = [0] * len(pieces) if exact else counter.pieces(pieces)
+    context_start = counter.count([head])[0] if exact else counter.prompt(head, [])
+    offset, cumulative, firsts = len(head), context_start, []  # (character, token) of each element's start
+    for piece, count, before in zip(pieces, counts, [""] + [separator] * len(pieces)):
+        if draft.answers_in(piece[len(before):]):
+            # Its first character is in the piece's first token, or in the one after its separator.
+            firsts.append((offset + len(before), cumulative + counter.pieces([piece[: len(before) + 1]])[0] - 1))
+        offset, cumulative = offset + len(piece), cumulative + count
+    if exact:
+        context_end = counter.count([sample.input[:offset]])[0]
+        tokens = [count - 1 for count in counter.count([sample.input[: character + 1] for character, _ in firsts])]
+    else:
+        context_end, tokens = cumulative, [token for _, token in firsts]
+    span = max(1, context_end - context_start)
+    sample.needle_tokens = tokens
+    sample.needle_depths = [round(100 * (token - context_start) / span, 2) for token in tokens]
+    return sample
 
 
 def _fit_example(example: Example, max_seq_length: int, tokens_to_generate: int, counter: TokenCounter, exact: bool) -> FittedSample:

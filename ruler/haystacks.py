@@ -8,8 +8,10 @@ rather than re-tokenizing the context.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import Protocol
 
 from .tokens import TokenCounter
@@ -24,6 +26,9 @@ class Haystack(Protocol):
     def fill(self, budget: int, counter: TokenCounter) -> list[str]:
         """The longest run of units whose pieces (separator + unit) sum to at most `budget` tokens."""
 
+    def take(self, count: int) -> list[str]:
+        """The units of a haystack of `count` of RULER's units (sb_eval.ruler.sizing)."""
+
 
 class RepeatedText:
     """The same text over and over: RULER's noise haystack."""
@@ -35,6 +40,9 @@ class RepeatedText:
     def fill(self, budget: int, counter: TokenCounter) -> list[str]:
         per_unit = counter.pieces([self.separator + self.text])[0]
         return [self.text] * max(0, budget // per_unit)
+
+    def take(self, count: int) -> list[str]:
+        return [self.text] * count
 
 
 class TextRun:
@@ -77,6 +85,41 @@ class TextRun:
         )
 
 
+class Essay(TextRun):
+    """The essay haystack: whole sentences from its start ("fill"), or, as RULER cuts it, its
+    first words split into sentences ("ruler": `take(words)`).
+
+    RULER collapses whitespace runs to one space, splits the text at spaces into words, takes the
+    first N, and splits those into sentences with punkt. `text` is the collapsed text and
+    `sentences` its punkt sentences, in order; the sentences of a prefix are then the whole
+    sentences inside it and the cut one's start (punkt needs the text after a sentence end only
+    to decide that end, so the earlier ones do not change).
+    """
+
+    def __init__(self, text: str, sentences: Sequence[str]):
+        super().__init__(sentences, " ", "essay")
+        self._word_ends = list(accumulate(len(word) + 1 for word in text.split(" ")))
+        self._text = text
+        self._sentence_ends, position = [], 0
+        for sentence in sentences:
+            start = text.find(sentence, position)
+            if start < 0:
+                raise ValueError(f"the essay sentence {sentence[:60]!r} is not in the essay text after character {position}")
+            position = start + len(sentence)
+            self._sentence_ends.append(position)
+
+    @property
+    def words(self) -> int:
+        return len(self._word_ends)
+
+    def take(self, count: int) -> list[str]:
+        """The sentences of the essay's first `count` words (all of them past its end)."""
+        cut = self._word_ends[min(count, self.words) - 1] - 1 if count > 0 else 0
+        whole = bisect.bisect_right(self._sentence_ends, cut)
+        rest = self._text[self._sentence_ends[whole - 1] if whole else 0 : cut].strip()
+        return list(self.units[:whole]) + ([rest] if rest else [])
+
+
 class TextRunFrom:
     """A `TextRun` entered at unit `start` rather than at its beginning: a training haystack that
     differs from sample to sample while its token counts stay shared."""
@@ -88,6 +131,9 @@ class TextRunFrom:
 
     def fill(self, budget: int, counter: TokenCounter) -> list[str]:
         return self.run.fill(budget, counter, self.start)
+
+    def take(self, count: int) -> list[str]:
+        raise ValueError("a training haystack entered at a random unit has no RULER size; use sizing='fill'")
 
 
 class DistractorPool:
@@ -123,7 +169,9 @@ class PoolSample:
 
     def fill(self, budget: int, counter: TokenCounter) -> list[str]:
         if self._order is None:
-            self._order = self._draw_order(budget, counter)
+            self.pool.grow(64)
+            shortest = min(counter.pieces(self.separator + unit for unit in self.pool.units[:64]))
+            self._draw_order(max(0, budget) // max(1, shortest) + 1)
         counts = counter.pieces(self.separator + unit for unit in self._order)
         total, taken = 0, 0
         for tokens in counts:
@@ -132,13 +180,17 @@ class PoolSample:
             total, taken = total + tokens, taken + 1
         return self._order[:taken]
 
-    def _draw_order(self, budget: int, counter: TokenCounter) -> list[str]:
-        self.pool.grow(64)
-        shortest = min(counter.pieces(self.separator + unit for unit in self.pool.units[:64]))
-        most_needed = max(0, budget) // max(1, shortest) + 1
+    def take(self, count: int) -> list[str]:
+        if self._order is None:
+            self._draw_order(count)
+        if count > len(self._order):
+            raise ValueError(f"this sample drew {len(self._order)} distractors, fewer than the {count} asked for")
+        return self._order[:count]
+
+    def _draw_order(self, most_needed: int) -> None:
         self.pool.grow(self.POOL_FACTOR * most_needed)
         size = len(self.pool.units)
-        return [self.pool.units[i] for i in self._rng.sample(range(size), min(size, most_needed))]
+        self._order = [self.pool.units[i] for i in self._rng.sample(range(size), min(size, most_needed))]
 
 
 def interleave(units: list[str], inserts: list[str], positions: list[int], keep_empty_gaps: bool) -> list[str]:

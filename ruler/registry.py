@@ -1,9 +1,10 @@
 """Generators by name, and RULER's task configurations.
 
 A generator is one function registered by name. It is called once per sample set with that set's
-random generator and the task's parameters, and returns the function that draws one sample (a
-`Draft`) from a per-sample random generator. Everything else (length fitting, seeding, caching,
-scoring) is shared by all generators (sb_eval.ruler.generate).
+random generator, what the set is sized for (a `SizingTarget`) and the task's parameters, and
+returns a `Sampler`: the function that draws one sample (a `Draft`) from a per-sample random
+generator and the sample's index, and RULER's search for the set's haystack size. Everything else
+(length fitting, seeding, caching) is shared by all generators (sb_eval.ruler.generate).
 """
 
 from __future__ import annotations
@@ -14,9 +15,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .fitting import Draft
+from .sizing import ReferenceSize
 
-DrawSample = Callable[[random.Random], Draft]
-PrepareGenerator = Callable[..., DrawSample]
+DrawSample = Callable[[random.Random, int], Draft]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """What a generator makes of one set's parameters.
+
+    `draw(rng, index)` is sample `index` of the set, drawn from `rng`; `reference_size()` replays
+    RULER's search for the set's haystack size (None where the generator or these parameters have
+    no RULER counterpart: such sets fill their context whatever the sizing).
+    """
+
+    draw: DrawSample
+    reference_size: Callable[[], ReferenceSize] | None = None
+
+
+PrepareGenerator = Callable[..., Sampler]
 
 
 @dataclass(frozen=True)
@@ -30,7 +47,7 @@ GENERATORS: dict[str, Generator] = {}
 
 
 def register_generator(name: str, version: int = 1) -> Callable[[PrepareGenerator], PrepareGenerator]:
-    """Decorator: `@register_generator("passkey")` over `def passkey(set_rng, **params) -> draw`."""
+    """Decorator: `@register_generator("passkey")` over `def passkey(set_rng, target, **params) -> Sampler`."""
 
     def register(prepare: PrepareGenerator) -> PrepareGenerator:
         # Executing the same module again (lm-eval reloads a task folder's .py files when they
@@ -49,15 +66,17 @@ def _origin(function: Callable) -> str:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A generator, its parameters and the generation budget RULER gives the task."""
+    """A generator, its parameters, the generation budget RULER gives the task and its metric
+    (a name in sb_eval.ruler.scoring.METRICS)."""
 
     generator: str
     tokens_to_generate: int
     params: dict[str, Any] = field(default_factory=dict)
+    metric: str = "string_match_all"
 
 
-# NVIDIA RULER's synthetic.yaml (the 13-task configuration) for the tasks implemented here, with
-# tokens_to_generate from its constants.py.
+# NVIDIA RULER's synthetic.yaml (its 13-task configuration), with tokens_to_generate from its
+# constants.py and the metric its evaluation gives each task.
 TASKS: dict[str, TaskSpec] = {
     "niah_single_1": TaskSpec("niah", 128, dict(type_haystack="repeat", type_needle_k="words", type_needle_v="numbers")),
     "niah_single_2": TaskSpec("niah", 128, dict(type_haystack="essay", type_needle_k="words", type_needle_v="numbers")),
@@ -68,4 +87,8 @@ TASKS: dict[str, TaskSpec] = {
     "niah_multivalue": TaskSpec("niah", 128, dict(type_haystack="essay", type_needle_k="words", type_needle_v="numbers", num_needle_v=4)),
     "niah_multiquery": TaskSpec("niah", 128, dict(type_haystack="essay", type_needle_k="words", type_needle_v="numbers", num_needle_q=4)),
     "vt": TaskSpec("variable_tracking", 30, dict(num_chains=1, num_hops=4)),
+    "cwe": TaskSpec("cwe", 120, dict(freq_cw=30, freq_ucw=3, num_cw=10)),
+    "fwe": TaskSpec("fwe", 50, dict(alpha=2.0)),
+    "qa_1": TaskSpec("qa", 32, dict(dataset="squad"), metric="string_match_part"),
+    "qa_2": TaskSpec("qa", 32, dict(dataset="hotpotqa"), metric="string_match_part"),
 }

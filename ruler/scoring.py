@@ -1,8 +1,9 @@
-"""RULER's scoring: string_match_all, as a percentage."""
+"""RULER's scoring: string_match_all and string_match_part, as percentages."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")
 
@@ -18,3 +19,18 @@ def string_match_all(prediction: str, references: list[str]) -> float:
         raise ValueError("references must name at least one expected answer")
     prediction = postprocess_prediction(prediction).lower()
     return 100.0 * sum(reference.lower() in prediction for reference in references) / len(references)
+
+
+def string_match_part(prediction: str, references: list[str]) -> float:
+    """100 if any of `references` is found in `prediction`, ignoring case, else 0 (RULER's QA
+    metric: any one of a question's reference answers counts)."""
+    if not references:
+        raise ValueError("references must name at least one expected answer")
+    prediction = postprocess_prediction(prediction).lower()
+    return 100.0 * any(reference.lower() in prediction for reference in references)
+
+
+METRICS: dict[str, Callable[[str, list[str]], float]] = {
+    "string_match_all": string_match_all,
+    "string_match_part": string_match_part,
+}

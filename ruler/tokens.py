@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
+from operator import mul
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -43,6 +45,8 @@ class TokenCounter:
         self._piece_counts: dict[str, int] = {}
         self._first_counts: dict[str, int] = {}
         self._anchor_count = len(self._encode_batch([ANCHOR])[0])
+        # What the tokenizer adds to every text (a BOS token, say): RULER counts without it.
+        self.special_tokens = len(self._encode_batch([""])[0])
 
     def count(self, texts: Sequence[str]) -> list[int]:
         """Exact token counts of whole texts (each as the first and only piece of a prompt)."""
@@ -51,18 +55,20 @@ class TokenCounter:
     def pieces(self, pieces: Iterable[str]) -> list[int]:
         """Token counts of pieces as they count in the middle of a prompt, memoised."""
         pieces = list(pieces)
-        new = list(dict.fromkeys(p for p in pieces if p not in self._piece_counts))
+        new = list(set(pieces).difference(self._piece_counts))
         if new:
             encoded = self._encode_batch([ANCHOR + p for p in new])
             for piece, ids in zip(new, encoded):
                 self._piece_counts[piece] = len(ids) - self._anchor_count
-        return [self._piece_counts[p] for p in pieces]
+        return list(map(self._piece_counts.__getitem__, pieces))
 
     def prompt(self, first: str, rest: Iterable[str]) -> int:
         """Estimated token count of `first + "".join(rest)`: the sum of its pieces' counts."""
         if first not in self._first_counts:
             self._first_counts[first] = self.count([first])[0]
-        return self._first_counts[first] + sum(self.pieces(rest))
+        # Long contexts repeat few distinct pieces (noise lines, coded words): count each once.
+        repeats = Counter(rest)
+        return self._first_counts[first] + sum(map(mul, self.pieces(repeats), repeats.values()))
 
     def fingerprint(self) -> str:
         """A short hash of how this tokenizer encodes a probe text; part of cache keys."""
@@ -71,6 +77,11 @@ class TokenCounter:
 
 
 def _batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[Sequence[int]]]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if callable(tokenizer) and hasattr(backend, "encode_batch_fast"):
+        # A fast tokenizer's Rust tokenizer itself: the ids `tokenizer(texts)` gives, without
+        # transformers' conversion of every text's encoding.
+        return lambda texts: [encoding.ids for encoding in backend.encode_batch_fast(texts)] if texts else []
     if hasattr(tokenizer, "encode") and callable(tokenizer):
         return lambda texts: tokenizer(texts)["input_ids"] if texts else []
     if callable(tokenizer):

@@ -6,6 +6,7 @@
     sb-eval sweep ...                    models x tasks x context lengths, resumable, with table and plots
     sb-eval distance ...                 how far back each attention head looks, per layer and head
     sb-eval attribution ...              where each head looked when the model answered: needle attention
+    sb-eval report PATH... --output DIR  RULER's report of lm-eval runs and sweeps: tables, intervals, depth
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ PASS_THROUGH = {
     "sweep": command("sweep"),
     "distance": command("distance"),
     "attribution": command("attribution"),
+    "report": command("report"),
 }
 
 
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("sweep", help="run models x tasks x context lengths into a results folder (see sb-eval sweep -h)")
     commands.add_parser("distance", help="attention-weighted distance per layer and head (see sb-eval distance -h)")
     commands.add_parser("attribution", help="needle attention per layer and head when the model answers (see sb-eval attribution -h)")
+    commands.add_parser("report", help="RULER's report of lm-eval runs and sweeps (see sb-eval report -h)")
     checkpoint = commands.add_parser("checkpoint", help="write a small random stick-breaking checkpoint")
     checkpoint.add_argument("folder", help="where to write it (must not exist or be empty)")
     checkpoint.add_argument("--seed", type=int, default=0)

@@ -2,16 +2,19 @@
 
 `custom_dataset` receives lm-eval's metadata (`--metadata` merged over `--model_args`) plus the
 task's `dataset_kwargs`. From the metadata: max_seq_lengths (list of ints, default [4096]),
-num_samples per length (default 500, as RULER), seed (default 42), and the tokenizer to fit
-lengths with, from `tokenizer`, else `pretrained` or `model` (a local folder or a name the
-transformers cache holds), else the tokenizer of the checkpoint sb_hf evaluates without
-`pretrained` (with a warning). From dataset_kwargs: either `ruler_task` (a name in
-sb_eval.ruler.TASKS), or `generator`, `tokens_to_generate` and `generator_params` (a mapping).
+num_samples per length (default 500, as RULER), seed (default 42), sizing ("ruler", the
+default: RULER's haystack sizes; or "fill"), for the QA tasks `squad` and `hotpotqa` (where their
+data is; sb_eval.tasks.ruler_qa), and the tokenizer to fit lengths with, from `tokenizer`, else
+`pretrained` or `model` (a local folder or a name the transformers cache holds), else the
+tokenizer of the checkpoint sb_hf evaluates without `pretrained` (with a warning). From
+dataset_kwargs: either `ruler_task` (a name in sb_eval.ruler.TASKS), or `generator`,
+`tokens_to_generate` and `generator_params` (a mapping).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from functools import cache
 from typing import Any
 
@@ -22,7 +25,9 @@ from transformers import AutoTokenizer
 from sb_eval.data import DEFAULT_CHECKPOINT
 from sb_eval.ruler.generate import generate
 from sb_eval.ruler.registry import TASKS, TaskSpec
-from sb_eval.ruler.scoring import string_match_all
+from sb_eval.ruler.scoring import METRICS
+from sb_eval.ruler.sizing import check_sizing
+from sb_eval.tasks.ruler_qa import qa_data_file
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +43,15 @@ def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     lengths = _max_seq_lengths(kwargs.get("max_seq_lengths", DEFAULT_MAX_SEQ_LENGTHS))
     num_samples = positive_int(kwargs.get("num_samples", DEFAULT_NUM_SAMPLES), "num_samples")
     seed = kwargs.get("seed", 42)
-    if not isinstance(seed, int):
+    if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"metadata seed={seed!r} must be an integer")
+    sizing = kwargs.get("sizing", "ruler")
+    if not isinstance(sizing, str):
+        raise ValueError(f"metadata sizing={sizing!r} must be 'ruler' or 'fill'")
+    check_sizing(sizing)
+    if spec.generator == "qa":
+        path, sha256 = qa_data_file(spec.params["dataset"], kwargs)
+        spec = replace(spec, params={**spec.params, "data_file": str(path), "data_sha256": sha256})
     tokenizer = load_tokenizer(tokenizer_name(kwargs))
     label = kwargs.get("ruler_task") or spec.generator
     per_length = [
@@ -49,11 +61,12 @@ def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
             tokenizer,
             num_samples,
             seed,
+            sizing=sizing,
             progress=lambda items, length=length: tqdm(items, desc=f"{label} at {length} tokens", leave=False),
         )
         for length in lengths
     ]
-    interleaved = [samples[i] for i in range(num_samples) for samples in per_length]
+    interleaved = [dict(samples[i], metric=spec.metric) for i in range(num_samples) for samples in per_length]
     return {"test": datasets.Dataset.from_list(interleaved)}
 
 
@@ -65,8 +78,9 @@ def doc_to_text(doc: dict) -> str:
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """RULER's string_match_all (0-100) under the metric named by the sample's length."""
-    return {str(doc["max_length"]): string_match_all(results[0], doc["outputs"])}
+    """The task's RULER metric (string_match_all, or string_match_part for QA; 0-100) under the
+    metric named by the sample's length."""
+    return {str(doc["max_length"]): METRICS[doc["metric"]](results[0], doc["outputs"])}
 
 
 def _task_spec(kwargs: dict) -> TaskSpec:
@@ -80,7 +94,7 @@ def _task_spec(kwargs: dict) -> TaskSpec:
             f"{sorted(TASKS)}) or generator and tokens_to_generate plus the generator's parameters"
         )
     params = dict(kwargs.get("generator_params") or {})
-    return TaskSpec(kwargs["generator"], positive_int(kwargs["tokens_to_generate"], "tokens_to_generate"), params)
+    return TaskSpec(kwargs["generator"], positive_int(kwargs["tokens_to_generate"], "tokens_to_generate"), params, kwargs.get("metric", "string_match_all"))
 
 
 def _max_seq_lengths(value: Any) -> list[int]:

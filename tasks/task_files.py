@@ -30,10 +30,15 @@ RULER_TASKS = {
     "sb_niah_multivalue": "niah_multivalue",
     "sb_niah_multiquery": "niah_multiquery",
     "sb_ruler_vt": "vt",
+    "sb_ruler_cwe": "cwe",
+    "sb_ruler_fwe": "fwe",
+    "sb_ruler_qa_1": "qa_1",
+    "sb_ruler_qa_2": "qa_2",
 }
 # Groups of RULER tasks, each averaged per length without weighting (as RULER averages its tasks).
 RULER_GROUPS = {
     "ruler_niah": ("RULER's eight needle-in-a-haystack tasks", [name for name in RULER_TASKS if name.startswith("sb_niah_")]),
+    "sb_ruler": ("RULER's 13 tasks, its average", list(RULER_TASKS)),
 }
 # The pair counts mqrar declares an accuracy for (acc_<pairs>): the paper's 32..192 and a few beyond.
 MQRAR_METRIC_PAIRS = (16, 32, 64, 96, 128, 160, 192, 256, 512, 1024)
@@ -58,8 +63,6 @@ def render() -> dict[str, str]:
 def _ruler_common() -> str:
     metrics = "".join(f'  - {{metric: "{length}", aggregation: mean, higher_is_better: true}}\n' for length in METRIC_LENGTHS)
     return GENERATED + f"""# Shared by every RULER task here (no `task` key, so lm-eval does not list this file as a task).
-tag:
-  - sb_ruler
 output_type: generate_until
 test_split: test
 custom_dataset: !function sb_eval.tasks.ruler_tasks.custom_dataset
@@ -68,8 +71,8 @@ doc_to_target: outputs
 gen_prefix: answer_prefix
 target_delimiter: " "
 process_results: !function sb_eval.tasks.ruler_tasks.process_results
-# One metric per context length, named by the length: string_match_all x 100 over that length's
-# samples. A length not listed still gets its task-level metric (lm-eval averages it and warns),
+# One metric per context length, named by the length: the task's RULER score (string_match_all, or
+# string_match_part for QA, x 100) over that length's samples. A length not listed still gets its task-level metric (lm-eval averages it and warns),
 # but groups only average the listed ones.
 metric_list:
 {metrics}metadata:

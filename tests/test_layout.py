@@ -194,7 +194,7 @@ def test_the_generators_load_neither_torch_nor_transformers():
     assert heavy(loaded_after(code)) == []
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["data"], ["sweep"], ["distance"], ["attribution"], ["checkpoint"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["data"], ["sweep"], ["distance"], ["attribution"], ["report"], ["checkpoint"]])
 def test_help_of_every_command_loads_no_torch(command):
     code = f"from sb_eval.cli import main\ntry:\n    main({command + ['--help']!r})\nexcept SystemExit:\n    pass"
     assert heavy(loaded_after(code)) == []

@@ -67,7 +67,8 @@ def test_stock_command_evaluates_sb_hf_on_our_task(command, checkpoint, tmp_path
     result = run(program + [
         "--model", "sb_hf", "--model_args", f"pretrained={checkpoint},attention_backend=torch",
         "--tasks", "ruler_niah" if command == "lm_eval" else "sb_niah_single_1",
-        "--metadata", json.dumps({"max_seq_lengths": [1024, 2048], "num_samples": 1}),
+        # Byte tokens: RULER's 500-word essay steps do not fit these lengths, so the samples fill.
+        "--metadata", json.dumps({"max_seq_lengths": [1024, 2048], "num_samples": 1, "sizing": "fill"}),
         "--device", "cpu", "--batch_size", "4", "--output_path", str(output),
     ], tmp_path, data_dir=tmp_path / "data")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -33,16 +33,29 @@ def _generate(task, length=4096, tokenizer="bpe", num_samples=6, seed=42, **kwar
     return generate(task, length, TOKENIZERS[tokenizer](), num_samples, seed, **kwargs)
 
 
-@pytest.mark.parametrize("length", [2048, 8192])
-@pytest.mark.parametrize(("task", "tokenizer"), [(t, k) for t in NIAH_TASKS for k in TOKENIZERS] + [("vt", "bpe")])
-def test_every_sample_fits_its_budget_and_fills_it(task, tokenizer, length):
+# RULER's essay steps are 500 words, more than 2048 byte tokens hold: there its sizing has no size.
+SIZED = [
+    (task, tokenizer, length, sizing)
+    for task, tokenizer in [(t, k) for t in NIAH_TASKS for k in TOKENIZERS] + [("vt", "bpe")]
+    for length in (2048, 8192)
+    for sizing in ("ruler", "fill")
+    if not (sizing == "ruler" and tokenizer == "bytes" and length == 2048 and TASKS[task].params.get("type_haystack") == "essay")
+]
+
+
+@pytest.mark.parametrize(("task", "tokenizer", "length", "sizing"), SIZED)
+def test_every_sample_fits_its_budget_and_fill_fills_it(task, tokenizer, length, sizing):
     budget = TASKS[task].tokens_to_generate
-    samples = _generate(task, length, tokenizer)
-    counted = TOKENIZERS[tokenizer]()([s["input"] for s in samples])["input_ids"]
-    for sample, ids in zip(samples, counted):
+    samples = _generate(task, length, tokenizer, sizing=sizing)
+    tokenizer = TOKENIZERS[tokenizer]()
+    counted = tokenizer([s["input"] for s in samples])["input_ids"]
+    plain = tokenizer([s["input"] for s in samples], add_special_tokens=False)["input_ids"]
+    for sample, ids, plain_ids in zip(samples, counted, plain):
         assert sample["length"] == len(ids)
-        assert sample["length"] + budget <= length
-        assert (sample["length"] + budget) / length >= 0.9
+        # RULER's sizes count the input without special tokens; filling counts them.
+        assert (len(plain_ids) if sizing == "ruler" else len(ids)) + budget <= length
+        if sizing == "fill":
+            assert (sample["length"] + budget) / length >= 0.9
         assert sample["max_length"] == length
         assert sample["input"].endswith(sample["answer_prefix"])
 
@@ -163,8 +176,8 @@ def test_samples_depend_on_task_length_and_seed_only():
     assert _generate("niah_multikey_1", use_cache=False) == alone
     assert _generate("niah_multikey_1", seed=7, use_cache=False) != alone
     # The needles do not depend on the tokenizer either, only where the haystack ends.
-    with_bytes = _generate("niah_multikey_1", tokenizer="bytes", use_cache=False)
-    assert [s["outputs"] for s in with_bytes] == [s["outputs"] for s in alone]
+    with_bytes = _generate("niah_multikey_1", length=8192, tokenizer="bytes", use_cache=False)
+    assert [s["outputs"] for s in with_bytes] == [s["outputs"] for s in _generate("niah_multikey_1", length=8192)]
 
 
 def test_a_set_is_read_back_from_the_cache(monkeypatch, tmp_path):
@@ -192,8 +205,8 @@ def test_string_match_all_is_rulers_percentage_of_answers_found():
 
 def test_a_registered_generator_gets_the_same_fitting_seeding_and_caching():
     @registry.register_generator("test_passkey")
-    def passkey(set_rng, digits):
-        def draw(rng):
+    def passkey(set_rng, target, digits):
+        def draw(rng, index):
             key = str(rng.randrange(10 ** (digits - 1), 10**digits))
             depth = rng.random()
             return Draft(
@@ -206,9 +219,10 @@ def test_a_registered_generator_gets_the_same_fitting_seeding_and_caching():
                 place=lambda units: [int(depth * units)],
             )
 
-        return draw
+        return registry.Sampler(draw)
 
     try:
+        # Without a RULER counterpart the default sizing fills the context.
         spec = TaskSpec("test_passkey", 16, {"digits": 6})
         samples = generate(spec, 2048, merging_bpe_tokenizer(), 4)
         assert all(f"The pass key is {s['outputs'][0]}. Remember it." in s["input"] for s in samples)
@@ -231,13 +245,17 @@ def test_bad_arguments_are_named_with_what_is_valid(data_dir):
     with pytest.raises(ValueError, match=r"max_seq_length=300 .*longer max_seq_length"):
         _generate("niah_multikey_2", length=300, tokenizer="bytes")
     with pytest.raises(ValueError, match=r"max_seq_length=300 is too short for this task's prompt"):
+        _generate("niah_single_2", length=300, tokenizer="bytes", sizing="fill")
+    with pytest.raises(ValueError, match=r"max_seq_length=300 leaves 0 units of haystack at RULER's size"):
         _generate("niah_single_2", length=300, tokenizer="bytes")
+    with pytest.raises(ValueError, match=r"sizing='fit' is not a sizing; valid: \['ruler', 'fill'\]"):
+        _generate("niah_single_2", sizing="fit")
     with pytest.raises(ValueError, match=r"solved example does not fit in max_seq_length=700"):
         _generate("vt", length=700, tokenizer="bytes")
 
     @registry.register_generator("test_unplaced")
-    def unplaced(set_rng):  # inserts a needle but does not say where
-        return lambda rng: Draft("Head.\n", "\nTail?", " Answer:", ["x"], RepeatedText(NOISE, " "), ["x"])
+    def unplaced(set_rng, target):  # inserts a needle but does not say where
+        return registry.Sampler(lambda rng, index: Draft("Head.\n", "\nTail?", " Answer:", ["x"], RepeatedText(NOISE, " "), ["x"]))
 
     try:
         with pytest.raises(ValueError, match=r"Draft.place\(\d+\) returned \[\]: it must give one unit index"):

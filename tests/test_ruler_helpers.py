@@ -1,5 +1,6 @@
 """Local stand-ins shared by the RULER, data and task tests (no tests here): tokenizers that need
-no download, and a small essay corpus written into a temporary data directory."""
+no download, a small essay corpus written into a temporary data directory, and small QA files in
+the schemas of SQuAD v2.0's and HotpotQA's dev sets."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from sb_eval.ruler.corpora import ESSAY_SENTENCES_FILE
+from sb_eval.data.corpora import write_sentences
+from sb_eval.ruler.corpora import ESSAY_SENTENCES_FILE, ESSAY_TEXT_FILE
 from sb_eval.tokenization import END_OF_TEXT
 
 
@@ -32,12 +34,56 @@ def standin_sentences(count: int, seed: int = 0) -> list[str]:
 
 
 def write_standin_essays(data_dir: Path, count: int = 4000) -> list[str]:
-    """An essay corpus in the layout `sb-eval data fetch essays` writes."""
+    """An essay corpus in the layout `sb-eval data fetch essays` writes: the text as RULER ships it
+    (paragraphs apart, whitespace to collapse) and its sentences; returns the sentences."""
+    rng = random.Random(2)
     sentences = standin_sentences(count)
-    path = data_dir / ESSAY_SENTENCES_FILE
+    text = "".join(sentence + rng.choice([" ", " ", " ", "\n\n", "  \n"]) for sentence in sentences)
+    path = data_dir / ESSAY_TEXT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"source": "test stand-in", "sentences": sentences}), encoding="utf-8")
-    return sentences
+    path.write_text(json.dumps({"text": text}), encoding="utf-8")
+    write_sentences([text], "test stand-in", data_dir / ESSAY_SENTENCES_FILE)
+    return json.loads((data_dir / ESSAY_SENTENCES_FILE).read_text(encoding="utf-8"))["sentences"]
+
+
+def write_squad_standin(path: Path, articles: int = 40, seed: int = 5) -> Path:
+    """A file in the schema of SQuAD v2.0's dev-v2.0.json: articles of paragraphs, each with a
+    question answered by a span of it and one impossible question."""
+    rng = random.Random(seed)
+    data = []
+    for article in range(articles):
+        paragraphs = []
+        for _ in range(rng.randint(2, 6)):
+            context = " ".join(standin_sentences(rng.randint(3, 8), seed=rng.getrandbits(32)))
+            answer = rng.choice(context.split(" ")[:-1])
+            qas = [
+                {"question": f"Which word comes {rng.randint(1, 9)}th?", "id": f"{article}-{len(paragraphs)}-a",
+                 "answers": [{"text": answer, "answer_start": context.index(answer)}] * rng.randint(1, 3), "is_impossible": False},
+                {"question": "What is not there?", "id": f"{article}-{len(paragraphs)}-b", "answers": [],
+                 "plausible_answers": [{"text": answer, "answer_start": context.index(answer)}], "is_impossible": True},
+            ]
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": f"Article_{article}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "v2.0", "data": data}), encoding="utf-8")
+    return path
+
+
+def write_hotpotqa_standin(path: Path, questions: int = 60, seed: int = 6) -> Path:
+    """A file in the schema of HotpotQA's hotpot_dev_distractor_v1.json: questions with ten titled
+    context paragraphs (lists of sentences), some paragraphs shared between questions."""
+    rng = random.Random(seed)
+    paragraphs = [(f"Title {number}", [s + " " for s in standin_sentences(rng.randint(2, 5), seed=rng.getrandbits(32))]) for number in range(300)]
+    data = []
+    for number in range(questions):
+        context = rng.sample(paragraphs, 10)
+        title, sentences = context[0]
+        data.append({
+            "_id": f"q{number}", "question": f"What does {title} say first?", "answer": sentences[0].split(" ")[0],
+            "supporting_facts": [[title, 0], [context[1][0], 0]], "context": [[t, list(s)] for t, s in context],
+            "type": "bridge", "level": "hard",
+        })
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
 
 
 @cache
