@@ -21,7 +21,11 @@ from tqdm import tqdm
 
 from sb_eval.ruler import mqrar
 
-from .ruler_tasks import positive_int
+from .ruler_tasks import TOKENIZER_KEYS, check_metadata, positive_int
+
+# mqrar's --metadata settings.
+SETTINGS = ("num_pairs", "seq_length", "max_seq_lengths", "num_samples", "queries_per_sequence", "seed", "num_keys",
+            "num_values", "task", "layout", *TOKENIZER_KEYS)
 
 DEFAULT_NUM_SAMPLES = 100
 DEFAULT_QUERIES_PER_SEQUENCE = 4
@@ -33,6 +37,7 @@ def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     instance 1, ...) so that `--limit N` takes about N / len(num_pairs) instances of each. Counts
     can have fewer instances than others (many pairs leave a short sequence fewer queries than
     queries_per_sequence): a count that runs out drops out of the rotation."""
+    check_metadata(kwargs, SETTINGS, "mqrar")
     pair_counts = _int_list(kwargs.get("num_pairs", list(mqrar.PAPER_NUM_PAIRS)), "num_pairs")
     seq_length = _seq_length(kwargs)
     num_samples = positive_int(kwargs.get("num_samples", DEFAULT_NUM_SAMPLES), "metadata num_samples")

@@ -59,11 +59,17 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from sb_eval.data.documents import HF_PREFIX, DocumentSourceError, documents
+from sb_eval.options import parse_bool
 from sb_eval.ruler import cache as sample_cache
 from sb_eval.ruler.corpora import LONG_DOCUMENTS, MissingCorpusError, data_dir, fetch_command
 from sb_eval.ruler.tokens import TokenCounter
 
-from .ruler_tasks import load_tokenizer, positive_int, tokenizer_name
+from .ruler_tasks import TOKENIZER_KEYS, check_metadata, load_tokenizer, positive_int, tokenizer_name
+
+# The --metadata settings (and YAML dataset_kwargs) of sb_ppl and sb_wikitext.
+SB_PPL_SETTINGS = ("max_seq_lengths", "target_tokens", "max_context", "windows_per_document", "corpus", "metric_lengths",
+                   *TOKENIZER_KEYS)
+SB_WIKITEXT_SETTINGS = ("max_seq_lengths", "corpus", "detokenize", "metric_lengths", *TOKENIZER_KEYS)
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +106,7 @@ def sb_ppl_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     The windows do not depend on which lengths are requested: they are cut for every declared
     length up to max_context, so that runs of one length each (a sweep) score the same targets.
     """
+    check_metadata(kwargs, SB_PPL_SETTINGS, "sb_ppl")
     declared = kwargs.get("metric_lengths")
     lengths = _lengths(kwargs.get("max_seq_lengths", DEFAULT_MAX_SEQ_LENGTHS), declared)
     target_tokens = positive_int(kwargs.get("target_tokens", DEFAULT_TARGET_TOKENS), "metadata target_tokens")
@@ -117,7 +124,7 @@ def sb_ppl_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     corpus = kwargs.get("corpus", LONG_DOCUMENTS)
     texts = documents(corpus)
     tokenizer = load_tokenizer(tokenizer_source)
-    special_tokens = {} if kwargs.get("add_bos_token") is None else {"add_special_tokens": bool(kwargs["add_bos_token"])}
+    special_tokens = {} if kwargs.get("add_bos_token") is None else {"add_special_tokens": parse_bool(kwargs["add_bos_token"], "add_bos_token")}
     windows = long_document_windows(texts, tokenizer, cut_lengths, target_tokens, per_document, max_context, special_tokens)
     if not windows:
         raise ValueError(
@@ -368,6 +375,7 @@ def wikitext_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     is text[start:split], its continuation text[split:end]) and windows (ScoredWindow's fields,
     minus = -1 for none).
     """
+    check_metadata(kwargs, SB_WIKITEXT_SETTINGS, "sb_wikitext")
     declared = kwargs.get("metric_lengths")
     lengths = _lengths(kwargs.get("max_seq_lengths", DEFAULT_MAX_SEQ_LENGTHS), declared)
     if kwargs.get("max_length") is not None:

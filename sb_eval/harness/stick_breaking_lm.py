@@ -103,7 +103,7 @@ class StickBreakingLM(HFLM):
                     f"pretrained={pretrained} is not a local folder; sb_hf loads checkpoints from "
                     "disk and downloads nothing"
                 )
-            check_checkpoint_folder(folder, StickBreakingForCausalLM, allow_pickle=bool(allow_pickle))
+            check_checkpoint_folder(folder, StickBreakingForCausalLM, allow_pickle=allow_pickle)
             if tokenizer is None:
                 check_tokenizer_folder(folder)
             pretrained = str(folder)
