@@ -1,9 +1,9 @@
 """Every use of lm-eval's private names, in one place, for the lm-eval versions it was written for.
 
-sb-eval relies on three things lm-eval does not promise: the task index a TaskManager builds
+sb-eval relies on four things lm-eval does not promise: the task index a TaskManager builds
 (`lm_eval.tasks._index`: an entry's kind, config, YAML path and tags), the TaskFactory a manager
-holds in `_factory` (which fixes the metadata its tasks receive), and HFLM's underscored methods
-that `sb_hf` overrides (`_loglikelihood_tokens`, `_create_model`; HFLM's docstrings invite
+holds in `_factory` (which fixes the metadata its tasks receive), the layout of its own task
+folder (YAMLs naming tasks, groups and tags), and HFLM's underscored methods that `sb_hf` overrides (`_loglikelihood_tokens`, `_create_model`; HFLM's docstrings invite
 subclasses to override them). `require_supported_lm_eval` checks the installed version before any
 of them is used, so that an lm-eval they were not written for fails with a message that says so
 rather than deep inside a run.
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import importlib.util
 import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,29 @@ def yaml_path(entry) -> Path | None:
 
 def tags(entry) -> set[str]:
     return entry.tags
+
+
+# A name a task YAML gives: `task: x`, `group: x`, `tag: x`, or an item of a `tag:` list.
+_NAME_LINE = re.compile(r"""^["']?(?:task|group|tag)["']?:[ \t]*["']?([^\s"'\[#{]+)["']?[ \t]*$""", re.MULTILINE)
+_TAG_LIST = re.compile(r"""^["']?tag["']?:[ \t]*\n((?:[ \t]*-[ \t]*\S+[ \t]*\n)+)""", re.MULTILINE)
+
+
+@cache
+def quick_task_names() -> frozenset[str]:
+    """The names lm-eval's own task YAMLs give to tasks, groups and tags, read with regular
+    expressions in a second (building its index, which parses every YAML, can take a minute).
+    Every task and group of lm-eval 0.4.13 is found; some tags given in nested lists are not,
+    which a sweep refuses anyway (a tag has no result of its own)."""
+    require_supported_lm_eval()
+    spec = importlib.util.find_spec("lm_eval.tasks")
+    names: set[str] = set()
+    for folder in spec.submodule_search_locations or []:
+        for path in Path(folder).rglob("*yaml*"):  # templates included by others are named like _default_template_yaml
+            text = path.read_text(encoding="utf-8", errors="replace")
+            names.update(name.strip("'\"") for name in _NAME_LINE.findall(text))
+            for block in _TAG_LIST.findall(text):
+                names.update(line.split("-", 1)[1].strip().strip("'\"") for line in block.splitlines())
+    return frozenset(names)
 
 
 def manager_with_metadata(manager, metadata: dict[str, Any]):

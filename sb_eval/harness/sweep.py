@@ -40,6 +40,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
+from sb_eval.files import OutputFolderError, check_output_folder
 from sb_eval.reports.sweep import write_report
 
 from . import lm_eval_compat
@@ -113,13 +114,18 @@ def prepare(args) -> tuple[list[Point], list[dict], TaskLoader, Settings]:
         metadata=parse_metadata(args.metadata),
         limit=parse_limit(args.limit),
         gen_kwargs=parse_gen_kwargs(args.gen_kwargs),
-        device=args.device,
+        device=parse_device(args.device),
         batch_size=parse_batch_size(args.batch_size),
         max_batch_size=args.max_batch_size,
         train_length=parse_train_length(args.train_length),
     )
     task_names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     loader = TaskLoader(task_names, args.include_path)
+    if global_rank() == 0:  # the process that writes
+        try:
+            check_output_folder(settings.output, "--output")
+        except OutputFolderError as error:
+            raise SweepArgumentError(str(error)) from None
     rows = read_rows(settings.output / RESULTS_FILE)
     check_same_settings(rows, settings)
     points = [Point(model, task, length) for model in models for length in lengths for task in task_names]
@@ -238,6 +244,16 @@ def parse_batch_size(text: str) -> int | str:
     raise SweepArgumentError(f"--batch_size {text!r} must be a positive number, auto or auto:N")
 
 
+def parse_device(device: str | None) -> str:
+    """--device, by default cuda where there is a CUDA device and cpu elsewhere (lm-eval's own
+    default is cuda everywhere)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SweepArgumentError(f"--device {device}: this machine has no CUDA device; use --device cpu (the default here)")
+    return device
+
+
 def parse_train_length(length: int | None) -> int | None:
     if length is not None and length < 1:
         raise SweepArgumentError(f"--train_length {length} must be a positive number of tokens")
@@ -262,7 +278,12 @@ class TaskLoader:
                 raise SweepArgumentError(f"--include_path {folder} is not a folder")
         folders = [TASKS_FOLDER, *include_paths]
         manager = TaskManager(include_path=folders, include_defaults=False)
-        if not self._all_indexed(lm_eval_compat.task_index(manager), names):
+        index = lm_eval_compat.task_index(manager)
+        if not self._all_indexed(index, names):
+            # A name that is in no folder at all is reported now, from a quick scan of lm-eval's
+            # task files, rather than after the minute its whole index can take to build.
+            known = set(index) | lm_eval_compat.quick_task_names()
+            self._check_known(names, known, index)
             manager = TaskManager(include_path=folders)  # lm-eval's own tasks as well
         self.manager = manager
         self._check(names)
@@ -281,21 +302,28 @@ class TaskLoader:
 
     def _check(self, names: list[str]) -> None:
         index = lm_eval_compat.task_index(self.manager)
-        ours = sorted(name for name, entry in index.items()
-                      if (path := lm_eval_compat.yaml_path(entry)) is not None and path.parent == TASKS_FOLDER)
+        self._check_known(names, set(index), index)
         for name in names:
-            if name not in index:
-                close = difflib.get_close_matches(name, list(index), n=3)
-                hint = f" Did you mean {', '.join(close)}?" if close else ""
-                raise SweepArgumentError(
-                    f"--tasks: unknown task {name!r}.{hint} sb-eval's tasks: {', '.join(ours)}; lm-eval's own are "
-                    "listed by `lm_eval ls tasks`; your own folders go in --include_path"
-                )
             if lm_eval_compat.is_tag(index[name]):
                 members = sorted(entry_name for entry_name, entry in index.items() if name in lm_eval_compat.tags(entry))
                 raise SweepArgumentError(
                     f"--tasks: {name!r} is a tag, which has no result of its own; name its tasks "
                     f"({', '.join(members)}) or a group"
+                )
+
+    @staticmethod
+    def _check_known(names: list[str], known: set[str], index: dict) -> None:
+        """Raises SweepArgumentError for the first of `names` not in `known`, with the nearest
+        known names and sb-eval's own tasks (those of `index` from its task folder)."""
+        ours = sorted(name for name, entry in index.items()
+                      if (path := lm_eval_compat.yaml_path(entry)) is not None and path.parent == TASKS_FOLDER)
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise SweepArgumentError(
+                    f"--tasks: unknown task {name!r}.{hint} sb-eval's tasks: {', '.join(ours)}; lm-eval's own are "
+                    "listed by `lm_eval ls tasks`; your own folders go in --include_path"
                 )
 
     def manager_with(self, metadata: dict[str, Any]) -> TaskManager:
