@@ -7,6 +7,7 @@ never shipped with the package.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -31,6 +32,11 @@ BOOKS = "books"
 
 class MissingCorpusError(FileNotFoundError):
     """A corpus a task needs has not been fetched into the data directory."""
+
+
+class CorruptCorpusError(ValueError):
+    """A corpus file that is not what `sb-eval data fetch` writes (cut off, overwritten); the
+    message names the file and the command that restores it."""
 
 
 def data_dir() -> Path:
@@ -78,21 +84,55 @@ def essay_text(path: str | os.PathLike | None = None) -> str:
 
 @lru_cache(maxsize=2)
 def _read_text(path: str, size: int, mtime_ns: int) -> str:
-    with open(path, encoding="utf-8") as file:
-        text = json.load(file).get("text")
+    text = _json_field(path, "text")
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{path}: field 'text' must be a non-empty string; refetch it with: {fetch_command(ESSAYS)}")
+        raise CorruptCorpusError(f"{path}: field 'text' must be a non-empty string; refetch it with: {fetch_command(ESSAYS)}")
     return re.sub(r"\s+", " ", text)
 
 
 @lru_cache(maxsize=4)
 def _read_sentences(path: str, size: int, mtime_ns: int) -> list[str]:
     """Cached per file version (size and mtime are part of the key)."""
-    with open(path, encoding="utf-8") as file:
-        sentences = json.load(file).get("sentences")
+    sentences = _json_field(path, "sentences")
     if not isinstance(sentences, list) or not sentences or not all(isinstance(s, str) for s in sentences):
-        raise ValueError(
+        raise CorruptCorpusError(
             f"{path}: field 'sentences' must be a non-empty list of strings; "
             f"refetch it with: {fetch_command(ESSAYS)}"
         )
     return sentences
+
+
+def _json_field(path: str, field: str):
+    """A field of the essay file's JSON object; CorruptCorpusError for a file that is none."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            document = json.load(file)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptCorpusError(f"{path} is not the JSON file sb-eval wrote ({type(error).__name__}: cut off or "
+                                 f"overwritten?); refetch it with: {fetch_command(ESSAYS)}") from None
+    if not isinstance(document, dict):
+        raise CorruptCorpusError(f"{path} holds a JSON {type(document).__name__}, not an object with {field!r}; "
+                                 f"refetch it with: {fetch_command(ESSAYS)}")
+    return document.get(field)
+
+
+def corpus_fingerprint() -> str:
+    """A short hash of the essay files in the data directory (size, time and content), or
+    "absent": part of the sample cache's keys, so that samples of a refetched or changed corpus
+    are made again."""
+    parts = []
+    for relative in (ESSAY_TEXT_FILE, ESSAY_SENTENCES_FILE):
+        path = data_dir() / relative
+        if path.is_file():
+            stat = path.stat()
+            parts.append(_file_digest(str(path), stat.st_size, stat.st_mtime_ns))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16] if parts else "absent"
+
+
+@lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 # The generator modules register their generators when imported.
 from . import cache, common_words, frequent_words, niah, qa, variable_tracking  # noqa: F401
+from .corpora import corpus_fingerprint
 from .fitting import FittedSample, fit, fit_reference
 from .registry import GENERATORS, TASKS, Generator, TaskSpec
 from .scoring import METRICS
@@ -98,6 +99,7 @@ def generate(
         "seed": seed,
         "sizing": sizing,
         "tokenizer": counter.fingerprint(),
+        "corpus": corpus_fingerprint(),
     }
     path = cache.path_for(key, cache_dir)
     if use_cache and (samples := cache.load(path, key)) is not None:
