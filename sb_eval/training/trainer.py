@@ -391,7 +391,7 @@ def _resume(model, optimizer, settings: TrainSettings, path: Path, device: torch
     come from the same settings: resuming with another lr or step count would mix two runs."""
     if not path.is_file():
         return 0
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = torch.load(path, map_location=device, weights_only=True)  # tensors and plain data: no pickled code runs
     saved = state["settings"]
     current = asdict(settings)
     changed = [name for name in current if name not in ("log_every", "save_every", "eval_every") and saved.get(name) != current[name]]
