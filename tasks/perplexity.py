@@ -67,9 +67,8 @@ from sb_eval.ruler.tokens import TokenCounter
 from .ruler_tasks import TOKENIZER_KEYS, check_metadata, load_tokenizer, positive_int, tokenizer_name
 
 # The --metadata settings (and YAML dataset_kwargs) of sb_ppl and sb_wikitext.
-SB_PPL_SETTINGS = ("max_seq_lengths", "target_tokens", "max_context", "windows_per_document", "corpus", "metric_lengths",
-                   *TOKENIZER_KEYS)
-SB_WIKITEXT_SETTINGS = ("max_seq_lengths", "corpus", "detokenize", "metric_lengths", *TOKENIZER_KEYS)
+SB_PPL_SETTINGS = ("max_seq_lengths", "target_tokens", "max_context", "windows_per_document", "corpus", *TOKENIZER_KEYS)
+SB_WIKITEXT_SETTINGS = ("max_seq_lengths", "corpus", "detokenize", *TOKENIZER_KEYS)
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ def sb_ppl_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     The windows do not depend on which lengths are requested: they are cut for every declared
     length up to max_context, so that runs of one length each (a sweep) score the same targets.
     """
-    check_metadata(kwargs, SB_PPL_SETTINGS, "sb_ppl")
+    check_metadata(kwargs, SB_PPL_SETTINGS, "sb_ppl", ("metric_lengths",))
     declared = kwargs.get("metric_lengths")
     lengths = _lengths(kwargs.get("max_seq_lengths", DEFAULT_MAX_SEQ_LENGTHS), declared)
     target_tokens = positive_int(kwargs.get("target_tokens", DEFAULT_TARGET_TOKENS), "metadata target_tokens")
@@ -375,7 +374,7 @@ def wikitext_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     is text[start:split], its continuation text[split:end]) and windows (ScoredWindow's fields,
     minus = -1 for none).
     """
-    check_metadata(kwargs, SB_WIKITEXT_SETTINGS, "sb_wikitext")
+    check_metadata(kwargs, SB_WIKITEXT_SETTINGS, "sb_wikitext", ("metric_lengths",))
     declared = kwargs.get("metric_lengths")
     lengths = _lengths(kwargs.get("max_seq_lengths", DEFAULT_MAX_SEQ_LENGTHS), declared)
     if kwargs.get("max_length") is not None:

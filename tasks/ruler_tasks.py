@@ -37,15 +37,15 @@ DEFAULT_NUM_SAMPLES = 500  # RULER's default
 TOKENIZER_KEYS = ("tokenizer", "pretrained", "model")
 # What lm-eval itself puts into every task's metadata (the YAML's metadata block, and where it came from).
 LM_EVAL_METADATA = ("version", "config_source", "config", "_metadata")
-# The settings of the RULER tasks: --metadata's and the YAMLs' dataset_kwargs.
-RULER_SETTINGS = ("max_seq_lengths", "num_samples", "seed", "sizing", "squad", "hotpotqa", *TOKENIZER_KEYS,
-                  "ruler_task", "generator", "tokens_to_generate", "generator_params", "metric")
+# The RULER tasks' --metadata settings, and what their YAMLs' dataset_kwargs may hold.
+RULER_SETTINGS = ("max_seq_lengths", "num_samples", "seed", "sizing", "squad", "hotpotqa", *TOKENIZER_KEYS)
+RULER_DATASET_KWARGS = ("ruler_task", "generator", "tokens_to_generate", "generator_params", "metric")
 
 
 def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     """The test split: every length's samples, interleaved (sample 0 of each length, then sample
     1, ...) so that `--limit N` takes about N / len(max_seq_lengths) samples of every length."""
-    check_metadata(kwargs, RULER_SETTINGS, "a RULER task")
+    check_metadata(kwargs, RULER_SETTINGS, f"RULER task {kwargs.get('ruler_task') or kwargs.get('generator')}", RULER_DATASET_KWARGS)
     spec = _task_spec(kwargs)
     lengths = _max_seq_lengths(kwargs.get("max_seq_lengths", DEFAULT_MAX_SEQ_LENGTHS))
     num_samples = positive_int(kwargs.get("num_samples", DEFAULT_NUM_SAMPLES), "num_samples")
@@ -111,11 +111,13 @@ def _max_seq_lengths(value: Any) -> list[int]:
     return [positive_int(length, "max_seq_lengths") for length in lengths]
 
 
-def check_metadata(kwargs: dict, settings: tuple[str, ...], task: str) -> None:
-    """Raises ValueError for a key of the task's metadata that is none of its `settings`, none
-    that lm-eval adds, and no model argument (lm-eval merges --model_args into the metadata): a
-    misspelt setting would otherwise be ignored and its default used, silently."""
-    check_known(kwargs, settings, f"{task}'s --metadata", also_accepted={*LM_EVAL_METADATA, *model_argument_names()})
+def check_metadata(kwargs: dict, settings: tuple[str, ...], task: str, dataset_kwargs: tuple[str, ...] = ()) -> None:
+    """Raises ValueError for a key of the task's metadata that is none of its `settings` (listed
+    in the message), none of its YAML's `dataset_kwargs`, none that lm-eval adds, and no model
+    argument (lm-eval merges --model_args into the metadata): a misspelt setting would otherwise
+    be ignored and its default used, silently."""
+    check_known(kwargs, settings, f"{task}'s --metadata",
+                also_accepted={*dataset_kwargs, *LM_EVAL_METADATA, *model_argument_names()})
 
 
 def positive_int(value: Any, name: str) -> int:
