@@ -147,12 +147,12 @@ def test_the_sweep_closes_each_model_and_lets_it_go(models, data_dir, tmp_path, 
     assert statistics["forward_passes"] > 0
 
 
-def run_sweep_until(command: list[str], results: Path, env: dict, stop: signal.Signals) -> subprocess.CompletedProcess:
-    """Starts the sweep, and sends it `stop` as soon as results.jsonl has a row more than before."""
+def run_sweep_until(command: list[str], results: Path, env: dict, stop: signal.Signals, new_rows: int = 1) -> subprocess.CompletedProcess:
+    """Starts the sweep, and sends it `stop` as soon as results.jsonl has `new_rows` rows more than before."""
     rows_before = len(results.read_bytes().splitlines()) if results.exists() else 0
     process = subprocess.Popen(command, env=env, cwd=results.parent.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not (results.exists() and len(results.read_bytes().splitlines()) > rows_before):
+    while not (results.exists() and len(results.read_bytes().splitlines()) >= rows_before + new_rows):
         assert process.poll() is None, f"the sweep ended before writing a row: {process.communicate()[1][-3000:]}"
         assert time.monotonic() < deadline, "no row within 300 s"
         time.sleep(0.05)
@@ -193,20 +193,23 @@ def test_sb_wikitext_sweeps_its_lengths_in_one_command_one_line_per_model(models
     assert (output / "results.jsonl").read_bytes() == before
 
 
-def test_a_killed_sweep_resumes_without_redoing_or_losing_rows(models, data_dir, tmp_path):
+@pytest.mark.parametrize("killed_after", [1, 2])
+def test_a_killed_sweep_resumes_without_redoing_or_losing_rows(killed_after, models, data_dir, tmp_path):
     output = tmp_path / "out"
     results = output / "results.jsonl"
     command = [sys.executable, "-m", "sb_eval.cli", "sweep", "--model_args", models["sb"], "--tasks", "sb_niah_single_1",
                "--lengths", "1024,2048,4096", "--output", str(output), *FAST]
     env = dict(os.environ)
 
-    killed = run_sweep_until(command, results, env, signal.SIGKILL)
+    killed = run_sweep_until(command, results, env, signal.SIGKILL, new_rows=killed_after)
     assert killed.returncode == -signal.SIGKILL
     first = results.read_bytes()
+    done = len(first.splitlines())
+    assert done >= killed_after
 
     finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "1 of 3 points already" in finished.stderr
+    assert f"{done} of 3 points already" in finished.stderr
     assert results.read_bytes().startswith(first)
     rows = read_lines(results)
     assert [(row["length"], "error" in row) for row in rows] == [(1024, False), (2048, False), (4096, False)]

@@ -356,19 +356,28 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+class ResultsWriteError(OSError):
+    """results.jsonl could not take a row (a full disk, say); the rows before it are intact."""
+
+
 def append_row(path: Path, row: dict) -> None:
     """Appends one JSON line and waits until it is on disk. A torn last line left by a killed
-    sweep is first ended, so that this row starts a line of its own."""
+    sweep is first ended, so that this row starts a line of its own. A write that fails (a full
+    disk) is undone, the file cut back to where it was, and raises ResultsWriteError."""
     line = (json.dumps(row, allow_nan=False) + "\n").encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(descriptor).st_size
     try:
-        size = os.fstat(descriptor).st_size
         if size and os.pread(descriptor, 1, size - 1) != b"\n":
             line = b"\n" + line
         while line:
             line = line[os.write(descriptor, line):]
         os.fsync(descriptor)
+    except OSError as error:
+        os.ftruncate(descriptor, size)
+        raise ResultsWriteError(error.errno, f"could not write a row to {path}: {error.strerror or error}; the rows "
+                                "before it are intact: make room and run the same command again") from error
     finally:
         os.close(descriptor)
 
@@ -417,6 +426,7 @@ def run_sweep(points: list[Point], rows: list[dict], loader: TaskLoader, setting
                     disable=not writer, dynamic_ncols=True)
     failed: list[Point] = []
     interrupted = False
+    unwritable = None
     try:
         for model, model_points in groupby(pending, key=lambda point: point.model):
             model_points = list(model_points)
@@ -445,8 +455,13 @@ def run_sweep(points: list[Point], rows: list[dict], loader: TaskLoader, setting
                 free_memory()
     except KeyboardInterrupt:
         interrupted = True
+    except ResultsWriteError as error:
+        unwritable = error
     finally:
         progress.close()
+    if unwritable is not None:
+        print(f"sb-eval sweep: {unwritable.strerror}", file=sys.stderr)
+        return 1
     if writer:
         written = write_report(read_rows(results_path), settings.output, settings.train_length)
         print(f"sb-eval sweep: wrote {', '.join(str(path) for path in written)}", file=sys.stderr)
