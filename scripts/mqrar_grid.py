@@ -9,8 +9,9 @@ attention are stacked into one model with a leading model axis (sb_eval.training
 --max-stack a stack), and the stacks take their steps in turn, so every run advances together.
 The data (the paper's 100,000 training sequences per cell and held-out ones) are made first, in
 as many processes as there are CPUs. Then it times a few steps of each attention, keeps the
-longest prefix of the plan (in priority order, `plan()`) that fits --time-limit, and trains those
-runs to the end. Into --output (5 files with the defaults, none over 16 MiB, so that they come
+longest prefix of the plan (in priority order, `plan()`; or, with --learning-rates, the runs that
+--attentions, --offsets, --seeds, --pairs and --control-pairs name, `plan_at()`) that fits
+--time-limit, and trains those runs to the end. Into --output (5 files with the defaults, none over 16 MiB, so that they come
 back from a device machine):
 
 - plan.json: settings, the plan, the runs kept, the timings and the projection;
@@ -95,18 +96,19 @@ class GridRun:
 
 
 def plan_at(learning_rates: list[float], attentions: list[str], pairs=PAIRS, control_pairs=CONTROL_PAIRS,
-            offsets: str = "without") -> list[GridRun]:
-    """A grid at the given learning rates (in order) for the given attentions: at each rate the
-    control, then MQRAR at every pair count. Stick-breaking runs without logit offsets (the
-    paper's model), with them, or both (offsets "without", "with", "both"; both: each run without,
-    then with)."""
+            offsets: str = "without", seeds=(0,)) -> list[GridRun]:
+    """A grid at the given learning rates and seeds (in order, each seed of a rate in turn) for the
+    given attentions: at each the control, then MQRAR at every pair count. Stick-breaking runs
+    without logit offsets (the paper's model), with them, or both (offsets "without", "with",
+    "both"; both: each run without, then with)."""
     variants = {"softmax": (False,), "stickbreaking": {"without": (False,), "with": (True,), "both": (False, True)}[offsets]}
     runs = []
     for lr in learning_rates:
-        runs += [GridRun(attention, "mqar", count, lr, offsets=offset)
-                 for attention in attentions for count in control_pairs for offset in variants[attention]]
-        runs += [GridRun(attention, "mqrar", count, lr, offsets=offset)
-                 for count in pairs for attention in attentions for offset in variants[attention]]
+        for seed in seeds:
+            runs += [GridRun(attention, "mqar", count, lr, seed, offset)
+                     for attention in attentions for count in control_pairs for offset in variants[attention]]
+            runs += [GridRun(attention, "mqrar", count, lr, seed, offset)
+                     for count in pairs for attention in attentions for offset in variants[attention]]
     return runs
 
 
@@ -174,7 +176,7 @@ def train(args: argparse.Namespace) -> None:
     size = ModelSize(args.layers, args.hidden, args.heads, len(tokenizer), args.seq_length)
     settings = train_settings(args)
     if args.learning_rates:
-        candidates = plan_at(args.learning_rates, args.attentions, args.pairs, args.control_pairs, args.offsets)
+        candidates = plan_at(args.learning_rates, args.attentions, args.pairs, args.control_pairs, args.offsets, args.seeds)
     else:
         candidates = plan(args.pairs, args.control_pairs)
     saved_plan = _read_json(args.state / "plan.json")
@@ -733,6 +735,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--attentions", nargs="+", choices=ATTENTIONS, help="with --learning-rates (default: both)")
     run.add_argument("--offsets", choices=("without", "with", "both"),
                      help="with --learning-rates: stick-breaking without logit offsets (the default, the paper's), with them, or both")
+    run.add_argument("--seeds", type=int, nargs="+", help="with --learning-rates: the runs' seeds (initialisation, batch order; default 0)")
     run.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up (the paper's code has none)")
     run.add_argument("--weight-decay", type=float, default=0.1)
     run.add_argument("--grad-clip", type=float, default=None, help="per-model gradient norm clipping (the paper's code has none)")
@@ -780,11 +783,14 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if not args.pairs and not args.control_pairs:
         parser.error("--pairs and --control-pairs are both empty: no run to make")
     if args.learning_rates is None:
-        given = [name for name in ("attentions", "offsets") if getattr(args, name) is not None]
+        given = [name for name in ("attentions", "offsets", "seeds") if getattr(args, name) is not None]
         if given:
             parser.error(f"--{' and --'.join(given)} choose the runs of --learning-rates; give the rates too")
     args.attentions = args.attentions or list(ATTENTIONS)
     args.offsets = args.offsets or "without"
+    args.seeds = args.seeds or [0]
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        parser.error(f"--seeds {args.seeds} must be distinct and >= 0")
     if not 0 <= args.warmup_steps < args.steps:
         parser.error(f"--warmup-steps must be in 0..--steps - 1, got {args.warmup_steps}")
     if args.time_limit <= args.reserve:

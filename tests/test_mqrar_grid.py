@@ -159,11 +159,14 @@ def test_a_grid_at_given_rates_makes_the_runs_asked_for(grid, capsys):
     both = grid.plan_at([1e-3], ["softmax", "stickbreaking"], pairs=[64], control_pairs=[], offsets="both")
     assert both == [grid.GridRun("softmax", "mqrar", 64, 1e-3), grid.GridRun("stickbreaking", "mqrar", 64, 1e-3),
                     grid.GridRun("stickbreaking", "mqrar", 64, 1e-3, offsets=True)]
-    control = grid.plan_at([1e-3, 1e-4], ["softmax"], pairs=[], control_pairs=[32, 64])
-    assert [(run.task, run.pairs, run.lr) for run in control] == [("mqar", 32, 1e-3), ("mqar", 64, 1e-3), ("mqar", 32, 1e-4), ("mqar", 64, 1e-4)]
+    control = grid.plan_at([1e-3, 1e-4], ["softmax"], pairs=[], control_pairs=[32, 64], seeds=[0, 1])
+    assert [(run.lr, run.seed, run.pairs) for run in control] == [
+        (1e-3, 0, 32), (1e-3, 0, 64), (1e-3, 1, 32), (1e-3, 1, 64), (1e-4, 0, 32), (1e-4, 0, 64), (1e-4, 1, 32), (1e-4, 1, 64)]
+    assert all(run.task == "mqar" for run in control)
     args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--learning-rates", "1e-3", "--pairs", "--control-pairs", "32"])
-    assert args.pairs == [] and args.attentions == list(grid.ATTENTIONS) and args.offsets == "without"
-    for wrong, message in ((["--offsets", "both"], "--offsets choose the runs of --learning-rates"),
+    assert args.pairs == [] and args.attentions == list(grid.ATTENTIONS) and args.offsets == "without" and args.seeds == [0]
+    for wrong, message in ((["--offsets", "both", "--seeds", "1"], "--offsets and --seeds choose the runs of --learning-rates"),
+                           (["--learning-rates", "1e-3", "--seeds", "1", "1"], "must be distinct"),
                            (["--learning-rates", "1e-3", "--pairs", "--control-pairs"], "both empty")):
         with pytest.raises(SystemExit):
             grid.parse_args(["train", "--output", "out", "--device", "cpu", *wrong])
