@@ -2,15 +2,16 @@
 against softmax + RoPE as the number of key-value pairs grows, the best learning rate per cell.
 
     python scripts/mqrar_grid.py train --output $OUT/mqrar --time-limit 510
-    python scripts/mqrar_grid.py report --runs FOLDER --harness-samples 50
+    python scripts/mqrar_grid.py report --runs FOLDER [FOLDER ...] --harness-samples 50
 
 `train` (one GPU, no lm-eval needed): the runs of the plan share one process. The runs of one
 attention are stacked into one model with a leading model axis (sb_eval.training.stacked; at most
 --max-stack a stack), and the stacks take their steps in turn, so every run advances together.
 The data (the paper's 100,000 training sequences per cell and held-out ones) are made first, in
 as many processes as there are CPUs. Then it times a few steps of each attention, keeps the
-longest prefix of the plan (in priority order, `plan()`) that fits --time-limit, and trains those
-runs to the end. Into --output (5 files with the defaults, none over 16 MiB, so that they come
+longest prefix of the plan (in priority order, `plan()`; or, with --learning-rates, the runs that
+--attentions, --offsets, --seeds, --pairs and --control-pairs name, `plan_at()`) that fits
+--time-limit, and trains those runs to the end. Into --output (5 files with the defaults, none over 16 MiB, so that they come
 back from a device machine):
 
 - plan.json: settings, the plan, the runs kept, the timings and the projection;
@@ -23,16 +24,19 @@ Should the projection be wrong and the time run out, the runs are evaluated wher
 to --state: rerunning the same command continues where the last one stopped (by --time-limit or
 a kill) and redoes nothing.
 
-`report` (CPU): from a train folder, writes the best models as checkpoints (`sb_hf` loads the
+`report` (CPU): from one or more train folders (runs of one grid made by several commands, e.g.
+at other learning rates), writes the saved models as checkpoints (`sb_hf` loads the
 stick-breaking ones, lm-eval's `hf` the softmax ones) into --models, scores them with lm-eval's
 `mqrar` task (--harness-samples sequences each; 0 skips it), and writes docs/mqrar-grid.json
-(every run of this grid beside the rows of earlier grids, which it keeps) and docs/mqrar.png.
+(every run of this grid beside the rows of other grids, which it keeps: the first, dense grid and
+power-law grids of other budgets) and docs/mqrar.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import math
 import os
@@ -63,7 +67,6 @@ OFFSETS = (-5.0, -5.0)
 ATTENTIONS = ("softmax", "stickbreaking")
 LABELS = {"softmax": "softmax + RoPE", "stickbreaking": "stick-breaking", "stickbreaking+offsets": "stick-breaking + logit offsets"}
 MODELS_PER_FILE = 2
-GRID_NAME = "power-law"  # this grid's rows in docs/mqrar-grid.json
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,20 @@ class GridRun:
         return f"{self.model}-{self.task}-kv{self.pairs}-lr{self.lr:.2e}-s{self.seed}"
 
 
-def plan_at(learning_rates: list[float], attentions: list[str], pairs=PAIRS, control_pairs=CONTROL_PAIRS) -> list[GridRun]:
-    """A grid at the given learning rates (in order) for the given attentions: at each rate the
-    control, then MQRAR at every pair count."""
+def plan_at(learning_rates: list[float], attentions: list[str], pairs=PAIRS, control_pairs=CONTROL_PAIRS,
+            offsets: str = "without", seeds=(0,)) -> list[GridRun]:
+    """A grid at the given learning rates and seeds (in order, each seed of a rate in turn) for the
+    given attentions: at each the control, then MQRAR at every pair count. Stick-breaking runs
+    without logit offsets (the paper's model), with them, or both (offsets "without", "with",
+    "both"; both: each run without, then with)."""
+    variants = {"softmax": (False,), "stickbreaking": {"without": (False,), "with": (True,), "both": (False, True)}[offsets]}
     runs = []
     for lr in learning_rates:
-        runs += [GridRun(attention, "mqar", count, lr) for attention in attentions for count in control_pairs]
-        runs += [GridRun(attention, "mqrar", count, lr) for count in pairs for attention in attentions]
+        for seed in seeds:
+            runs += [GridRun(attention, "mqar", count, lr, seed, offset)
+                     for attention in attentions for count in control_pairs for offset in variants[attention]]
+            runs += [GridRun(attention, "mqrar", count, lr, seed, offset)
+                     for count in pairs for attention in attentions for offset in variants[attention]]
     return runs
 
 
@@ -166,7 +176,7 @@ def train(args: argparse.Namespace) -> None:
     size = ModelSize(args.layers, args.hidden, args.heads, len(tokenizer), args.seq_length)
     settings = train_settings(args)
     if args.learning_rates:
-        candidates = plan_at(args.learning_rates, args.attentions, args.pairs, args.control_pairs)
+        candidates = plan_at(args.learning_rates, args.attentions, args.pairs, args.control_pairs, args.offsets, args.seeds)
     else:
         candidates = plan(args.pairs, args.control_pairs)
     saved_plan = _read_json(args.state / "plan.json")
@@ -415,27 +425,50 @@ def save_best_models(runs: list[GridRun], trained: dict, output: Path, save_pair
 
 
 def report(args: argparse.Namespace) -> None:
-    saved_plan = _read_json(args.runs / "plan.json")
-    if saved_plan is None or not (args.runs / "results.jsonl").is_file():
-        raise SystemExit(f"--runs {args.runs}: no plan.json and results.jsonl there; give the folder `train --output` wrote")
-    settings = saved_plan["settings"]
-    rows = _read_rows(args.runs / "results.jsonl")
-    harness = export_and_score(args, settings)
+    settings, rows = read_grids(args.runs)
+    harness = {}
+    for folder in args.runs:
+        harness |= export_and_score(folder, args, settings)
     grid_rows = [_grid_row(row, settings, harness.get(row["run"])) for row in last_rows(rows)]
     grid_file = args.docs / "mqrar-grid.json"
-    earlier = [row for row in (_read_json(grid_file) or []) if row.get("grid") != GRID_NAME]
-    every = earlier + sorted(grid_rows, key=lambda row: (row["task"], row["model"], row["pairs"], row["lr"], row["seed"]))
+    others = [row for row in (_read_json(grid_file) or []) if row.get("grid") != grid_name(settings)]
+    every = others + sorted(grid_rows, key=lambda row: (row["task"], row["model"], row["pairs"], row["lr"], row["seed"]))
     write_atomically(grid_file, json.dumps(every, indent=1, allow_nan=False).encode())
-    write_atomically(args.docs / "mqrar.png", plot(grid_rows, earlier, rows, settings))
+    write_atomically(args.docs / "mqrar.png", plot(grid_rows, others, rows, settings))
     print(summary(rows))
     for name, accuracy in harness.items():
         print(f"lm-eval mqrar, {name}: {accuracy}")
-    print(f"wrote {grid_file} ({len(grid_rows)} runs of this grid, {len(earlier)} earlier) and {args.docs / 'mqrar.png'}")
+    print(f"wrote {grid_file} ({len(grid_rows)} runs of this grid, {len(others)} of others) and {args.docs / 'mqrar.png'}")
 
 
-def export_and_score(args: argparse.Namespace, settings: dict) -> dict[str, float | str]:
-    """Every saved model as a checkpoint folder in --models, and its lm-eval mqrar accuracy on
-    --harness-samples fresh sequences of its pair count (none when 0)."""
+def read_grids(folders: list[Path]) -> tuple[dict, list[dict]]:
+    """The training settings and the results.jsonl rows of one or more `train --output` folders,
+    as one grid: the folders must share every setting but the pair counts, and each run may come
+    from only one of them (runs of other learning rates, attentions or seeds are other runs)."""
+    settings, rows, source = None, [], {}
+    for folder in folders:
+        saved_plan = _read_json(folder / "plan.json")
+        if saved_plan is None or not (folder / "results.jsonl").is_file():
+            raise SystemExit(f"--runs {folder}: no plan.json and results.jsonl there; give a folder `train --output` wrote")
+        shared = {key: value for key, value in saved_plan["settings"].items() if key not in ("pairs", "control_pairs")}
+        if settings is None:
+            settings = shared
+        differing = sorted(key for key in settings.keys() | shared.keys() if settings.get(key) != shared.get(key))
+        if differing:
+            raise SystemExit(f"--runs {folders[0]} and {folder} were trained with other settings ({', '.join(differing)}); "
+                             "report them separately")
+        folder_rows = _read_rows(folder / "results.jsonl")
+        for name in dict.fromkeys(row["run"] for row in folder_rows):
+            if name in source:
+                raise SystemExit(f"--runs: run {name} is in both {source[name]} and {folder}; give each run's folder once")
+            source[name] = folder
+        rows += folder_rows
+    return settings, rows
+
+
+def export_and_score(folder: Path, args: argparse.Namespace, settings: dict) -> dict[str, float | str]:
+    """Every model saved in a train folder as a checkpoint folder in --models, and its lm-eval
+    mqrar accuracy on --harness-samples fresh sequences of its pair count (none when 0)."""
     import torch
 
     from sb_eval.model.saving import save_checkpoint
@@ -445,15 +478,15 @@ def export_and_score(args: argparse.Namespace, settings: dict) -> dict[str, floa
 
     tokenizer = word_level_tokenizer(mqrar.Vocabulary(settings["num_keys"], settings["num_values"]).symbols)
     harness = {}
-    for path in sorted(args.runs.glob("models-*.pt")):
+    for path in sorted(folder.glob("models-*.pt")):
         for name, entry in torch.load(path, weights_only=False).items():
             run = GridRun(**entry["run"])
             stack = StackedDecoder(run.attention, ModelSize(**entry["size"]), [StackedRun(**entry["stacked_run"])], "torch")
             stack.load_state_dict({key: value.float()[None] for key, value in entry["weights"].items()})
-            folder = save_checkpoint(stack.export(0, tokenizer), tokenizer, args.models / name)
-            print(f"wrote {folder}")
+            checkpoint = save_checkpoint(stack.export(0, tokenizer), tokenizer, args.models / name)
+            print(f"wrote {checkpoint}")
             if args.harness_samples:
-                harness[name] = harness_accuracy(run, folder, settings, args)
+                harness[name] = harness_accuracy(run, checkpoint, settings, args)
     return harness
 
 
@@ -480,11 +513,17 @@ def harness_accuracy(run: GridRun, folder: Path, settings: dict, args: argparse.
         return f"failed: lm-eval's results in {results_folder} are unreadable ({type(error).__name__}: {error})"
 
 
+def grid_name(settings: dict) -> str:
+    """The name of a grid's rows in docs/mqrar-grid.json: the layout and the training budget, so
+    that a report of a grid trained longer, or with larger batches, keeps this one's rows."""
+    return f"power-law, {settings['steps']} steps of {settings['batch_size']}"
+
+
 def _grid_row(row: dict, settings: dict, harness) -> dict:
     """A run's final evaluation as a docs/mqrar-grid.json row: what it was, how it was trained."""
     run = GridRun(**{field: row[field] for field in GridRun.__dataclass_fields__})
     entry = {
-        "grid": GRID_NAME, "attention": run.attention, "offsets": list(OFFSETS) if run.offsets else None, "model": run.model,
+        "grid": grid_name(settings), "attention": run.attention, "offsets": list(OFFSETS) if run.offsets else None, "model": run.model,
         "task": run.task, "layout": "power-law", "num_keys": settings["num_keys"], "num_values": settings["num_values"],
         "seq_length": settings["seq_length"], "pairs": run.pairs, "lr": run.lr, "seed": run.seed, "steps": row["step"],
         "batch_size": settings["batch_size"], "accuracy": _number(row["eval_accuracy"]), "eval_loss": _number(row["eval_loss"]),
@@ -497,15 +536,16 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
     return entry
 
 
-def plot(grid_rows: list[dict], earlier: list[dict], history: list[dict], settings: dict) -> bytes:
+def plot(grid_rows: list[dict], others: list[dict], history: list[dict], settings: dict) -> bytes:
     """PNG: left, the best accuracy per cell against the pair count (this grid's MQRAR and MQAR
-    control, and the earlier grids faintly); right, the held-out accuracy of each MQRAR cell's
-    best run over training."""
+    control, and the MQRAR of other grids faintly); middle, the held-out accuracy of each MQRAR cell's
+    best run over training; right, the held-out loss of every run over training (where accuracy
+    stays near 0 the loss still shows whether a run learnt anything)."""
     from matplotlib.figure import Figure
 
     colours = {"softmax": "tab:blue", "stickbreaking": "tab:orange", "stickbreaking+offsets": "tab:green"}
-    figure = Figure(figsize=(11, 4))
-    by_count, over_steps = figure.subplots(1, 2)
+    figure = Figure(figsize=(16, 4.2))
+    by_count, over_steps, losses = figure.subplots(1, 3)
     best = best_per_cell([{**row, "run": "", "eval_accuracy": row["accuracy"], "offsets": row["offsets"] is not None}
                           for row in grid_rows])
     for model, colour in colours.items():
@@ -514,17 +554,19 @@ def plot(grid_rows: list[dict], earlier: list[dict], history: list[dict], settin
             if points:
                 label = f"{LABELS[model]}, {'MQRAR' if task == 'mqrar' else 'MQAR (control)'}"
                 by_count.plot(*zip(*points), style, marker="o", color=colour, label=label)
-        old = sorted((row["pairs"], row["accuracy"]) for row in earlier if row["attention"] == model)
-        if old:
-            best_old = {}
-            for count, accuracy in old:
-                best_old[count] = max(accuracy, best_old.get(count, 0.0))
-            by_count.plot(list(best_old), list(best_old.values()), ":", color=colour, alpha=0.5,
-                          label=f"{LABELS[model]}, dense MQRAR, {earlier[0]['steps']} steps")
+        for grid, style in zip(dict.fromkeys(row["grid"] for row in others), itertools.cycle((":", "-.", (0, (1, 4))))):
+            best_other: dict[int, float] = {}
+            for row in others:
+                if row["grid"] == grid and row["model"] == model and row["task"] == "mqrar":
+                    best_other[row["pairs"]] = max(row["accuracy"] or 0.0, best_other.get(row["pairs"], 0.0))  # null: diverged
+            if best_other:
+                points = sorted(best_other.items())
+                by_count.plot(*zip(*points), linestyle=style, color=colour, alpha=0.5, label=f"{LABELS[model]}, MQRAR, {grid} grid")
     by_count.set_xlabel("key-value pairs")
     by_count.set_ylabel("held-out accuracy (best learning rate)")
     by_count.set_ylim(0, 1.02)
-    by_count.set_title(f"{settings['layers']} layers x {settings['hidden']}, {settings['seq_length']} tokens, {settings['steps']} steps")
+    by_count.set_title(f"{settings['layers']} layers x {settings['hidden']}, {settings['seq_length']} tokens, "
+                      f"{settings['steps']} steps of {settings['batch_size']}")
     by_count.legend(fontsize=7)
     by_count.grid(alpha=0.3)
     for (model, task, count), entry in sorted(best.items()):
@@ -541,10 +583,36 @@ def plot(grid_rows: list[dict], earlier: list[dict], history: list[dict], settin
     over_steps.set_title("best run per cell over training (darker: more pairs)")
     over_steps.legend(fontsize=6, ncol=2)
     over_steps.grid(alpha=0.3)
+    plot_losses(losses, history, settings["num_values"])
     figure.tight_layout()
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=130)
     return png.getvalue()
+
+
+def plot_losses(axes, history: list[dict], num_values: int) -> None:
+    """Every run's held-out loss over training on `axes`: a colour per model and learning rate
+    (the first rate in the model's colour of the other panels), solid for MQRAR, dashed for the
+    control, a marker per pair count; and the loss of a uniform guess among the values."""
+    shades = {"softmax": ("tab:blue", "tab:purple", "tab:cyan"), "stickbreaking": ("tab:orange", "tab:red", "tab:brown"),
+              "stickbreaking+offsets": ("tab:green", "tab:olive", "tab:gray")}
+    markers = dict(zip(PAIRS, "os^D"))
+    curves: dict[GridRun, list[tuple[int, float]]] = {}
+    for row in history:
+        if row["eval_loss"] is not None and not math.isnan(row["eval_loss"]):
+            curves.setdefault(GridRun(**{field: row[field] for field in GridRun.__dataclass_fields__}), []).append((row["step"], row["eval_loss"]))
+    rates = {model: sorted({run.lr for run in curves if run.model == model}) for model in shades}
+    for run, curve in sorted(curves.items(), key=lambda item: (list(shades).index(item[0].model), item[0].lr, item[0].task, item[0].pairs)):
+        colour = shades[run.model][rates[run.model].index(run.lr) % len(shades[run.model])]
+        task = "MQRAR" if run.task == "mqrar" else "MQAR"
+        axes.plot(*zip(*sorted(curve)), "-" if run.task == "mqrar" else "--", marker=markers.get(run.pairs, "x"), markersize=2.5,
+                  linewidth=1, color=colour, label=f"{LABELS[run.model]}, {task} {run.pairs}, lr {run.lr:.1e}")
+    axes.axhline(math.log(num_values), color="black", linewidth=0.8, linestyle=":", label=f"uniform among {num_values} values")
+    axes.set_xlabel("training step")
+    axes.set_ylabel("held-out loss (nats)")
+    axes.set_title("every run's held-out loss (dashed: MQAR control)")
+    axes.legend(fontsize=5)
+    axes.grid(alpha=0.3)
 
 
 def summary(rows: list[dict]) -> str:
@@ -660,11 +728,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--heads", type=int, default=1)
     run.add_argument("--num-keys", type=int, default=mqrar.DEFAULT_NUM_KEYS)
     run.add_argument("--num-values", type=int, default=mqrar.DEFAULT_NUM_VALUES)
-    run.add_argument("--pairs", type=int, nargs="+", default=list(PAIRS), help="MQRAR pair counts, ascending")
-    run.add_argument("--control-pairs", type=int, nargs="+", default=list(CONTROL_PAIRS), help="MQAR pair counts")
+    run.add_argument("--pairs", type=int, nargs="*", default=list(PAIRS), help="MQRAR pair counts, ascending (none: only the control)")
+    run.add_argument("--control-pairs", type=int, nargs="*", default=list(CONTROL_PAIRS), help="MQAR pair counts (none: no control)")
     run.add_argument("--learning-rates", type=float, nargs="+",
                      help="instead of the default plan: these rates in order, each with the control and every MQRAR pair count")
-    run.add_argument("--attentions", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS), help="with --learning-rates")
+    run.add_argument("--attentions", nargs="+", choices=ATTENTIONS, help="with --learning-rates (default: both)")
+    run.add_argument("--offsets", choices=("without", "with", "both"),
+                     help="with --learning-rates: stick-breaking without logit offsets (the default, the paper's), with them, or both")
+    run.add_argument("--seeds", type=int, nargs="+", help="with --learning-rates: the runs' seeds (initialisation, batch order; default 0)")
     run.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up (the paper's code has none)")
     run.add_argument("--weight-decay", type=float, default=0.1)
     run.add_argument("--grad-clip", type=float, default=None, help="per-model gradient norm clipping (the paper's code has none)")
@@ -680,7 +751,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--safety", type=float, default=1.15, help="factor on the projected time")
     run.set_defaults(func=train)
     summarise = commands.add_parser("report", help="checkpoints, lm-eval scores, docs/mqrar-grid.json and docs/mqrar.png")
-    summarise.add_argument("--runs", type=Path, required=True, help="the folder train --output wrote")
+    summarise.add_argument("--runs", type=Path, nargs="+", required=True,
+                           help="the folders train --output wrote (one grid: the same settings but the pair counts, each run in one)")
     summarise.add_argument("--docs", type=Path, default=Path("docs"))
     summarise.add_argument("--models", type=Path, default=Path("runs/mqrar-models"), help="where the checkpoints go")
     summarise.add_argument("--harness-samples", type=int, default=50, help="lm-eval mqrar sequences per model (0: skip)")
@@ -708,6 +780,17 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--eval-sequences {args.eval_sequences} must be a multiple of --batch-size {args.batch_size}")
     if sorted(args.pairs) != args.pairs or len(set(args.pairs)) != len(args.pairs):
         parser.error(f"--pairs {args.pairs} must be ascending without repeats")
+    if not args.pairs and not args.control_pairs:
+        parser.error("--pairs and --control-pairs are both empty: no run to make")
+    if args.learning_rates is None:
+        given = [name for name in ("attentions", "offsets", "seeds") if getattr(args, name) is not None]
+        if given:
+            parser.error(f"--{' and --'.join(given)} choose the runs of --learning-rates; give the rates too")
+    args.attentions = args.attentions or list(ATTENTIONS)
+    args.offsets = args.offsets or "without"
+    args.seeds = args.seeds or [0]
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        parser.error(f"--seeds {args.seeds} must be distinct and >= 0")
     if not 0 <= args.warmup_steps < args.steps:
         parser.error(f"--warmup-steps must be in 0..--steps - 1, got {args.warmup_steps}")
     if args.time_limit <= args.reserve:

@@ -91,30 +91,47 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(grid
 
 def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path):
     grid.main(train_args(tmp_path))
+    # a second command of the same grid: softmax at another learning rate
+    grid.main([*train_args(tmp_path / "second"), "--learning-rates", "0.003", "--attentions", "softmax"])
+    folders = [str(tmp_path / "out"), str(tmp_path / "second" / "out")]
     docs = tmp_path / "docs"
     docs.mkdir()
     earlier = {"grid": "dense", "attention": "softmax", "offsets": None, "model": "softmax", "task": "mqrar",
                "layout": "dense", "pairs": 32, "lr": 1e-4, "seed": 0, "steps": 1200, "accuracy": 0.04}
-    (docs / "mqrar-grid.json").write_text(json.dumps([earlier, {**earlier, "grid": "power-law"}]))
-    grid.main(["report", "--runs", str(tmp_path / "out"), "--docs", str(docs), "--models", str(tmp_path / "models"),
-               "--harness-samples", "0"])
+    longer = {**earlier, "grid": "power-law, 99 steps of 4", "layout": "power-law"}
+    (docs / "mqrar-grid.json").write_text(json.dumps([earlier, {**longer, "grid": "power-law, 6 steps of 4"}, longer]))
+    grid.main(["report", "--runs", *folders, "--docs", str(docs), "--models", str(tmp_path / "models"), "--harness-samples", "0"])
     rows = json.loads((docs / "mqrar-grid.json").read_text())
-    assert rows[0] == earlier  # the earlier grid kept, this grid's old rows replaced
-    ours = rows[1:]
-    kept = json.loads((tmp_path / "out" / "plan.json").read_text())["kept"]
-    assert len(ours) == len(kept) and all(row["grid"] == "power-law" and row["steps"] == 6 for row in ours)
+    assert rows[:2] == [earlier, longer]  # other grids kept (another budget too), this grid's old rows replaced
+    ours = rows[2:]
+    kept = [json.loads((Path(folder) / "plan.json").read_text())["kept"] for folder in folders]
+    assert len(kept[1]) == 2 and {run["lr"] for run in kept[1]} == {0.003}
+    assert len(ours) == len(kept[0]) + len(kept[1]) and all(row["grid"] == "power-law, 6 steps of 4" and row["steps"] == 6 for row in ours)
+    assert len({(row["model"], row["task"], row["pairs"], row["lr"], row["seed"]) for row in ours}) == len(ours)  # each run once
     assert {row["model"] for row in ours} == {"softmax", "stickbreaking", "stickbreaking+offsets"}
+    assert sum(row["model"] == "softmax" and row["lr"] == 0.003 for row in ours) == 2
     assert (docs / "mqrar.png").read_bytes()[:4] == b"\x89PNG"
 
-    # the best softmax and stick-breaking model of each MQRAR cell, as checkpoints lm-eval loads
-    folders = sorted(path.name for path in (tmp_path / "models").iterdir())
-    assert len(folders) == 2 and all("-mqrar-kv8-" in name and "offsets" not in name for name in folders)
-    for name in folders:
+    # the best softmax and stick-breaking model of each MQRAR cell of each folder, as checkpoints lm-eval loads
+    names = sorted(path.name for path in (tmp_path / "models").iterdir())
+    assert len(names) == 3 and all("-mqrar-kv8-" in name and "offsets" not in name for name in names)
+    assert sum(name.startswith("softmax") and "-lr3.00e-03-" in name for name in names) == 1
+    for name in names:
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / name)
         assert isinstance(model, StickBreakingForCausalLM) == name.startswith("stickbreaking")
         assert model.config.vocab_size == 33
     payload = torch.load(sorted((tmp_path / "out").glob("models-*.pt"))[0], weights_only=False)
     assert all(weight.dtype == torch.bfloat16 for entry in payload.values() for weight in entry["weights"].values())
+
+    # a folder given twice, and folders of other settings, are refused
+    report = ["--docs", str(docs), "--models", str(tmp_path / "models"), "--harness-samples", "0"]
+    with pytest.raises(SystemExit, match="is in both"):
+        grid.main(["report", "--runs", folders[0], folders[0], *report])
+    plan = json.loads((Path(folders[1]) / "plan.json").read_text())
+    plan["settings"]["steps"] = 7
+    (Path(folders[1]) / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(SystemExit, match=r"other settings \(steps\)"):
+        grid.main(["report", "--runs", *folders, *report])
 
 
 def test_the_runs_kept_are_the_longest_prefix_that_fits(grid):
@@ -136,3 +153,21 @@ def test_the_runs_kept_are_the_longest_prefix_that_fits(grid):
     stacks = grid.stacks_of(runs, 8)
     assert sorted(len(stack) for attention, stack in stacks if attention == "stickbreaking") == [6, 7, 7]
     assert sorted(len(stack) for attention, stack in stacks if attention == "softmax") == [6, 6, 6]
+
+
+def test_a_grid_at_given_rates_makes_the_runs_asked_for(grid, capsys):
+    both = grid.plan_at([1e-3], ["softmax", "stickbreaking"], pairs=[64], control_pairs=[], offsets="both")
+    assert both == [grid.GridRun("softmax", "mqrar", 64, 1e-3), grid.GridRun("stickbreaking", "mqrar", 64, 1e-3),
+                    grid.GridRun("stickbreaking", "mqrar", 64, 1e-3, offsets=True)]
+    control = grid.plan_at([1e-3, 1e-4], ["softmax"], pairs=[], control_pairs=[32, 64], seeds=[0, 1])
+    assert [(run.lr, run.seed, run.pairs) for run in control] == [
+        (1e-3, 0, 32), (1e-3, 0, 64), (1e-3, 1, 32), (1e-3, 1, 64), (1e-4, 0, 32), (1e-4, 0, 64), (1e-4, 1, 32), (1e-4, 1, 64)]
+    assert all(run.task == "mqar" for run in control)
+    args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--learning-rates", "1e-3", "--pairs", "--control-pairs", "32"])
+    assert args.pairs == [] and args.attentions == list(grid.ATTENTIONS) and args.offsets == "without" and args.seeds == [0]
+    for wrong, message in ((["--offsets", "both", "--seeds", "1"], "--offsets and --seeds choose the runs of --learning-rates"),
+                           (["--learning-rates", "1e-3", "--seeds", "1", "1"], "must be distinct"),
+                           (["--learning-rates", "1e-3", "--pairs", "--control-pairs"], "both empty")):
+        with pytest.raises(SystemExit):
+            grid.parse_args(["train", "--output", "out", "--device", "cpu", *wrong])
+        assert message in capsys.readouterr().err
