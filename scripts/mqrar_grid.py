@@ -337,7 +337,7 @@ def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, start
     for number, (attention, stack_runs) in enumerate(stacks_of(runs, args.max_stack)):
         trainer, sources, most = build_stack(attention, stack_runs, pools, size, args, device)
         state_file = args.state / f"stack{number}.pt"
-        state = torch.load(state_file, map_location=device, weights_only=False) if state_file.is_file() else None
+        state = torch.load(state_file, map_location=device, weights_only=True) if state_file.is_file() else None
         if state is not None:
             trainer.load_state_dict(state["trainer"])
         # the training losses summed since the last evaluation, and over how many steps
@@ -479,7 +479,7 @@ def export_and_score(folder: Path, args: argparse.Namespace, settings: dict) -> 
     tokenizer = word_level_tokenizer(mqrar.Vocabulary(settings["num_keys"], settings["num_values"]).symbols)
     harness = {}
     for path in sorted(folder.glob("models-*.pt")):
-        for name, entry in torch.load(path, weights_only=False).items():
+        for name, entry in torch.load(path, weights_only=True).items():
             run = GridRun(**entry["run"])
             stack = StackedDecoder(run.attention, ModelSize(**entry["size"]), [StackedRun(**entry["stacked_run"])], "torch")
             stack.load_state_dict({key: value.float()[None] for key, value in entry["weights"].items()})
