@@ -295,6 +295,7 @@ def test_summary_counts_attended_and_unattended_misses():
     assert summary["top_heads"][0] == {"layer": 0, "head": 0, "mean_needle_mass": pytest.approx(0.35)}
     layer1 = summary["layers"][1]
     assert (layer1["found_mean"], layer1["missed_mean"]) == (pytest.approx(0.1), pytest.approx(0.155))
+    assert (summary["layers"][0]["missed_attended"], layer1["missed_attended"]) == (0, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -264,7 +264,7 @@ def summarize(samples: list[dict], threshold: float) -> dict:
                    SENSITIVITY_THRESHOLDS
         heads: mean needle head map [layer][head] over every needle; top_heads per layer
         layers: per layer, the mean over needles of the layer's best head, for found and for
-                missed needles
+                missed needles, and how many missed needles the layer's best head attended
     """
     points: dict[tuple[str, int], list[dict]] = {}
     for sample in samples:
@@ -278,7 +278,7 @@ def summarize(samples: list[dict], threshold: float) -> dict:
         for length, group in sorted(lengths.items())
     ]
     findings = [finding for sample in samples for finding in needle_findings(sample)]
-    return {"threshold": threshold, "by_point": by_point, "by_length": by_length, **_heads(findings)}
+    return {"threshold": threshold, "by_point": by_point, "by_length": by_length, **_heads(findings, threshold)}
 
 
 def _counts(samples: list[dict], threshold: float) -> dict:
@@ -306,7 +306,7 @@ def _missed_attended_at(samples: list[dict]) -> dict[str, int]:
     return {str(threshold): sum(mass >= threshold for mass in missed) for threshold in SENSITIVITY_THRESHOLDS}
 
 
-def _heads(findings: list[dict]) -> dict:
+def _heads(findings: list[dict], threshold: float) -> dict:
     if not findings:
         return {"heads": [], "top_heads": [], "layers": []}
     maps = torch.tensor([f["head_map"] for f in findings], dtype=torch.float64)  # [needles, L, H]
@@ -322,6 +322,7 @@ def _heads(findings: list[dict]) -> dict:
             "top_head_mean_needle_mass": round(float(values), DECIMALS),
             "found_mean": _mean(best_per_layer[found, layer].tolist()),
             "missed_mean": _mean(best_per_layer[~found, layer].tolist()),
+            "missed_attended": int((best_per_layer[~found, layer] >= threshold).sum()),
         })
     order = sorted(((float(mean_map[l, h]), l, h) for l in range(maps.shape[1]) for h in range(maps.shape[2])), reverse=True)
     return {
