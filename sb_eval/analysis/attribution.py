@@ -162,6 +162,9 @@ class AnswerSpanMass:
         B = self._prompt_spans.shape[0]
         self._prompt_spans = self._keys = None
         steps = sorted(recorded)
+        if not steps:
+            shape = (0, B, self.num_layers, self.num_heads)
+            return RecordedSpanMass(torch.zeros(*shape, self._num_spans), torch.zeros(shape))
         if steps != list(range(len(steps))):
             raise RuntimeError(f"span mass was recorded at answer steps {steps}: the passes did not reach the prompt's end one token at a time")
         masses, remainders = [], []
@@ -172,9 +175,6 @@ class AnswerSpanMass:
             layers = [recorded[step][layer] for layer in range(self.num_layers)]
             masses.append(torch.stack([mass.float() for mass, _ in layers]))
             remainders.append(torch.stack([torch.zeros_like(mass[..., 0]) if rem is None else rem.float() for mass, rem in layers]))
-        if not steps:
-            empty = torch.zeros(0, B, self.num_layers, self.num_heads)
-            return RecordedSpanMass(empty[..., None].expand(-1, -1, -1, -1, self._num_spans), empty)
         # [steps, L, B, ...] -> [steps, B, L, ...]
         return RecordedSpanMass(torch.stack(masses).transpose(1, 2).cpu(), torch.stack(remainders).transpose(1, 2).cpu())
 
