@@ -161,6 +161,12 @@ def test_span_mass_is_measured_only_when_asked(monkeypatch):
     assert asked == [(12, False), (1, True), (1, False), (1, False)]
     assert recorded.mass.shape[0] == 1
     assert not model.base_model._forward_pre_hooks
+    # a batch whose passes never reach the prompt's end records no step
+    with collecting_span_mass(model) as recorder, torch.no_grad():
+        recorder.start(torch.zeros(1, 30, dtype=torch.long), FIRST_NEEDLE, 1)
+        model(ids)
+        nothing = recorder.finish()
+    assert nothing.mass.shape == (0, 1, 1, 4, FIRST_NEEDLE) and nothing.remainder.shape == (0, 1, 1, 4)
     with pytest.raises(RuntimeError, match="previous batch was not finished"):
         recorder.start(torch.zeros(1, 3, dtype=torch.long), FIRST_NEEDLE, 1)
         recorder.start(torch.zeros(1, 3, dtype=torch.long), FIRST_NEEDLE, 1)
@@ -295,6 +301,7 @@ def test_summary_counts_attended_and_unattended_misses():
     assert summary["top_heads"][0] == {"layer": 0, "head": 0, "mean_needle_mass": pytest.approx(0.35)}
     layer1 = summary["layers"][1]
     assert (layer1["found_mean"], layer1["missed_mean"]) == (pytest.approx(0.1), pytest.approx(0.155))
+    assert (summary["layers"][0]["missed_attended"], layer1["missed_attended"]) == (0, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,6 +162,9 @@ class AnswerSpanMass:
         B = self._prompt_spans.shape[0]
         self._prompt_spans = self._keys = None
         steps = sorted(recorded)
+        if not steps:
+            shape = (0, B, self.num_layers, self.num_heads)
+            return RecordedSpanMass(torch.zeros(*shape, self._num_spans), torch.zeros(shape))
         if steps != list(range(len(steps))):
             raise RuntimeError(f"span mass was recorded at answer steps {steps}: the passes did not reach the prompt's end one token at a time")
         masses, remainders = [], []
@@ -172,9 +175,6 @@ class AnswerSpanMass:
             layers = [recorded[step][layer] for layer in range(self.num_layers)]
             masses.append(torch.stack([mass.float() for mass, _ in layers]))
             remainders.append(torch.stack([torch.zeros_like(mass[..., 0]) if rem is None else rem.float() for mass, rem in layers]))
-        if not steps:
-            empty = torch.zeros(0, B, self.num_layers, self.num_heads)
-            return RecordedSpanMass(empty[..., None].expand(-1, -1, -1, -1, self._num_spans), empty)
         # [steps, L, B, ...] -> [steps, B, L, ...]
         return RecordedSpanMass(torch.stack(masses).transpose(1, 2).cpu(), torch.stack(remainders).transpose(1, 2).cpu())
 
@@ -264,7 +264,7 @@ def summarize(samples: list[dict], threshold: float) -> dict:
                    SENSITIVITY_THRESHOLDS
         heads: mean needle head map [layer][head] over every needle; top_heads per layer
         layers: per layer, the mean over needles of the layer's best head, for found and for
-                missed needles
+                missed needles, and how many missed needles the layer's best head attended
     """
     points: dict[tuple[str, int], list[dict]] = {}
     for sample in samples:
@@ -278,7 +278,7 @@ def summarize(samples: list[dict], threshold: float) -> dict:
         for length, group in sorted(lengths.items())
     ]
     findings = [finding for sample in samples for finding in needle_findings(sample)]
-    return {"threshold": threshold, "by_point": by_point, "by_length": by_length, **_heads(findings)}
+    return {"threshold": threshold, "by_point": by_point, "by_length": by_length, **_heads(findings, threshold)}
 
 
 def _counts(samples: list[dict], threshold: float) -> dict:
@@ -306,7 +306,7 @@ def _missed_attended_at(samples: list[dict]) -> dict[str, int]:
     return {str(threshold): sum(mass >= threshold for mass in missed) for threshold in SENSITIVITY_THRESHOLDS}
 
 
-def _heads(findings: list[dict]) -> dict:
+def _heads(findings: list[dict], threshold: float) -> dict:
     if not findings:
         return {"heads": [], "top_heads": [], "layers": []}
     maps = torch.tensor([f["head_map"] for f in findings], dtype=torch.float64)  # [needles, L, H]
@@ -322,6 +322,7 @@ def _heads(findings: list[dict]) -> dict:
             "top_head_mean_needle_mass": round(float(values), DECIMALS),
             "found_mean": _mean(best_per_layer[found, layer].tolist()),
             "missed_mean": _mean(best_per_layer[~found, layer].tolist()),
+            "missed_attended": int((best_per_layer[~found, layer] >= threshold).sum()),
         })
     order = sorted(((float(mean_map[l, h]), l, h) for l in range(maps.shape[1]) for h in range(maps.shape[2])), reverse=True)
     return {

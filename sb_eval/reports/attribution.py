@@ -174,13 +174,17 @@ def summary_markdown(documents: list[dict], failures: dict[str, str] | None = No
             + ", ".join(f"layer {h['layer']} head {h['head']} ({_number(h['mean_needle_mass'])})" for h in summary["top_heads"])
             + ".",
             "",
-            "| layer | best head | its mean needle mass | best head's mass, needles found | needles missed |",
-            "|---:|---:|---:|---:|---:|",
+            f"Per layer, its best head on each needle (mean over needles), and the missed needles that the layer's "
+            f"best head attended (at least {summary['threshold']}):",
+            "",
+            "| layer | best head overall | its mean needle mass | needles found | needles missed | missed needles it attended |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
+        missed = sum(row["missed"] for row in summary["by_length"])
         for entry in summary["layers"]:
             lines.append(
                 f"| {entry['layer']} | {entry['top_head']} | {_number(entry['top_head_mean_needle_mass'])} | "
-                f"{_number(entry['found_mean'])} | {_number(entry['missed_mean'])} |"
+                f"{_number(entry['found_mean'])} | {_number(entry['missed_mean'])} | {_share(entry['missed_attended'], missed)} |"
             )
     return "\n".join(lines) + "\n"
 
