@@ -194,7 +194,7 @@ def test_niah_needles_are_found_in_every_task(task, tmp_path, monkeypatch):
     write_standin_essays(tmp_path)
     tokenizer = merging_bpe_tokenizer()
     spec = TASKS[task]
-    for sample in generate(spec, 1500, tokenizer, 2, use_cache=False):
+    for sample in generate(spec, 1500, tokenizer, 2, sizing="fill", use_cache=False):
         spans = needles.locate(spec.generator, sample["input"], sample["outputs"])
         assert [n.answer for n in spans.needles] == sample["outputs"]
         for needle in spans.needles:
@@ -216,7 +216,7 @@ def test_niah_needles_are_found_in_every_task(task, tmp_path, monkeypatch):
 
 
 def test_variable_tracking_needles_are_the_chain_after_the_example():
-    sample = generate(TASKS["vt"], 2500, byte_level_tokenizer(), 1, use_cache=False)[0]
+    sample = generate(TASKS["vt"], 2500, byte_level_tokenizer(), 1, sizing="fill", use_cache=False)[0]
     spans = needles.locate("variable_tracking", sample["input"], sample["outputs"])
     texts = [sample["input"][n.start : n.end] for n in spans.needles]
     names = sample["outputs"]
@@ -387,20 +387,20 @@ def test_mqrar_answers_are_greedy_continuations(folders, tmp_path):
         (["--lengths", "20"], "leaves no MQRAR query after 16 pairs"),
         (["--compare", "vllm:pretrained=x"], "must be NAME:ARGS with NAME one of sb_hf, hf"),
         (["--compare", "hf:pretrained=/no/such/folder"], "is not a local folder"),
-        (["--lengths", "70000"], "exceeds the model's max_length"),
-        (["--lengths", "400"], "sb_niah_single_1 at 400: max_seq_length=400 leaves room for 0 haystack units"),
+        (["--lengths", "140000"], "exceeds the model's max_length"),
+        (["--lengths", "400"], "sb_niah_single_1 at 400: max_seq_length=400 leaves 0 units of haystack"),
     ],
 )
 def test_bad_arguments_are_named(folders, tmp_path, capsys, monkeypatch, arguments, message):
     monkeypatch.setenv("SB_EVAL_DATA_DIR", str(tmp_path / "data"))
-    tasks = "mqrar" if arguments[:2] in (["--lengths", "70000"], ["--lengths", "20"]) else "sb_niah_single_1,sb_ruler_vt,mqrar"
+    tasks = "mqrar" if arguments[:2] in (["--lengths", "140000"], ["--lengths", "20"]) else "sb_niah_single_1,sb_ruler_vt,mqrar"
     assert command(folders, tmp_path / "out", *arguments, tasks=tasks) == 2
     assert message in capsys.readouterr().err
 
 
 def test_sb_hf_attributes_ruler_answers_in_an_lm_eval_run(folders, tmp_path):
     tokenizer = byte_level_tokenizer()
-    doc = generate(TASKS["niah_single_1"], 900, tokenizer, 1, use_cache=False)[0]
+    doc = generate(TASKS["niah_single_1"], 900, tokenizer, 1, sizing="fill", use_cache=False)[0]
     path = tmp_path / "attribution.json"
     lm = StickBreakingLM(pretrained=str(folders["sb"]), device="cpu", batch_size=2, attribution=str(path), attribution_tokens=2)
     plain = StickBreakingLM(pretrained=str(folders["sb"]), device="cpu", batch_size=2)

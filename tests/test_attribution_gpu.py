@@ -17,7 +17,8 @@ from sb_eval.model.modeling import StickBreakingForCausalLM
 
 pytestmark = pytest.mark.gpu
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# float32 as in the statistics tests: the stick is a sum of thousands of float32 log terms
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -71,7 +72,8 @@ def test_generation_with_attribution_on_the_kernels(monkeypatch):
 @torch.no_grad()
 def test_attribution_memory_is_linear_in_length():
     """At 16K tokens, attributing every answer token adds the span indices of the keys ([B, T]
-    integers) and per-step [layers, B, heads, spans] masses: nothing of size T x T."""
+    integers) and masses per query, head and span: megabytes, where one head's T x T weights in
+    bf16 would take 512 MiB."""
     T = 16384
     model = StickBreakingForCausalLM(tiny_config(n_embd=512, n_head=8, n_layer=2, n_inner=1024)).to("cuda", torch.bfloat16).eval()
     model.set_attention_backend("triton")
@@ -90,4 +92,5 @@ def test_attribution_memory_is_linear_in_length():
             recorder.finish()
 
         with_spans = peak_extra_bytes(attributed)
-    assert with_spans - plain < 64 * T * 4  # a few int32 copies of the span indices
+    one_matrix = T * T * 2
+    assert with_spans - plain < one_matrix // 32
