@@ -66,7 +66,16 @@ def main(argv: list[str]) -> int:
     from sb_eval.files import write_atomically
     from sb_eval.harness import attribution
     from sb_eval.model.checks import CheckpointError
-    from sb_eval.reports.attribution import DEPTH_FILE, FOUND_FILE, HEADS_FILE, SUMMARY_FILE, depth_png, found_png, heads_png, summary_markdown
+    from sb_eval.reports.attribution import (
+        DEPTH_FILE,
+        FOUND_FILE,
+        HEADS_FILE,
+        SUMMARY_FILE,
+        depth_png,
+        found_png,
+        heads_png,
+        summary_markdown,
+    )
     from sb_eval.ruler.corpora import MissingCorpusError
 
     try:

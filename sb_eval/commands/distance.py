@@ -71,6 +71,7 @@ def main(argv: list[str]) -> int:
     from sb_eval.data.documents import DocumentSourceError
     from sb_eval.files import write_atomically
     from sb_eval.harness import distance
+    from sb_eval.harness.compared_models import file_labels
     from sb_eval.model.checks import CheckpointError
     from sb_eval.reports.distance import COMPARISON_FILE, SUMMARY_FILE, heatmap_png, summary_markdown
     from sb_eval.ruler.corpora import MissingCorpusError
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> int:
 
     results, failures = [], {}
     try:
-        for model, model_args, label in zip(models, arguments, distance.labels(models)):
+        for model, model_args, label in zip(models, arguments, file_labels(models)):
             try:
                 result = distance.measure_model(model, model_args, label, texts, args)
             except (distance.DistanceArgumentError, UnsupportedArchitectureError, CheckpointError) as error:

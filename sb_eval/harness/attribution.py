@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from sb_eval.analysis.attribution import AnswerSpanMass, collecting_span_mass, summarize
@@ -32,9 +31,9 @@ from sb_eval.ruler.registry import TASKS
 from sb_eval.tasks.task_files import RULER_GROUPS, RULER_TASKS
 
 from .attributed_answers import SCHEMA_VERSION, AttributionError, batch_span_indices, prompt_layout, ruler_answer, sample_record
-from .sweep import ModelSpec, SweepArgumentError, model_class, parse_lengths, split_model_spec
+from .compared_models import file_labels, local_model_arguments, parse_compare
+from .sweep import ModelSpec, SweepArgumentError, model_class, parse_lengths
 
-MODELS = ("sb_hf", "hf")
 MQRAR_TASK = "mqrar"
 # The settings a model's JSON must share with a run that resumes it.
 RESUMED_SETTINGS = ("seed", "answer_tokens", "max_new_tokens", "mqrar_pairs")
@@ -151,9 +150,9 @@ def prepare(args: argparse.Namespace) -> tuple[list[ModelSpec], list[dict], list
                 f"--lengths {too_short[0]} leaves no MQRAR query after {max(settings.mqrar_pairs)} pairs "
                 f"({2 * max(settings.mqrar_pairs)} symbols); use longer lengths or smaller --mqrar_pairs"
             )
-    models = [ModelSpec(args.model, args.model_args)] + ([parse_model_spec(args.compare)] if args.compare else [])
-    arguments = [model_arguments(model, args) for model in models]
-    return models, arguments, labels(models), settings
+    models = [ModelSpec(args.model, args.model_args)] + ([parse_compare(args.compare, AttributionArgumentError)] if args.compare else [])
+    arguments = [local_model_arguments(model, args.device, args.dtype, AttributionArgumentError) for model in models]
+    return models, arguments, file_labels(models), settings
 
 
 def _integer(text: str, name: str, what: str) -> int:
@@ -179,46 +178,7 @@ def _mqrar_pairs(text: str) -> list[int]:
     return sorted({_at_least(count, 1, "--mqrar_pairs") for count in pairs})
 
 
-def parse_model_spec(spec: str) -> ModelSpec:
-    model = split_model_spec(spec)
-    if model is None or model.name not in MODELS:
-        raise AttributionArgumentError(
-            f"--compare {spec!r} must be NAME:ARGS with NAME one of {', '.join(MODELS)}, e.g. "
-            "hf:pretrained=/path/to/softmax-model or sb_hf:pretrained=/path/to/checkpoint"
-        )
-    return model
 
-
-def model_arguments(model: ModelSpec, args: argparse.Namespace) -> dict:
-    """The model's constructor arguments: its model_args (a local pretrained folder; sb_hf may
-    leave it out for the default checkpoint) with --device and --dtype applied."""
-    try:
-        arguments = simple_parse_args_string(model.args)
-    except ValueError as error:
-        raise AttributionArgumentError(f"model arguments {model.args!r} of {model.name}: {error}") from None
-    if "pretrained" not in arguments and model.name != "sb_hf":
-        raise AttributionArgumentError(f"model arguments {model.args!r} of {model.name} need pretrained=PATH")
-    if "pretrained" in arguments and not Path(str(arguments["pretrained"])).expanduser().is_dir():
-        raise AttributionArgumentError(
-            f"pretrained={arguments['pretrained']} of {model.name} is not a local folder; sb-eval downloads "
-            "nothing: save the model to a folder first and pass that folder"
-        )
-    arguments["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.dtype:
-        arguments["dtype"] = args.dtype
-    return arguments
-
-
-def labels(models: list[ModelSpec]) -> list[str]:
-    """File-name labels NAME-FOLDER (sb_hf without pretrained: NAME-default_model), numbered
-    where two models would share one."""
-    names = []
-    for model in models:
-        pretrained = simple_parse_args_string(model.args).get("pretrained")
-        folder = Path(str(pretrained)).expanduser().resolve().name if pretrained else "default_model"
-        label = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model.name}-{folder}").strip("-")
-        names.append(label if label not in names else f"{label}-{len(names) + 1}")
-    return names
 
 
 def attribute_model(model: ModelSpec, arguments: dict, label: str, settings: Settings, output: Path) -> dict:

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import sys
-from pathlib import Path
 
 import torch
-from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from sb_eval.analysis.attention_stats import AttentionStatistics, collecting_attention_statistics
@@ -19,24 +16,13 @@ from sb_eval.analysis.definitions import SIGN_NOTE
 from sb_eval.data.documents import documents
 from sb_eval.files import OutputFolderError, check_output_folder
 
-from .sweep import ModelSpec, model_class, split_model_spec
-
-MODELS = ("sb_hf", "hf")
+from .compared_models import local_model_arguments, parse_compare
+from .sweep import ModelSpec, model_class
 
 
 class DistanceArgumentError(ValueError):
     """An argument of `sb-eval distance` that cannot work; the message says what is valid."""
 
-
-def parsed_model_args(model: ModelSpec) -> dict:
-    """The model's model_args as a dict, which must name a pretrained folder."""
-    try:
-        parsed = simple_parse_args_string(model.args)
-    except ValueError as error:
-        raise DistanceArgumentError(f"model arguments {model.args!r} of {model.name}: {error}") from None
-    if "pretrained" not in parsed:
-        raise DistanceArgumentError(f"model arguments {model.args!r} of {model.name} need pretrained=PATH")
-    return parsed
 
 
 def prepare(args: argparse.Namespace) -> tuple[list[ModelSpec], list[dict], list[str]]:
@@ -46,8 +32,11 @@ def prepare(args: argparse.Namespace) -> tuple[list[ModelSpec], list[dict], list
     check_arguments(args)
     models = [ModelSpec(args.model, args.model_args)]
     if args.compare:
-        models.append(parse_model_spec(args.compare))
-    arguments = [model_arguments(model, args) for model in models]
+        models.append(parse_compare(args.compare, DistanceArgumentError))
+    arguments = [
+        {**local_model_arguments(model, args.device, args.dtype, DistanceArgumentError), "batch_size": args.batch_size}
+        for model in models
+    ]
     return models, arguments, documents(args.corpus)
 
 
@@ -64,42 +53,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise DistanceArgumentError(str(error)) from None
 
 
-def parse_model_spec(spec: str) -> ModelSpec:
-    model = split_model_spec(spec)
-    if model is None or model.name not in MODELS:
-        raise DistanceArgumentError(
-            f"--compare {spec!r} must be NAME:ARGS with NAME one of {', '.join(MODELS)}, e.g. "
-            "hf:pretrained=/path/to/llama or sb_hf:pretrained=/path/to/checkpoint"
-        )
-    return model
 
-
-def model_arguments(model: ModelSpec, args: argparse.Namespace) -> dict:
-    """The model's constructor arguments: its model_args, with --device and --dtype applied."""
-    arguments = parsed_model_args(model)
-    folder = Path(str(arguments["pretrained"])).expanduser()
-    if not folder.is_dir():
-        raise DistanceArgumentError(
-            f"pretrained={arguments['pretrained']} of {model.name} is not a local folder; sb-eval downloads "
-            "nothing: save the model to a folder first and pass that folder"
-        )
-    arguments["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if arguments["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise DistanceArgumentError(f"--device {args.device}: this machine has no CUDA device; use --device cpu (the default here)")
-    if args.dtype:
-        arguments["dtype"] = args.dtype
-    arguments["batch_size"] = args.batch_size
-    return arguments
-
-
-def labels(models: list[ModelSpec]) -> list[str]:
-    """File-name labels NAME-FOLDER, numbered where two models would share one."""
-    names = []
-    for model in models:
-        folder = Path(str(parsed_model_args(model)["pretrained"])).expanduser().resolve().name
-        label = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model.name}-{folder}").strip("-")
-        names.append(label if label not in names else f"{label}-{len(names) + 1}")
-    return names
 
 
 def load_model(model: ModelSpec, arguments: dict):
