@@ -6,8 +6,9 @@
    `hotpot_dev_distractor_v1.json`), or a folder holding the data set in `datasets`' form (written
    by `save_to_disk`, or files `datasets.load_dataset(PATH)` reads, with a validation split);
 2. the file converted from `datasets` before, `<data dir>/qa/<dataset>.json`;
-3. `datasets.load_dataset` of the Hub's copy (`rajpurkar/squad_v2`; `hotpotqa/hotpot_qa`, its
-   distractor configuration), validation split, written out as 2. for later runs offline.
+3. the Hub's copy (`rajpurkar/squad_v2`; `hotpotqa/hotpot_qa`, its distractor configuration),
+   validation split, where `datasets` already holds it in its local cache (nothing is downloaded),
+   written out as 2.
 
 Rows of `datasets` are written back into RULER's schema, so that one reader
 (sb_eval.ruler.qa) serves both; the file's sha256 goes into the generator's parameters, so that
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-
-from sb_eval.files import write_atomically
 from sb_eval.ruler.corpora import MissingCorpusError, data_dir
 from sb_eval.ruler.qa import DATASETS
+
+from sb_eval.data.datasets_cache import load_cached_dataset
+from sb_eval.files import write_atomically
 
 # dataset -> (Hub name, configuration, split)
 HUB = {
@@ -52,11 +54,13 @@ def qa_data_file(dataset: str, metadata: dict[str, Any]) -> tuple[Path, str]:
         return converted, _sha256(converted)
     name, configuration, split = HUB[dataset]
     try:
-        rows = datasets.load_dataset(name, configuration, split=split)
-    except Exception as error:  # offline, no cache, or the Hub refuses: all end in the same advice
+        rows = load_cached_dataset(name, configuration, split)
+    except Exception as error:  # not cached, or a cache datasets cannot read: the same advice
         raise MissingCorpusError(
-            f"{TASK_NAMES[dataset]} needs {DATASETS[dataset]}, and datasets could not load {name} "
-            f"({type(error).__name__}: {error}). {_what_to_pass(dataset)}"
+            f"{TASK_NAMES[dataset]} needs {DATASETS[dataset]}, which is neither passed nor in the datasets cache "
+            f"({type(error).__name__}: {error}); sb-eval downloads nothing. {_what_to_pass(dataset)} "
+            f"Where there is a network, datasets.load_dataset({name!r}, {configuration!r}, split={split!r})"
+            ".save_to_disk(PATH) makes such a folder."
         ) from error
     return _write(dataset, rows)
 

@@ -18,6 +18,7 @@ import pytest
 
 from sb_eval.commands import data as data_command
 from sb_eval.data import FetchError, corpora, packages, rdata
+from sb_eval.data.datasets_cache import load_cached_dataset
 from sb_eval.data.documents import DocumentSourceError, documents
 from sb_eval.ruler import corpora as ruler_corpora
 
@@ -178,6 +179,21 @@ def test_a_dataset_that_cannot_be_loaded_is_named_with_the_offline_alternatives(
     message = str(raised.value)
     assert f"could not load document source {source!r}" in message
     assert "split 'test'" in message and "sb-eval data fetch aa-lcr" in message
+
+
+def test_cached_datasets_never_reach_the_network_and_leave_the_settings_as_they_were(tmp_path, monkeypatch):
+    """With the Hub switched on and an empty cache, a Hub name fails at once as datasets fails
+    offline, instead of downloading; the settings are restored afterwards, after an error too."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-home" / "datasets"))
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    with pytest.raises(ConnectionError, match="OfflineModeIsEnabled"):
+        load_cached_dataset("rajpurkar/squad_v2", None, "validation")
+    assert datasets.config.HF_HUB_OFFLINE is False and huggingface_hub.constants.HF_HUB_OFFLINE is False
 
 
 def test_documents_of_a_local_dataset_through_datasets(offline_datasets, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 from sb_eval.ruler.corpora import LONG_DOCUMENTS, MissingCorpusError, data_dir, fetch_command
 
 from .corpora import CORPORA
+from .datasets_cache import load_cached_dataset
 
 
 class DocumentSourceError(ValueError):
@@ -96,16 +97,15 @@ def _hf_documents(source: str) -> list[str]:
     name, config, split, *extra = source[len(HF_PREFIX) :].split(":") + [None, None]
     if not name or any(extra):
         raise DocumentSourceError(f"document source {source!r} must read hf:NAME[:CONFIG[:SPLIT]]; {_VALID_SOURCES}")
-    import datasets  # heavy: imported only for this kind of source
-
     split = split or DEFAULT_HF_SPLIT
     try:
-        dataset = datasets.load_dataset(name, config or None, split=split)
-    except Exception as error:  # datasets raises many kinds (connection, missing config, split, ...)
+        dataset = load_cached_dataset(name, config or None, split)
+    except Exception as error:  # datasets raises many kinds (not cached, missing config, split, ...)
         raise DocumentSourceError(
-            f"could not load document source {source!r} with datasets (dataset {name!r}, config "
-            f"{config!r}, split {split!r}): {type(error).__name__}: {error}. It loads from the "
-            "datasets cache or from the network; offline, fetch a corpus instead "
+            f"could not load document source {source!r} from the datasets cache (dataset {name!r}, config "
+            f"{config!r}, split {split!r}): {type(error).__name__}: {error}. sb-eval reads only what datasets "
+            f"has cached and downloads nothing: cache it once where there is a network "
+            f"(datasets.load_dataset({name!r}, {config!r}, split={split!r})), fetch a corpus instead "
             f"({fetch_command(LONG_DOCUMENTS)}) or pass a folder of .txt / .jsonl files."
         ) from error
     strings = [column for column, feature in dataset.features.items() if getattr(feature, "dtype", None) == "string"]
