@@ -47,6 +47,12 @@ def forward_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     return KernelConfig(64, 32, 4, 3)
 
 
+def span_block(num_spans: int) -> int:
+    """Columns of the split kernel's span-mass tile for `num_spans` spans: a power of two (tl.arange),
+    16 at least, the narrowest tile the kernels are compiled and tested with."""
+    return max(16, triton.next_power_of_2(num_spans))
+
+
 def split_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Key block size, warps and pipelining depth of the split-key kernel."""
     if triton_interpreting():
@@ -184,8 +190,7 @@ def stickbreaking_attention_triton(
         spans = dict(NUM_SPANS=0, BLOCK_SPANS=16)
         span_part, key_spans_arg, span_out = used_part, used_part, used_part
         if key_spans is not None:
-            # tl.dot needs 16 columns at least
-            spans = dict(NUM_SPANS=num_spans, BLOCK_SPANS=max(16, triton.next_power_of_2(num_spans)))
+            spans = dict(NUM_SPANS=num_spans, BLOCK_SPANS=span_block(num_spans))
             span_part = torch.empty(rows, splits, num_spans, dtype=torch.float32, device=q.device)
             key_spans_arg, span_out = key_spans, span_mass
         stickbreaking_split_kernel[(splits, B * Hkv)](

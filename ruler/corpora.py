@@ -124,9 +124,14 @@ def corpus_fingerprint() -> str:
     for relative in (ESSAY_TEXT_FILE, ESSAY_SENTENCES_FILE):
         path = data_dir() / relative
         if path.is_file():
-            stat = path.stat()
-            parts.append(_file_digest(str(path), stat.st_size, stat.st_mtime_ns))
+            parts.append(file_sha256(path))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16] if parts else "absent"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's content, read once per version of the file (size and time)."""
+    stat = os.stat(path)
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @lru_cache(maxsize=8)

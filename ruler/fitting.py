@@ -81,8 +81,7 @@ def fit(draft: Draft, max_seq_length: int, tokens_to_generate: int, counter: Tok
     """
     head = draft.head
     if draft.example is not None:
-        example = _fit_example(draft.example, max_seq_length, tokens_to_generate, counter, exact)
-        head = example.input + " " + " ".join(example.outputs) + draft.example.separator + head
+        head = _after_example(draft, _fit_example(draft.example, max_seq_length, tokens_to_generate, counter, exact))
     allowed = max_seq_length - tokens_to_generate
     separator = draft.haystack.separator
     ending = [draft.tail, draft.answer_prefix]
@@ -106,6 +105,11 @@ def fit(draft: Draft, max_seq_length: int, tokens_to_generate: int, counter: Tok
         budget -= sample.length - allowed
 
 
+def _after_example(draft: Draft, example: FittedSample) -> str:
+    """The draft's head behind its solved example: the example's prompt and answers, then the separator."""
+    return example.input + " " + " ".join(example.outputs) + draft.example.separator + draft.head
+
+
 def fit_reference(draft: Draft, size: ReferenceSize, counter: TokenCounter, exact: bool = False) -> FittedSample:
     """The sample with RULER's haystack size for its set, a step smaller at a time while its input
     (counted without special tokens, as RULER counts) has more than `size.allowed` tokens."""
@@ -113,8 +117,8 @@ def fit_reference(draft: Draft, size: ReferenceSize, counter: TokenCounter, exac
     if draft.example is not None:
         if size.example_units is None:
             raise ValueError("this task shows a solved example, but its ReferenceSize gives no example_units")
-        example = _render(draft.example.draft, draft.example.draft.head, draft.example.draft.haystack.take(size.example_units), counter, exact)
-        head = example.input + " " + " ".join(example.outputs) + draft.example.separator + head
+        example = draft.example.draft
+        head = _after_example(draft, _render(example, example.head, example.haystack.take(size.example_units), counter, exact))
     units_count = size.units
     while True:
         units = draft.haystack.take(units_count) if units_count > 0 else []

@@ -77,16 +77,9 @@ def _question(prompt: str) -> tuple[int, int]:
 
 def _niah(prompt: str, answers: list[str]) -> PromptSpans:
     question = _question(prompt)
-    found = [match for match in NIAH_NEEDLE.finditer(prompt, 0, question[0])]
-    by_value = {}
-    for match in found:
-        by_value.setdefault(match["value"], match)
-    missing = [answer for answer in answers if answer not in by_value]
-    if missing:
-        raise NeedleNotFoundError(f"no needle sentence holds the answer(s) {missing} ({len(found)} needle sentences in the prompt)")
-    needles = [Needle(by_value[answer].start(), by_value[answer].end(), answer) for answer in answers]
-    distractors = [match.span() for match in found if match["value"] not in answers]
-    return PromptSpans(needles, distractors, question)
+    found = list(NIAH_NEEDLE.finditer(prompt, 0, question[0]))
+    return _answer_spans(found, "value", answers, question,
+                         "no needle sentence holds the answer(s)", "needle sentences in the prompt")
 
 
 def _variable_tracking(prompt: str, answers: list[str]) -> PromptSpans:
@@ -95,14 +88,23 @@ def _variable_tracking(prompt: str, answers: list[str]) -> PromptSpans:
         raise NeedleNotFoundError("the prompt does not hold variable tracking's task text")
     question = _question(prompt)
     statements = list(VT_STATEMENT.finditer(prompt, task_start, question[0]))
-    by_name = {}
-    for match in statements:
-        by_name.setdefault(match["name"], match)
-    missing = [answer for answer in answers if answer not in by_name]
-    if missing:
-        raise NeedleNotFoundError(f"no statement assigns the variable(s) {missing} ({len(statements)} statements in the task)")
-    needles = [Needle(by_name[answer].start(), by_name[answer].end(), answer) for answer in answers]
-    distractors = [match.span() for match in statements if match["name"] not in answers]
+    return _answer_spans(statements, "name", answers, question, "no statement assigns the variable(s)", "statements in the task")
+
+
+def _answer_spans(
+    matches: list[re.Match], group: str, answers: list[str], question: tuple[int, int], missing: str, counted: str
+) -> PromptSpans:
+    """The first match whose `group` is each answer is its needle; matches of no answer are
+    distractors. Answers that no match holds are an error: `missing`, the answers, and the number
+    of matches (`counted` says what they are)."""
+    by_answer = {}
+    for match in matches:
+        by_answer.setdefault(match[group], match)
+    absent = [answer for answer in answers if answer not in by_answer]
+    if absent:
+        raise NeedleNotFoundError(f"{missing} {absent} ({len(matches)} {counted})")
+    needles = [Needle(by_answer[answer].start(), by_answer[answer].end(), answer) for answer in answers]
+    distractors = [match.span() for match in matches if match[group] not in answers]
     return PromptSpans(needles, distractors, question)
 
 

@@ -29,7 +29,7 @@ from .haystacks import (
     interleave,
 )
 from .reference_random import adjective_noun_pairs
-from .registry import Sampler, register_generator
+from .registry import DrawSample, Sampler, register_generator
 from .sizing import ReferenceCounter, ReferenceSize, SizingTarget, reference_search, stepped_size
 from .values import value_drawer
 

@@ -12,7 +12,6 @@ The data is read as RULER reads it, from the JSON files RULER downloads: SQuAD v
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .corpora import MissingCorpusError
+from .corpora import MissingCorpusError, file_sha256
 from .fitting import Draft
 from .reference_random import shuffled_as_ruler
 from .registry import Sampler, register_generator
@@ -165,11 +164,10 @@ def read_questions(dataset: str, path: str | os.PathLike, sha256: str | None = N
 
 @lru_cache(maxsize=4)
 def _read(dataset: str, path: str, size: int, mtime_ns: int, sha256: str | None) -> tuple[list[Question], list[str]]:
-    raw = Path(path).read_bytes()
-    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+    if sha256 is not None and file_sha256(path) != sha256:
         raise ValueError(f"{path} changed: its sha256 is not data_sha256={sha256}")
     try:
-        data = json.loads(raw)
+        data = json.loads(Path(path).read_bytes())
         return (_read_squad if dataset == "squad" else _read_hotpotqa)(data)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path} is not {DATASETS[dataset]} in its JSON schema: {error!r}") from error

@@ -13,7 +13,7 @@ fits instead (up to about 15 % more context at 4K).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .tokens import TokenCounter

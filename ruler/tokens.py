@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from operator import mul
 from collections.abc import Callable, Iterable, Sequence
+from operator import mul
 from typing import Any
 
 # Precedes every piece when it is counted; pieces follow a sentence end in a prompt.

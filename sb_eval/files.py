@@ -23,19 +23,15 @@ def write_atomically(path: Path, content: bytes) -> None:
         raise
 
 
-class OutputFolderError(ValueError):
-    """An output folder that cannot hold results; the message names the argument."""
-
-
-def check_output_folder(folder: Path, argument: str) -> None:
+def check_output_folder(folder: Path, argument: str, error: type[Exception] = ValueError) -> None:
     """Makes sure results can be written into `folder` before any work is done for them: it is
-    created if missing, must not be a file, and must take a new file. Raises OutputFolderError
-    naming `argument` (the option that gave the folder)."""
+    created if missing, must not be a file, and must take a new file. Raises `error` (the
+    command's own argument error) naming `argument`, the option that gave the folder."""
     if folder.exists() and not folder.is_dir():
-        raise OutputFolderError(f"{argument} {folder} is a file, not a folder; give a folder for the results")
+        raise error(f"{argument} {folder} is a file, not a folder; give a folder for the results")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
-    except OSError as error:
-        raise OutputFolderError(f"{argument} {folder} cannot hold the results: {error.strerror or error}") from None
+    except OSError as problem:
+        raise error(f"{argument} {folder} cannot hold the results: {problem.strerror or problem}") from None

@@ -28,7 +28,7 @@ from sb_eval.kernels.backward import (
 )
 from sb_eval.kernels.decode import stickbreaking_combine_kernel, stickbreaking_split_kernel
 from sb_eval.kernels.forward import stickbreaking_forward_kernel
-from sb_eval.kernels.triton_backend import backward_config, forward_config, split_config
+from sb_eval.kernels.triton_backend import backward_config, forward_config, span_block, split_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--attend-current", action="store_true", help="their attend_current variants")
     parser.add_argument("--spans", type=int, default=0, help="the split-key kernels with span mass over this many spans")
     args = parser.parse_args()
-    spans = dict(NUM_SPANS=args.spans, BLOCK_SPANS=max(16, triton.next_power_of_2(args.spans)))
+    spans = dict(NUM_SPANS=args.spans, BLOCK_SPANS=span_block(args.spans))
     dtype = {v: k for k, v in TRITON_TYPES.items()}[args.dtype]
     precision = "ieee" if dtype == torch.float32 else "tf32"
     common = dict(ATTEND_CURRENT=int(args.attend_current), HAS_KEY_MASK=args.key_mask,

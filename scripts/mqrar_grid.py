@@ -82,6 +82,11 @@ class GridRun:
     seed: int = 0
     offsets: bool = False
 
+    @classmethod
+    def from_row(cls, row: dict) -> GridRun:
+        """The run a results row (its fields among others) was made by."""
+        return cls(**{field: row[field] for field in cls.__dataclass_fields__})
+
     @property
     def model(self) -> str:
         return self.attention + ("+offsets" if self.offsets else "")
@@ -329,7 +334,7 @@ def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, start
     import torch
     from tqdm import tqdm
 
-    from sb_eval.training.trainer import Batch
+    from sb_eval.training.trainer import Batch, max_scored
 
     device = torch.device(args.device)
     deadline = started + args.time_limit
@@ -348,7 +353,7 @@ def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, start
             [Batch(inputs[first:first + args.batch_size].long(), targets[first:first + args.batch_size].long()) for inputs, targets in held_out]
             for first in range(0, args.eval_sequences, args.batch_size)
         ]
-        eval_most = [int((targets != -100).sum(1).max()) for _, targets in held_out]
+        eval_most = [max_scored(targets) for _, targets in held_out]
         stacks.append((number, stack_runs, trainer, sources, most, eval_batches, eval_most))
         train_losses.append(losses)
     history = _read_history(args.state / "history.jsonl")
@@ -521,7 +526,7 @@ def grid_name(settings: dict) -> str:
 
 def _grid_row(row: dict, settings: dict, harness) -> dict:
     """A run's final evaluation as a docs/mqrar-grid.json row: what it was, how it was trained."""
-    run = GridRun(**{field: row[field] for field in GridRun.__dataclass_fields__})
+    run = GridRun.from_row(row)
     entry = {
         "grid": grid_name(settings), "attention": run.attention, "offsets": list(OFFSETS) if run.offsets else None, "model": run.model,
         "task": run.task, "layout": "power-law", "num_keys": settings["num_keys"], "num_values": settings["num_values"],
@@ -573,7 +578,7 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
         if task != "mqrar":
             continue
         run = max(entry["runs"], key=_accuracy)
-        name = GridRun(**{field: run[field] for field in GridRun.__dataclass_fields__}).name
+        name = GridRun.from_row(run).name
         curve = sorted((row["step"], row["eval_accuracy"]) for row in history if row["run"] == name)
         shade = 0.35 + 0.65 * PAIRS.index(count) / (len(PAIRS) - 1) if count in PAIRS else 1.0
         over_steps.plot(*zip(*curve), color=colours[model], alpha=shade, label=f"{LABELS[model]}, {count}")
@@ -600,7 +605,7 @@ def plot_losses(axes, history: list[dict], num_values: int) -> None:
     curves: dict[GridRun, list[tuple[int, float]]] = {}
     for row in history:
         if row["eval_loss"] is not None and not math.isnan(row["eval_loss"]):
-            curves.setdefault(GridRun(**{field: row[field] for field in GridRun.__dataclass_fields__}), []).append((row["step"], row["eval_loss"]))
+            curves.setdefault(GridRun.from_row(row), []).append((row["step"], row["eval_loss"]))
     rates = {model: sorted({run.lr for run in curves if run.model == model}) for model in shades}
     for run, curve in sorted(curves.items(), key=lambda item: (list(shades).index(item[0].model), item[0].lr, item[0].task, item[0].pairs)):
         colour = shades[run.model][rates[run.model].index(run.lr) % len(shades[run.model])]
@@ -645,7 +650,7 @@ def best_per_cell(rows: list[dict]) -> dict[tuple, dict]:
     "runs"} for the learning rate with the best mean."""
     by_lr: dict[tuple, list[dict]] = {}
     for row in rows:
-        run = GridRun(**{field: row[field] for field in GridRun.__dataclass_fields__})
+        run = GridRun.from_row(row)
         by_lr.setdefault((*run.cell, run.lr), []).append(row)
     best: dict[tuple, dict] = {}
     for (*cell, lr), runs in by_lr.items():

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from sb_eval.ruler.corpora import MissingCorpusError, data_dir
-from sb_eval.ruler.qa import DATASETS
 
 from sb_eval.data.datasets_cache import load_cached_dataset
 from sb_eval.files import write_atomically
+from sb_eval.ruler.corpora import MissingCorpusError, data_dir, file_sha256
+from sb_eval.ruler.qa import DATASETS
 
 # dataset -> (Hub name, configuration, split)
 HUB = {
@@ -45,13 +45,13 @@ def qa_data_file(dataset: str, metadata: dict[str, Any]) -> tuple[Path, str]:
             raise ValueError(f"metadata {dataset}={named!r} must be a path: {_what_to_pass(dataset)}")
         path = Path(named)
         if path.is_file():
-            return path, _sha256(path)
+            return path, file_sha256(path)
         if path.is_dir():
             return _write(dataset, _rows_from_folder(dataset, path))
         raise FileNotFoundError(f"metadata {dataset}={named!r}: no such file or folder. {_what_to_pass(dataset)}")
     converted = converted_path(dataset)
     if converted.is_file():
-        return converted, _sha256(converted)
+        return converted, file_sha256(converted)
     name, configuration, split = HUB[dataset]
     try:
         rows = load_cached_dataset(name, configuration, split)
@@ -138,7 +138,3 @@ def _hotpotqa_json(rows: datasets.Dataset) -> list[dict]:
         }
         for row in rows
     ]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

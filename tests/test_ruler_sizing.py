@@ -77,8 +77,9 @@ def _spec(task, data):
 @pytest.mark.parametrize(("tokenizer", "task"), [(tokenizer, task) for tokenizer in RECORDED for task in RECORDED[tokenizer]])
 def test_haystack_sizes_are_rulers(tokenizer, task, data, monkeypatch):
     monkeypatch.setenv("SB_EVAL_DATA_DIR", str(data["dir"]))
+    counting = TOKENIZERS[tokenizer]()
     for length, recorded in zip(LENGTHS, RECORDED[tokenizer][task]):
-        size = haystack_size(_spec(task, data), length, TOKENIZERS[tokenizer]())
+        size = haystack_size(_spec(task, data), length, counting)
         assert ((size.example_units, size.units) if task == "vt" else size.units) == recorded, (task, length)
 
 

@@ -266,23 +266,25 @@ def summarize(samples: list[dict], threshold: float) -> dict:
         layers: per layer, the mean over needles of the layer's best head, for found and for
                 missed needles, and how many missed needles the layer's best head attended
     """
+    findings_of = {id(sample): needle_findings(sample) for sample in samples}  # each sample's, worked out once
     points: dict[tuple[str, int], list[dict]] = {}
     for sample in samples:
         points.setdefault((sample["task"], sample["length"]), []).append(sample)
-    by_point = [{"task": task, "length": length, **_counts(group, threshold)} for (task, length), group in sorted(points.items(), key=lambda item: (item[0][1], item[0][0]))]
+    by_point = [{"task": task, "length": length, **_counts(group, threshold, findings_of)} for (task, length), group in sorted(points.items(), key=lambda item: (item[0][1], item[0][0]))]
     lengths: dict[int, list[dict]] = {}
     for sample in samples:
         lengths.setdefault(sample["length"], []).append(sample)
     by_length = [
-        {"length": length, **_counts(group, threshold), "missed_attended_at": _missed_attended_at(group)}
+        {"length": length, **_counts(group, threshold, findings_of), "missed_attended_at": _missed_attended_at(group, findings_of)}
         for length, group in sorted(lengths.items())
     ]
-    findings = [finding for sample in samples for finding in needle_findings(sample)]
+    findings = [finding for sample in samples for finding in findings_of[id(sample)]]
     return {"threshold": threshold, "by_point": by_point, "by_length": by_length, **_heads(findings, threshold)}
 
 
-def _counts(samples: list[dict], threshold: float) -> dict:
-    findings = [finding for sample in samples for finding in needle_findings(sample)]
+def _counts(samples: list[dict], threshold: float, findings_of: dict[int, list[dict]]) -> dict:
+    """findings_of: needle_findings of each sample, by id()."""
+    findings = [finding for sample in samples for finding in findings_of[id(sample)]]
     missed = [f for f in findings if not f["found"]]
     return {
         "samples": len(samples),
@@ -300,9 +302,9 @@ def _counts(samples: list[dict], threshold: float) -> dict:
     }
 
 
-def _missed_attended_at(samples: list[dict]) -> dict[str, int]:
+def _missed_attended_at(samples: list[dict], findings_of: dict[int, list[dict]]) -> dict[str, int]:
     """How many missed needles count as attended at each of SENSITIVITY_THRESHOLDS."""
-    missed = [f["top_needle_mass"] for sample in samples for f in needle_findings(sample) if not f["found"]]
+    missed = [f["top_needle_mass"] for sample in samples for f in findings_of[id(sample)] if not f["found"]]
     return {str(threshold): sum(mass >= threshold for mass in missed) for threshold in SENSITIVITY_THRESHOLDS}
 
 

@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import usage_error
+
 DEFAULT_THRESHOLD = 0.1
 PAPER_MQRAR_PAIRS = "32,64,96,128,160,192"
 
@@ -81,9 +83,7 @@ def main(argv: list[str]) -> int:
     try:
         models, arguments, labels, settings = attribution.prepare(args)
     except attribution.AttributionArgumentError as error:
-        parser.print_usage(sys.stderr)
-        print(f"sb-eval attribution: error: {error}", file=sys.stderr)
-        return 2
+        return usage_error(parser, error)
 
     documents, failures = [], {}
     try:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from sb_eval.analysis.definitions import POSITIONS, REMAINDER_CONVENTIONS, SIGN_NOTE
 
+from . import usage_error
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -79,9 +81,7 @@ def main(argv: list[str]) -> int:
     try:
         models, arguments, texts = distance.prepare(args)
     except (distance.DistanceArgumentError, DocumentSourceError, MissingCorpusError) as error:
-        parser.print_usage(sys.stderr)
-        print(f"sb-eval distance: error: {error}", file=sys.stderr)
-        return 2
+        return usage_error(parser, error)
 
     results, failures = [], {}
     try:

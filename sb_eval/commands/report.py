@@ -17,6 +17,8 @@ import math
 import sys
 from pathlib import Path
 
+from . import usage_error
+
 # sb_eval.reports.ruler's defaults, repeated so that --help loads nothing heavy (a test checks that
 # they agree).
 DEFAULT_THRESHOLD = 85.6
@@ -67,9 +69,7 @@ def main(argv: list[str]) -> int:
     try:
         written = write_report(args.paths, args.output, args.threshold, args.bootstrap, args.seed)
     except (FileNotFoundError, ValueError) as error:
-        parser.print_usage(sys.stderr)
-        print(f"sb-eval report: error: {error}", file=sys.stderr)
-        return 2
+        return usage_error(parser, error)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -9,8 +9,9 @@ The arguments and their checks are here; sb_eval.harness.sweep runs the points, 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from . import usage_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,5 @@ def main(argv: list[str]) -> int:
     try:
         points, rows, loader, settings = sweep.prepare(args)
     except sweep.SweepArgumentError as error:
-        parser.print_usage(sys.stderr)
-        print(f"sb-eval sweep: error: {error}", file=sys.stderr)
-        return 2
+        return usage_error(parser, error)
     return sweep.run_sweep(points, rows, loader, settings)

@@ -11,7 +11,6 @@ rewritten after every batch so that a rerun resumes where the last one stopped.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import re
@@ -31,8 +30,8 @@ from sb_eval.ruler.registry import TASKS
 from sb_eval.tasks.task_files import RULER_GROUPS, RULER_TASKS
 
 from .attributed_answers import SCHEMA_VERSION, AttributionError, batch_span_indices, prompt_layout, ruler_answer, sample_record
-from .compared_models import file_labels, local_model_arguments, parse_compare
-from .sweep import ModelSpec, SweepArgumentError, model_class, parse_lengths
+from .compared_models import file_labels, load_model, local_model_arguments, parse_compare
+from .sweep import ModelSpec, SweepArgumentError, free_memory, parse_lengths
 
 MQRAR_TASK = "mqrar"
 # The settings a model's JSON must share with a run that resumes it.
@@ -186,7 +185,7 @@ def attribute_model(model: ModelSpec, arguments: dict, label: str, settings: Set
     document, which is also written to OUTPUT/<label>.json after every batch. Samples the file
     already holds (made with the same settings) are kept, not rerun."""
     path = output / f"{label}.json"
-    lm = model_class(model.name)(**arguments)
+    lm = load_model(model, arguments)
     try:
         document = {
             "schema_version": SCHEMA_VERSION,
@@ -218,13 +217,12 @@ def attribute_model(model: ModelSpec, arguments: dict, label: str, settings: Set
                 document["samples"] += attribute_batch(lm, recorder, batch, settings)
                 write_document(path, document, settings)
                 progress.update(len(batch))
-        write_document(path, document, settings)
+        if not todo:  # nothing was run: the file is written again with this run's summary
+            write_document(path, document, settings)
         return document
     finally:
         del lm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
 
 def resumed_samples(path: Path, document: dict) -> dict[tuple[str, int, int], dict]:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 from lm_eval.utils import simple_parse_args_string
 
-from .sweep import ModelSpec, split_model_spec
+from .sweep import ModelSpec, model_class, parse_device, split_model_spec
 
 MODELS = ("sb_hf", "hf")
 
@@ -41,12 +40,15 @@ def local_model_arguments(model: ModelSpec, device: str | None, dtype: str | Non
             f"pretrained={arguments['pretrained']} of {model.name} is not a local folder; sb-eval downloads "
             "nothing: save the model to a folder first and pass that folder"
         )
-    arguments["device"] = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if arguments["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise error(f"--device {device}: this machine has no CUDA device; use --device cpu (the default here)")
+    arguments["device"] = parse_device(device, error)
     if dtype:
         arguments["dtype"] = dtype
     return arguments
+
+
+def load_model(model: ModelSpec, arguments: dict):
+    """An lm-eval model object, built as `lm_eval --model NAME --model_args ...` would build it."""
+    return model_class(model.name)(**arguments)
 
 
 def file_labels(models: list[ModelSpec]) -> list[str]:

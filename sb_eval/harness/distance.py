@@ -5,7 +5,6 @@ the corpus into windows, one forward pass per batch of windows collects the atte
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 
 import torch
@@ -14,10 +13,10 @@ from tqdm import tqdm
 from sb_eval.analysis.attention_stats import AttentionStatistics, collecting_attention_statistics
 from sb_eval.analysis.definitions import SIGN_NOTE
 from sb_eval.data.documents import documents
-from sb_eval.files import OutputFolderError, check_output_folder
+from sb_eval.files import check_output_folder
 
-from .compared_models import local_model_arguments, parse_compare
-from .sweep import ModelSpec, model_class
+from .compared_models import load_model, local_model_arguments, parse_compare
+from .sweep import ModelSpec, free_memory
 
 
 class DistanceArgumentError(ValueError):
@@ -47,18 +46,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise DistanceArgumentError(f"--windows must be at least 1, got {args.windows}")
     if args.batch_size < 1:
         raise DistanceArgumentError(f"--batch_size must be at least 1, got {args.batch_size}")
-    try:
-        check_output_folder(args.output, "--output")
-    except OutputFolderError as error:
-        raise DistanceArgumentError(str(error)) from None
+    check_output_folder(args.output, "--output", DistanceArgumentError)
 
 
 
-
-
-def load_model(model: ModelSpec, arguments: dict):
-    """An lm-eval model object, built as `lm_eval --model NAME --model_args ...` would build it."""
-    return model_class(model.name)(**arguments)
 
 
 def token_windows(texts: list[str], tokenizer, length: int, count: int, join: bool = False) -> list[list[int]]:
@@ -112,9 +103,7 @@ def measure_model(model: ModelSpec, arguments: dict, label: str, texts: list[str
         device = str(lm.device)
     finally:
         del lm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
     tokens_back = statistics["model_mean"]["tokens_back"][args.remainder]
     return {
         "label": label,

@@ -40,7 +40,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
-from sb_eval.files import OutputFolderError, check_output_folder
+from sb_eval.files import check_output_folder
 from sb_eval.reports.sweep import write_report
 
 from . import lm_eval_compat
@@ -122,10 +122,7 @@ def prepare(args) -> tuple[list[Point], list[dict], TaskLoader, Settings]:
     task_names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     loader = TaskLoader(task_names, args.include_path)
     if global_rank() == 0:  # the process that writes
-        try:
-            check_output_folder(settings.output, "--output")
-        except OutputFolderError as error:
-            raise SweepArgumentError(str(error)) from None
+        check_output_folder(settings.output, "--output", SweepArgumentError)
     rows = read_rows(settings.output / RESULTS_FILE)
     check_same_settings(rows, settings)
     points = [Point(model, task, length) for model in models for length in lengths for task in task_names]
@@ -244,13 +241,13 @@ def parse_batch_size(text: str) -> int | str:
     raise SweepArgumentError(f"--batch_size {text!r} must be a positive number, auto or auto:N")
 
 
-def parse_device(device: str | None) -> str:
+def parse_device(device: str | None, error: type[Exception] = SweepArgumentError) -> str:
     """--device, by default cuda where there is a CUDA device and cpu elsewhere (lm-eval's own
-    default is cuda everywhere)."""
+    default is cuda everywhere); cuda where there is none raises `error`."""
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SweepArgumentError(f"--device {device}: this machine has no CUDA device; use --device cpu (the default here)")
+        raise error(f"--device {device}: this machine has no CUDA device; use --device cpu (the default here)")
     return device
 
 

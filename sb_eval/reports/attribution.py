@@ -10,7 +10,6 @@ sb_eval.harness.attribution measured, one panel per model side by side.
 
 from __future__ import annotations
 
-import io
 import math
 
 from matplotlib.figure import Figure
@@ -18,17 +17,14 @@ from matplotlib.ticker import MaxNLocator
 
 from sb_eval.analysis.attribution import needle_findings
 
+from .figures import png_bytes
+from .sweep import length_label
+
 SUMMARY_FILE = "summary.md"
 DEPTH_FILE = "needle_mass_by_depth.png"
 HEADS_FILE = "retrieving_heads.png"
 FOUND_FILE = "found_vs_missed.png"
 DEPTH_BINS = 10
-
-
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
 
 
 def _panels(documents: list[dict], height: float = 3.6):
@@ -47,7 +43,7 @@ def depth_png(documents: list[dict]) -> bytes:
                 bins[min(DEPTH_BINS - 1, int(finding["depth"] * DEPTH_BINS))].append(finding["top_needle_mass"])
         for length, bins in sorted(by_length.items()):
             points = [((b + 0.5) / DEPTH_BINS, sum(v) / len(v)) for b, v in enumerate(bins) if v]
-            axes.plot(*zip(*points), marker="o", label=_length(length))
+            axes.plot(*zip(*points), marker="o", label=length_label(length))
         axes.axhline(document["summary"]["threshold"], color="grey", linestyle=":", linewidth=1, label="threshold")
         axes.set_xlim(0, 1)
         axes.set_ylim(0, 1.02)
@@ -55,7 +51,7 @@ def depth_png(documents: list[dict]) -> bytes:
         axes.set_ylabel("top needle mass (best head)")
         axes.set_title(f"{document['label']} ({document['attention']})", fontsize=9)
         axes.legend(fontsize=7)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def heads_png(documents: list[dict]) -> bytes:
@@ -74,7 +70,7 @@ def heads_png(documents: list[dict]) -> bytes:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))
         figure.colorbar(image, ax=axes, label="needle mass")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def found_png(documents: list[dict]) -> bytes:
@@ -92,7 +88,7 @@ def found_png(documents: list[dict]) -> bytes:
         axes.set_title(f"{document['label']}: needles found and missed", fontsize=9)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend(fontsize=7)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def summary_markdown(documents: list[dict], failures: dict[str, str] | None = None) -> str:
@@ -108,7 +104,7 @@ def summary_markdown(documents: list[dict], failures: dict[str, str] | None = No
     lines = [
         "# Needle attention attribution",
         "",
-        f"Tasks {', '.join(tasks)}; lengths {', '.join(_length(n) for n in lengths)} (MQRAR: symbols); "
+        f"Tasks {', '.join(tasks)}; lengths {', '.join(length_label(n) for n in lengths)} (MQRAR: symbols); "
         f"seed {settings['seed']}; greedy answers; attention of the query that produced {answer_tokens}.",
         "",
         "A needle's top mass is the largest share of one head's attention (any layer, any recorded answer "
@@ -123,7 +119,7 @@ def summary_markdown(documents: list[dict], failures: dict[str, str] | None = No
     for document in documents:
         for row in document["summary"]["by_length"]:
             lines.append(
-                f"| {document['label']} | {_length(row['length'])} | {row['samples']} | {row['correct']} | {row['needles']} | "
+                f"| {document['label']} | {length_label(row['length'])} | {row['samples']} | {row['correct']} | {row['needles']} | "
                 f"{row['missed']} | {_share(row['missed_attended'], row['missed'])} | "
                 f"{_share(row['missed_unattended'], row['missed'])} | {_number(row['mean_top_needle_mass'])} |"
             )
@@ -141,7 +137,7 @@ def summary_markdown(documents: list[dict], failures: dict[str, str] | None = No
     for document in documents:
         for row in document["summary"]["by_length"]:
             lines.append(
-                f"| {document['label']} | {_length(row['length'])} | {row['missed']} | "
+                f"| {document['label']} | {length_label(row['length'])} | {row['missed']} | "
                 + " | ".join(_share(row["missed_attended_at"][t], row["missed"]) for t in thresholds)
                 + f" | {_number(row['mean_needle_share'], 4)} |"
             )
@@ -157,7 +153,7 @@ def summary_markdown(documents: list[dict], failures: dict[str, str] | None = No
     for document in documents:
         for row in document["summary"]["by_point"]:
             lines.append(
-                f"| {document['label']} | {row['task']} | {_length(row['length'])} | {_number(row['mean_score'], 1)} | "
+                f"| {document['label']} | {row['task']} | {length_label(row['length'])} | {_number(row['mean_score'], 1)} | "
                 f"{row['missed']} of {row['needles']} | {row['missed_attended']} | {_number(row['mean_top_needle_mass'])} |"
             )
     lines += ["", "## The heads that retrieve", "", f"![mean needle mass per head]({HEADS_FILE})", f"![found and missed needles per layer]({FOUND_FILE})"]
@@ -187,10 +183,6 @@ def summary_markdown(documents: list[dict], failures: dict[str, str] | None = No
                 f"{_number(entry['found_mean'])} | {_number(entry['missed_mean'])} | {_share(entry['missed_attended'], missed)} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def _length(tokens: int) -> str:
-    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
 def _share(part: int, whole: int) -> str:

@@ -3,7 +3,6 @@ results sb_eval.harness.distance measured."""
 
 from __future__ import annotations
 
-import io
 import math
 
 from matplotlib.colors import SymLogNorm
@@ -11,6 +10,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from sb_eval.analysis.definitions import POSITIONS_MEANING, REMAINDER_CONVENTIONS, REMAINDER_MEANING
+
+from .figures import png_bytes
 
 SUMMARY_FILE = "summary.md"
 COMPARISON_FILE = "comparison.png"
@@ -49,9 +50,7 @@ def heatmap_png(results: list[dict], remainder: str) -> bytes:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))
         figure.colorbar(image, ax=axes, label=kind)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
+    return png_bytes(figure)
 
 
 def summary_markdown(results: list[dict], args, failures: dict[str, str] | None = None) -> str:

@@ -40,6 +40,7 @@ from matplotlib.figure import Figure
 
 from sb_eval.files import write_atomically
 
+from .figures import png_bytes
 from .sweep import latest_outcomes, length_label, model_labels
 
 # RULER's threshold: Llama-2-7B's average at 4K tokens in RULER's paper.
@@ -470,7 +471,7 @@ class _Report:
         axes.set_title("RULER average by context length (95 % intervals shaded)")
         axes.grid(alpha=0.3)
         axes.legend()
-        return _png(figure)
+        return png_bytes(figure)
 
     def depth_png(self, task: str, label: str, table: dict[int, list[float | None]]) -> bytes:
         lengths = sorted(table)
@@ -490,7 +491,7 @@ class _Report:
         axes.set_title(f"{ruler_name(task)}, {label}: score by depth")
         figure.colorbar(image, ax=axes, label="score (0-100)")
         figure.tight_layout()
-        return _png(figure)
+        return png_bytes(figure)
 
     def summary_csv(self, model: Results, length: int) -> bytes:
         """RULER's summary.csv: a header of column numbers, then Tasks, Score (2 decimals), Nulls."""
@@ -526,7 +527,3 @@ def _length_axis(axes, lengths: list[int]) -> None:
     axes.set_xlabel("context length (tokens)")
 
 
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()

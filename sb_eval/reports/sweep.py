@@ -21,7 +21,6 @@ row wins otherwise.
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from sb_eval.files import write_atomically
+
+from .figures import png_bytes
 
 SUMMARY_FILE = "summary.md"
 # The y-axis title for a metric named by the length itself.
@@ -242,10 +243,8 @@ def write_plots(outcomes: dict[tuple[str, str, int], dict], folder: Path, train_
         axes.set_title(task)
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=120)
         path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}.png"
-        write_atomically(path, buffer.getvalue())
+        write_atomically(path, png_bytes(figure, dpi=120))
         written.append(path)
     return written
 

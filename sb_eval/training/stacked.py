@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sb_eval.kernels.attention import stickbreaking_attention
 
-from .trainer import IGNORE, Batch, ModelSize, build_model, logit_offset_biases, lr_factor
+from .trainer import IGNORE, Batch, ModelSize, bf16_autocast, build_model, logit_offset_biases, lr_factor, spread_offsets
 
 INIT_STD = 0.02
 ROPE_THETA = 10000.0  # build_model's Llama (transformers' default)
@@ -138,6 +138,8 @@ class StackedDecoder(nn.Module):
     def _initialise(self, index: int, run: StackedRun) -> None:
         generator = torch.Generator().manual_seed(run.seed)
         residual_std = INIT_STD / math.sqrt(2 * self.size.layers)
+        if run.logit_offsets is not None:
+            q_bias, k_bias = logit_offset_biases(spread_offsets(run.logit_offsets, self.size.heads), self.head_dim, self.head_dim**-0.5)
         self.embedding[index].normal_(0.0, INIT_STD, generator=generator)
         for layer in self.layers:
             layer.qkv[index].normal_(0.0, INIT_STD, generator=generator)
@@ -145,7 +147,6 @@ class StackedDecoder(nn.Module):
             layer.up_gate[index].normal_(0.0, INIT_STD, generator=generator)
             layer.down[index].normal_(0.0, residual_std, generator=generator)
             if run.logit_offsets is not None:
-                q_bias, k_bias = logit_offset_biases(_spread(run.logit_offsets, self.size.heads), self.head_dim, self.head_dim**-0.5)
                 d = self.size.hidden
                 layer.qkv_bias[index, :d] = q_bias.flatten()
                 layer.qkv_bias[index, d:2 * d] = k_bias.flatten()
@@ -226,7 +227,7 @@ class StackedTrainer:
         scored count, each [G]. `batches[g]` is model g's (inputs and targets [B, T]), with at
         most `max_scored[g]` scored positions a row."""
         inputs = torch.stack([batch.inputs for batch in batches])
-        with _autocast(inputs.device):
+        with bf16_autocast(inputs.device):
             hidden = self.model.hidden(inputs)
             losses, correct, scored = [], [], []
             for index, (batch, most) in enumerate(zip(batches, max_scored)):
@@ -323,11 +324,6 @@ class StackedTrainer:
         self.step_count = state["step"]
 
 
-def _spread(offsets: tuple[float, float], heads: int) -> list[float]:
-    first, last = offsets
-    return [first + (last - first) * h / max(heads - 1, 1) for h in range(heads)]
-
-
 def _per_model(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[G] -> broadcastable against `like` [G, ...]."""
     return values.view(-1, *[1] * (like.ndim - 1)).to(like.dtype)
@@ -394,7 +390,3 @@ def _stick_breaking_weights(stack: StackedDecoder, index: int) -> dict[str, torc
         if stack.runs[index].logit_offsets is not None:
             weights[prefix + "attn.c_attn.bias"] = per_head(layer.qkv_bias[index])
     return weights
-
-
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -84,8 +84,7 @@ def build_model(
         )
         model = StickBreakingForCausalLM(config)
         if logit_offsets is not None:
-            first, last = logit_offsets
-            offset_attention_logits(model, [first + (last - first) * h / max(size.heads - 1, 1) for h in range(size.heads)])
+            offset_attention_logits(model, spread_offsets(logit_offsets, size.heads))
         return model
     if attention == "softmax":
         config = LlamaConfig(
@@ -130,7 +129,7 @@ class SequencePool:
     @property
     def max_scored(self) -> int:
         """The most scored positions (targets != IGNORE) any sequence of the pool has."""
-        return int((self.targets != IGNORE).sum(1).max())
+        return max_scored(self.targets)
 
     def batch(self, step: int) -> Batch:
         epoch, index = divmod(step, self.batches_per_epoch)
@@ -195,6 +194,17 @@ def offset_attention_logits(model: StickBreakingForCausalLM, offsets: Sequence[f
         bias = attention.c_attn.bias.view(config.n_head, 3, config.head_dim)  # per head: [q | k | v]
         bias[:, 0] = q_bias
         bias[:, 1] = k_bias
+
+
+def max_scored(targets: torch.Tensor) -> int:
+    """The most scored positions (targets != IGNORE) any row of targets [N, T] has."""
+    return int((targets != IGNORE).sum(1).max())
+
+
+def spread_offsets(offsets: tuple[float, float], heads: int) -> list[float]:
+    """(first, last) -> one logit offset per head, evenly spaced from the first head to the last."""
+    first, last = offsets
+    return [first + (last - first) * h / max(heads - 1, 1) for h in range(heads)]
 
 
 def logit_offset_biases(offsets: Sequence[float], head_dim: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +314,7 @@ def evaluate(model: PreTrainedModel, source, batches: int, device: torch.device)
     total_loss, correct, scored = 0.0, 0, 0
     for step in range(batches):
         batch = _to_device(source.batch(step), device)
-        with _autocast(device):
+        with bf16_autocast(device):
             loss, batch_correct, batch_scored = position_loss(model, batch)
         total_loss += loss.item()
         correct += batch_correct.item()
@@ -353,7 +363,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr_at(step)
             batch = _to_device(train_source.batch(step), device)
-            with _autocast(device):
+            with bf16_autocast(device):
                 loss, _, scored = position_loss(model, batch)
             if not torch.isfinite(loss):
                 if scored.item() == 0:
@@ -432,5 +442,5 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return Batch(batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True))
 
 
-def _autocast(device: torch.device):
+def bf16_autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
