@@ -1,4 +1,5 @@
-"""Times the stick-breaking kernels beside torch SDPA flash attention, in one run on one GPU.
+"""Times the stick-breaking kernels beside torch SDPA flash attention (and, for the forward, SDPA's
+cuDNN backend), in one run on one GPU.
 
     python scripts/bench_kernels.py [--lengths 4096,...] [--shapes 16x128,24x64] [--json out.json] [--sweep]
     python scripts/bench_kernels.py --backward [--lengths 16384,65536] [--sweep]
@@ -76,8 +77,8 @@ def median_ms(fn, grad_to_none=None) -> float:
                                    return_mode="median")
 
 
-def sdpa(q, k, v, causal: bool):
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+def sdpa(q, k, v, causal: bool, backend: SDPBackend = SDPBackend.FLASH_ATTENTION):
+    with sdpa_kernel([backend]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
@@ -106,6 +107,8 @@ def bench_forward(lengths, rows, sweep_configs, shapes):
             q, k, v = long_range_qkv(heads, t, t, dim)
             base = median_ms(lambda: sdpa(q, k, v, True))
             row = {"kind": "forward", "heads": heads, "dim": dim, "T": t, "sdpa_ms": base}
+            # what torch 2.11 picks by default on Hopper, and so what a transformers Llama runs
+            row["sdpa_cudnn_ms"] = median_ms(lambda: sdpa(q, k, v, True, SDPBackend.CUDNN_ATTENTION))
             row["ours_ms"] = median_ms(lambda: ours(q, k, v))
             row["ours_no_halting_ms"] = median_ms(lambda: ours(q, k, v, early_halting=False))
             row["ours_stats_ms"] = median_ms(lambda: ours(q, k, v, return_stats=True))

@@ -1,7 +1,7 @@
 """Prefill and decode of a stick-breaking model with the released 3B's shapes beside a same-shaped
 Llama with SDPA attention, on one GPU, random weights, bf16, batch 1.
 
-    python scripts/bench_model.py [--lengths 16384,65536] [--decode-cache 65536] [--profile 65536] [--json out.json]
+    python scripts/bench_model.py [--lengths 16384,65536] [--decode-cache 65536] [--profile 65536] [--profile-decode] [--json out.json]
 
 Prefill: one forward over T tokens that fills the cache and returns the last position's logits.
 Decode: median time per token of single-token steps against a cache of --decode-cache tokens,
@@ -10,7 +10,8 @@ token) and with sb-eval's PreallocatedCache (which writes in place), beside the 
 read the cache and the weights once at the copy bandwidth measured in the same run.
 Peak memory: the most the CUDA allocator held during each prefill. --profile T prints, for each
 model, where one prefill of T tokens spends its GPU time (torch.profiler, by kernel), so that the
-time outside the attention kernel can be read off.
+time outside the attention kernel can be read off; --profile-decode does the same for a decode
+step and sets its GPU time beside its wall time.
 
 With random weights every logit is near 0, each key takes half the remaining stick and early
 halting skips all but the nearest few dozen keys, which flatters stick-breaking. The
@@ -156,20 +157,51 @@ def decode_floor_ms(model, cache_tokens: int, bandwidth: float) -> float:
     return (cache_bytes + weight_bytes) / bandwidth * 1000
 
 
+def print_by_kernel(profiler, title: str, per: int = 1, top: int = 12) -> float:
+    """Prints the profiled GPU time by CUDA kernel, the largest first, divided by `per` (the
+    number of profiled repetitions); returns the total in ms."""
+    events = [e for e in profiler.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events) / per / 1000
+    print(f"{title}: {total:.1f} ms of GPU time by kernel", flush=True)
+    for event in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        ms = event.device_time_total / per / 1000
+        print(f"  {ms:9.2f} ms {100 * ms / total:5.1f}%  x{event.count // per:<5d} {event.key[:90]}")
+    return total
+
+
 @torch.no_grad()
-def kernel_breakdown(model, name: str, t: int, top: int = 12) -> None:
-    """GPU time of one prefill of t tokens by CUDA kernel, the largest first."""
+def kernel_breakdown(model, name: str, t: int) -> None:
+    """GPU time of one prefill of t tokens by CUDA kernel."""
     ids = torch.randint(0, model.config.vocab_size, (1, t), device="cuda")
     prefill(model, ids[:, :1024])
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         prefill(model, ids)
         torch.cuda.synchronize()
-    events = [e for e in profiler.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in events)
-    print(f"{name} prefill T={t}: {total / 1000:.1f} ms of GPU time by kernel", flush=True)
-    for event in sorted(events, key=lambda e: -e.device_time_total)[:top]:
-        print(f"  {event.device_time_total / 1000:9.1f} ms {100 * event.device_time_total / total:5.1f}%  x{event.count:<5d} {event.key[:90]}")
+    print_by_kernel(profiler, f"{name} prefill T={t}")
+
+
+PROFILED_STEPS = 4
+
+
+@torch.no_grad()
+def decode_breakdown(model, name: str, cache_tokens: int, cache_kind: str) -> None:
+    """GPU time of a decode step against a cache of cache_tokens by CUDA kernel, beside its wall
+    time: a step whose wall time is well above its GPU time waits on the host (launches, Python)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, cache_tokens), device="cuda")
+    cache = prefill(model, ids, cache_kind)
+    token = ids[:, -1:]
+    step = lambda: model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache})  # noqa: E731
+    step()
+    wall = statistics.median(elapsed_ms(step) for _ in range(3))
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(PROFILED_STEPS):
+            step()
+        torch.cuda.synchronize()
+    gpu = print_by_kernel(profiler, f"{name} decode step, {cache_kind} cache of {cache_tokens}", per=PROFILED_STEPS, top=8)
+    print(f"{name} decode step, {cache_kind}: wall {wall:.2f} ms, GPU busy {gpu:.2f} ms ({100 * gpu / wall:.0f}%)", flush=True)
+    del cache, ids
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -178,6 +210,7 @@ def main() -> None:
     parser.add_argument("--decode-cache", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", type=int, help="print a by-kernel breakdown of one prefill of this many tokens")
+    parser.add_argument("--profile-decode", action="store_true", help="print a by-kernel breakdown of a decode step beside its wall time")
     parser.add_argument("--models", default="sb-random,sb-long-range,llama-sdpa", help="comma-separated; llama-sdpa is the baseline")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -201,6 +234,9 @@ def main() -> None:
         floors[name] = decode_floor_ms(model, args.decode_cache, bandwidth / 2)  # reading alone: half the traffic
         if args.profile:
             kernel_breakdown(model, name, args.profile)
+        if args.profile_decode:
+            for cache_kind in cache_kinds:
+                decode_breakdown(model, name, args.decode_cache, cache_kind)
         del model
         torch.cuda.empty_cache()
     for row in rows:
