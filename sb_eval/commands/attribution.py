@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="sb_hf", choices=("sb_hf", "hf"), help="sb_hf (stick-breaking) or hf (softmax)")
     parser.add_argument("--model_args", default="",
                         help="as lm_eval's: pretrained=PATH[,key=value...]; sb_hf without pretrained takes the packaged checkpoint")
-    parser.add_argument("--compare", metavar="NAME:ARGS", help="a second model, e.g. hf:pretrained=/path/to/softmax-twin,max_length=16384")
+    parser.add_argument("--compare", metavar="NAME:ARGS", help="a second model, e.g. hf:pretrained=/path/to/softmax-twin,max_length=65536")
     parser.add_argument("--tasks", required=True, help="comma-separated: ruler_niah, sb_niah_*, sb_ruler_vt, mqrar")
     parser.add_argument("--lengths", required=True, help="comma-separated context lengths in tokens (MQRAR: symbols), e.g. 1K,4K,16K")
     parser.add_argument("--num_samples", type=int, default=10, help="samples per task and length (default 10)")
