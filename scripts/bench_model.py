@@ -113,6 +113,14 @@ def prefill(model, ids: torch.Tensor, cache_kind: str = "dynamic"):
     return cache
 
 
+def decode_step(model, ids: torch.Tensor, cache_kind: str):
+    """Fills a cache from ids [1, T] and returns one decode step of its last token against it (the
+    step holds the cache; at most DECODE_STEPS steps fit a preallocated one)."""
+    cache = prefill(model, ids, cache_kind)
+    token = ids[:, -1:]
+    return lambda: model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache})
+
+
 @torch.no_grad()
 def measure(model, name: str, lengths: list[int], decode_cache: int, repeats: int, cache_kinds: tuple[str, ...]) -> list[dict]:
     rows = []
@@ -127,13 +135,12 @@ def measure(model, name: str, lengths: list[int], decode_cache: int, repeats: in
 
     ids = torch.randint(0, vocab, (1, decode_cache), device="cuda")
     for cache_kind in cache_kinds:
-        cache = prefill(model, ids, cache_kind)
-        token = ids[:, -1:]
-        steps = [elapsed_ms(lambda: model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache})) for _ in range(DECODE_STEPS)]
+        step = decode_step(model, ids, cache_kind)
+        steps = [elapsed_ms(step) for _ in range(DECODE_STEPS)]
         per_token = statistics.median(steps[2:])
         rows.append({"model": name, "kind": "decode", "cache": cache_kind, "T": decode_cache, "ms": per_token})
         print(f"{name:14s} decode  cache={decode_cache:<6d} {cache_kind:12s} {per_token:9.2f} ms/token", flush=True)
-        del cache
+        del step
         torch.cuda.empty_cache()
     del ids
     return rows
@@ -190,9 +197,7 @@ def decode_breakdown(model, name: str, cache_tokens: int, cache_kind: str) -> No
     """GPU time of a decode step against a cache of cache_tokens by CUDA kernel, beside its wall
     time: a step whose wall time is well above its GPU time waits on the host (launches, Python)."""
     ids = torch.randint(0, model.config.vocab_size, (1, cache_tokens), device="cuda")
-    cache = prefill(model, ids, cache_kind)
-    token = ids[:, -1:]
-    step = lambda: model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache})  # noqa: E731
+    step = decode_step(model, ids, cache_kind)
     step()
     wall = statistics.median(elapsed_ms(step) for _ in range(3))
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
@@ -201,7 +206,7 @@ def decode_breakdown(model, name: str, cache_tokens: int, cache_kind: str) -> No
         torch.cuda.synchronize()
     gpu = print_by_kernel(profiler, f"{name} decode step, {cache_kind} cache of {cache_tokens}", per=PROFILED_STEPS, top=8)
     print(f"{name} decode step, {cache_kind}: wall {wall:.2f} ms, GPU busy {gpu:.2f} ms ({100 * gpu / wall:.0f}%)", flush=True)
-    del cache, ids
+    del step, ids
     torch.cuda.empty_cache()
 
 
