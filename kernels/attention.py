@@ -28,6 +28,7 @@ def stickbreaking_attention(
     return_stats: bool = False,
     key_spans: torch.Tensor | None = None,
     num_spans: int | None = None,
+    num_keys: torch.Tensor | None = None,
     backend: str = "auto",
 ):
     """Causal stick-breaking attention (Tan et al., 2025) with queries at the end of the keys.
@@ -50,6 +51,12 @@ def stickbreaking_attention(
             rem sum to 1 when every key has a span. Not differentiable. The triton backend
             computes it in its split-key kernel, for up to 64 query rows x group (decoding, the
             last rows of a prefill); num_spans is at most MAX_SPANS.
+        num_keys: [1] integer tensor on q's device, for k and v that are buffers (a preallocated
+            cache): only the first num_keys of their Tk slots are keys (and of key_mask's and
+            key_spans' columns); the queries are the last Tq of those. The triton backend reads
+            the count on the device, so that one launch serves every count (a CUDA graph of a
+            decode step), and takes it for up to 64 query rows x group; the other backends read it
+            on the host. Not differentiable.
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1; differentiable in q, k, v and
             remainder through o and rem, with Triton backward kernels), "torch" (chunked PyTorch,
             O(chunk^2) memory, differentiable), "reference" (the O(Tq * Tk) definition, float64
@@ -62,6 +69,7 @@ def stickbreaking_attention(
     """
     _check_inputs(q, k, v, remainder, key_mask, backend)
     _check_spans(q, k, key_spans, num_spans)
+    _check_num_keys(q, num_keys)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if not math.isfinite(scale):
@@ -69,6 +77,9 @@ def stickbreaking_attention(
     backend = _resolve_backend(backend, q)
     if key_mask is not None and key_mask.dtype != torch.bool:
         key_mask = key_mask != 0
+    if num_keys is not None and backend != "triton":
+        k, v, key_mask, key_spans = _first_keys(q.shape[2], k, v, key_mask, key_spans, num_keys)
+        num_keys = None
     options = dict(
         scale=float(scale),
         attend_current=bool(attend_current),
@@ -91,12 +102,14 @@ def stickbreaking_attention(
         if torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, remainder)
         ):
+            if num_keys is not None:
+                raise ValueError("num_keys is for inference (decoding against a cache's buffers); it is not differentiable")
             o, rem, distance, span_mass = StickbreakingTritonFunction.apply(
                 q, k, v, remainder, key_mask, options["scale"], options["attend_current"],
                 return_stats, key_spans, num_spans,
             )
         else:
-            o, rem, distance, span_mass = stickbreaking_attention_triton(q, k, v, **options)
+            o, rem, distance, span_mass = stickbreaking_attention_triton(q, k, v, num_keys=num_keys, **options)
     return (o, rem) + ((distance,) if return_stats else ()) + ((span_mass,) if key_spans is not None else ())
 
 
@@ -177,6 +190,29 @@ def _check_spans(q, k, key_spans, num_spans) -> None:
         raise ValueError(f"key_spans is on {key_spans.device} but q is on {q.device}; put them on one device")
     if isinstance(num_spans, bool) or not isinstance(num_spans, int) or not 1 <= num_spans <= MAX_SPANS:
         raise ValueError(f"num_spans must be an integer from 1 to {MAX_SPANS}, got {num_spans!r}")
+
+
+def _check_num_keys(q, num_keys) -> None:
+    if num_keys is None:
+        return
+    if (not isinstance(num_keys, torch.Tensor) or num_keys.numel() != 1
+            or num_keys.dtype.is_floating_point or num_keys.dtype == torch.bool):
+        kind = f"{num_keys.dtype} of shape {tuple(num_keys.shape)}" if isinstance(num_keys, torch.Tensor) else type(num_keys).__name__
+        raise ValueError(f"num_keys must be an integer tensor of one element (the count of keys), got {kind}")
+    if num_keys.device != q.device:
+        raise ValueError(f"num_keys is on {num_keys.device} but q is on {q.device}; put them on one device")
+
+
+def _first_keys(Tq: int, k, v, key_mask, key_spans, num_keys):
+    """k, v, key_mask and key_spans cut to their first num_keys keys (read on the host), checked."""
+    Tk = k.shape[2]
+    count = int(num_keys.item())
+    if not Tq <= count <= Tk:
+        raise ValueError(f"num_keys must be from Tq={Tq} (the queries are the last keys) to Tk={Tk} (k's slots), got {count}")
+    k, v = k[:, :, :count], v[:, :, :count]
+    key_mask = key_mask[:, :count] if key_mask is not None else None
+    key_spans = key_spans[:, :count] if key_spans is not None else None
+    return k, v, key_mask, key_spans
 
 
 def _empty_outputs(q: torch.Tensor, return_stats: bool, num_spans: int | None):

@@ -11,6 +11,11 @@ distance. The splits combine nearest-first, like a scan:
 The distance and the span mass (the weights summed over each span of keys, KEY_SPANS giving each
 key's span) combine as o does. All query heads of one key head are processed by the same program,
 so K and V are read once.
+
+With HAS_NUM_KEYS the count of keys is read from device memory (NUM_KEYS) instead of taken as an
+argument: K and V are then buffers of Tk slots of which the first NUM_KEYS hold keys, and the
+same launch serves every step of a decode loop, as a CUDA graph needs. Splits past the last key
+write an empty part (o = 0, used = 0), which leaves the combination unchanged.
 """
 
 from __future__ import annotations
@@ -34,24 +39,27 @@ def add_span_mass(span_mass, weights, key_spans_ptr, key_pos, Tk, offs_span, NUM
 
 @triton.jit
 def stickbreaking_split_kernel(
-    Q, K, V, KEY_MASK, KEY_SPANS, O_PART, USED_PART, DIST_PART, SPAN_PART,
+    Q, K, V, KEY_MASK, KEY_SPANS, NUM_KEYS, O_PART, USED_PART, DIST_PART, SPAN_PART,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_mb, stride_mt, stride_sb,
     num_kv_heads, Tq, Tk, group, qk_scale, split_len, num_splits,
     ATTEND_CURRENT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, RETURN_STATS: tl.constexpr,
-    NUM_SPANS: tl.constexpr, BLOCK_SPANS: tl.constexpr,
+    HAS_NUM_KEYS: tl.constexpr, NUM_SPANS: tl.constexpr, BLOCK_SPANS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid (num_splits, B * Hkv). Row m of a program is query t = m % Tq of head group m // Tq.
+    With HAS_NUM_KEYS, Tk is the buffers' length and NUM_KEYS (one int32) the count of keys.
 
     Writes O_PART [B*Hq*Tq, num_splits, D] fp32, USED_PART and DIST_PART [B*Hq*Tq, num_splits],
     and with NUM_SPANS > 0 SPAN_PART [B*Hq*Tq, num_splits, NUM_SPANS] from KEY_SPANS [B, Tk]
     int32 (batch stride stride_sb, key stride 1).
     """
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+    if HAS_NUM_KEYS:
+        Tk = tl.load(NUM_KEYS)
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
@@ -76,7 +84,7 @@ def stickbreaking_split_kernel(
     key_spans_ptr = KEY_SPANS + b * stride_sb
 
     split_start = pid_s * split_len
-    num_blocks = tl.cdiv(tl.minimum(split_len, Tk - split_start), BLOCK_N)
+    num_blocks = tl.cdiv(tl.maximum(tl.minimum(split_len, Tk - split_start), 0), BLOCK_N)
     for step in tl.range(0, num_blocks, num_stages=NUM_STAGES):
         block_start = split_start + (num_blocks - 1 - step) * BLOCK_N
         o, used, distance, weights = _key_block(

@@ -142,6 +142,7 @@ def stickbreaking_attention_triton(
     return_stats: bool = False,
     key_spans: torch.Tensor | None = None,
     num_spans: int | None = None,
+    num_keys: torch.Tensor | None = None,
     early_halting: bool = True,
     config: KernelConfig | None = None,
 ):
@@ -149,7 +150,9 @@ def stickbreaking_attention_triton(
 
     q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] (any strides); remainder: [Hq, D];
     key_mask: [B, Tk] bool; key_spans: [B, Tk] integer span indices (split-key path only: at most
-    SPLIT_KEY_MAX_ROWS query rows x group). Returns (o [B, Hq, Tq, D], rem [B, Hq, Tq] fp32,
+    SPLIT_KEY_MAX_ROWS query rows x group); num_keys: [1] int32 on q's device, the count of keys
+    when k and v are buffers of Tk slots (split-key path only; the launch is the same for every
+    count, so that it can be captured in a CUDA graph). Returns (o [B, Hq, Tq, D], rem [B, Hq, Tq] fp32,
     distance or None, span_mass [B, Hq, Tq, num_spans] fp32 or None).
     ``early_halting=False`` and ``config`` (forward-kernel settings) are for benchmarks.
     """
@@ -178,6 +181,12 @@ def stickbreaking_attention_triton(
         key_spans = key_spans.to(torch.int32).contiguous()
         span_mass = torch.empty(B, Hq, Tq, num_spans, dtype=torch.float32, device=q.device)
 
+    if num_keys is not None and group * Tq > SPLIT_KEY_MAX_ROWS:
+        raise ValueError(
+            f"num_keys is for the split-key kernel, at most {SPLIT_KEY_MAX_ROWS} query rows x group; "
+            f"got {Tq} queries x {group}"
+        )
+
     if group * Tq <= SPLIT_KEY_MAX_ROWS:
         cfg = split_config(D, q.dtype)
         splits = _num_splits(Tk, cfg.block_n, B * Hkv, q.device)
@@ -194,14 +203,15 @@ def stickbreaking_attention_triton(
             span_part = torch.empty(rows, splits, num_spans, dtype=torch.float32, device=q.device)
             key_spans_arg, span_out = key_spans, span_mass
         stickbreaking_split_kernel[(splits, B * Hkv)](
-            q, k, v, mask, key_spans_arg, o_part, used_part, dist_part, span_part,
+            q, k, v, mask, key_spans_arg, num_keys.to(torch.int32) if num_keys is not None else used_part,
+            o_part, used_part, dist_part, span_part,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             *mask_strides, key_spans_arg.stride(0) if key_spans is not None else 0,
             Hkv, Tq, Tk, group, qk_scale, split_len, splits,
             ATTEND_CURRENT=int(attend_current), HAS_KEY_MASK=key_mask is not None,
-            RETURN_STATS=return_stats, **spans,
+            RETURN_STATS=return_stats, HAS_NUM_KEYS=num_keys is not None, **spans,
             BLOCK_M=max(16, triton.next_power_of_2(group * Tq)), BLOCK_N=cfg.block_n,
             BLOCK_D=block_d, HEAD_DIM=D, DOT_PRECISION=dot_precision, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps,

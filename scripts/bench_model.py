@@ -6,7 +6,8 @@ Llama with SDPA attention, on one GPU, random weights, bf16, batch 1.
 Prefill: one forward over T tokens that fills the cache and returns the last position's logits.
 Decode: median time per token of single-token steps against a cache of --decode-cache tokens,
 for the stick-breaking models with transformers' DynamicCache (which concatenates the cache every
-token) and with sb-eval's PreallocatedCache (which writes in place), beside the floor: the time to
+token), with sb-eval's PreallocatedCache (which writes in place), and with that cache and each
+step replayed as a CUDA graph ("graph", as sb_hf generates), beside the floor: the time to
 read the cache and the weights once at the copy bandwidth measured in the same run.
 Peak memory: the most the CUDA allocator held during each prefill. --profile T prints, for each
 model, where one prefill of T tokens spends its GPU time (torch.profiler, by kernel), so that the
@@ -103,7 +104,7 @@ DECODE_STEPS = 12
 
 
 def new_cache(kind: str, capacity: int):
-    return PreallocatedCache(capacity) if kind == "preallocated" else DynamicCache()
+    return DynamicCache() if kind == "dynamic" else PreallocatedCache(capacity)
 
 
 @torch.no_grad()
@@ -115,7 +116,10 @@ def prefill(model, ids: torch.Tensor, cache_kind: str = "dynamic"):
 
 def decode_step(model, ids: torch.Tensor, cache_kind: str):
     """Fills a cache from ids [1, T] and returns one decode step of its last token against it (the
-    step holds the cache; at most DECODE_STEPS steps fit a preallocated one)."""
+    step holds the cache; at most DECODE_STEPS steps fit a preallocated one). The "graph" kind is
+    the preallocated cache with each step replayed as a CUDA graph (captured at the first)."""
+    if isinstance(model, StickBreakingForCausalLM):
+        model.set_decode_graphs(cache_kind == "graph")
     cache = prefill(model, ids, cache_kind)
     token = ids[:, -1:]
     return lambda: model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache})
@@ -235,7 +239,7 @@ def main() -> None:
     floors = {}
     for name in args.models.split(","):
         model = builds[name]()
-        cache_kinds = ("dynamic",) if name.startswith("llama") else ("dynamic", "preallocated")
+        cache_kinds = ("dynamic",) if name.startswith("llama") else ("dynamic", "preallocated", "graph")
         rows += measure(model, name, lengths, args.decode_cache, args.repeats, cache_kinds)
         # The copy's read + write rate is what the memory moves; a read-only stream gets about the
         # same (the decode kernel reads the cache at 2.9 TB/s on an H100), not half of it.

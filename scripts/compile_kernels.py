@@ -49,7 +49,7 @@ def compile_kernel(kernel, dtype: torch.dtype, constants: dict, num_warps: int, 
             signature[name] = "constexpr"
         elif name == "KEY_MASK":
             signature[name] = "*u8"
-        elif name == "KEY_SPANS":
+        elif name in ("KEY_SPANS", "NUM_KEYS"):
             signature[name] = "*i32"
         elif name.isupper():
             signature[name] = f"*{TRITON_TYPES[dtype]}" if name in INPUT_POINTERS else "*fp32"
@@ -105,7 +105,7 @@ def main() -> None:
         describe(f"forward d={head_dim} {cfg}", forward)
         cfg = split_config(head_dim, dtype)
         split = compile_kernel(stickbreaking_split_kernel, dtype, dict(
-            common, **spans, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
+            common, **spans, HAS_NUM_KEYS=False, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
             NUM_STAGES=cfg.num_stages,
         ), cfg.num_warps, cfg.num_stages)
         describe(f"split   d={head_dim} {cfg}", split)

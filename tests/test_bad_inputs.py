@@ -185,6 +185,7 @@ SB_HF_FAULTS = {
     "pretrained not a folder": (dict(pretrained="/nonexistent/model"), ValueError, r"pretrained=/nonexistent/model is not a local folder"),
     "allow_pickle=maybe": (dict(allow_pickle="maybe"), ValueError, r"allow_pickle='maybe' is not a boolean; write true or false"),
     "truncate_long_prompts=sometimes": (dict(truncate_long_prompts="sometimes"), ValueError, r"truncate_long_prompts='sometimes' is not a boolean"),
+    "decode_graphs=fast": (dict(decode_graphs="fast"), ValueError, r"decode_graphs='fast' is not a boolean"),
     "attention_backend=flash": (dict(attention_backend="flash"), ValueError, r"attention_backend must be one of \('auto', 'triton', 'torch', 'reference'\)"),
     "logprob_chunk_size=0": (dict(logprob_chunk_size=0), ValueError, r"logprob_chunk_size must be a positive number of tokens"),
     "a misspelt argument": (dict(attention_backnd="torch"), ValueError, r"sb_hf's --model_args has no setting 'attention_backnd'\. Did you mean 'attention_backend'\?"),

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from sb_eval.harness.stick_breaking_lm import StickBreakingLM
 from sb_eval.model.cache import CAPACITY_STEP, PreallocatedCache
 from sb_eval.model.configuration import tiny_config
+from sb_eval.model.decode_graph import GraphStep
 from sb_eval.model.modeling import CACHE_FIELD, StickBreakingForCausalLM
 from sb_eval.model.saving import write_random_checkpoint
 
@@ -119,6 +120,60 @@ def test_crop_and_batch_selection(model):
         cache.crop(2)
     with pytest.raises(ValueError, match="capacity must be a number of tokens >= 0"):
         PreallocatedCache(-1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_graph_step_decodes_as_an_ordinary_step_does(model, backend, kernel_device):
+    """The arithmetic a CUDA graph captures (sb_eval.model.decode_graph), run eagerly: writing
+    each token's keys into a slot named on the device and reading a count of keys from the
+    device gives the logits of ordinary decode steps, for a left-padded batch."""
+    device = kernel_device if backend == "triton" else "cpu"
+    model.to(device).set_attention_backend(backend)
+    try:
+        ids, mask = (x.to(device) for x in left_padded((30, 17), seed=4))
+        caches = PreallocatedCache(40), PreallocatedCache(40)
+        with torch.no_grad():
+            for cache in caches:
+                model(input_ids=ids, attention_mask=mask, **{CACHE_FIELD: cache})
+            capacity = caches[1].layers[0].capacity
+            step = GraphStep(position=torch.zeros(1, dtype=torch.long, device=device),
+                             num_keys=torch.zeros(1, dtype=torch.int32, device=device),
+                             key_mask=torch.zeros(2, capacity, dtype=torch.bool, device=device))
+            token = ids[:, -1:]
+            for _ in range(5):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                ordinary = model(input_ids=token, attention_mask=mask, **{CACHE_FIELD: caches[0]}).logits
+                filled = caches[1].get_seq_length()
+                step.position.fill_(filled)
+                step.num_keys.fill_(filled + 1)
+                step.key_mask[:, : filled + 1] = mask.bool()
+                graphed = model(input_ids=token, cache=caches[1], logits_to_keep=1, graph_step=step).logits
+                for layer in caches[1].layers:
+                    layer.advance(1)
+                assert torch.allclose(graphed, ordinary, atol=1e-5)
+                token = ordinary[:, -1:].argmax(-1)
+        assert caches[1].get_seq_length() == caches[0].get_seq_length() == 35
+        assert torch.allclose(caches[1].layers[1].keys, caches[0].layers[1].keys, atol=1e-5)
+        with pytest.raises(ValueError, match="would pass the capacity"):
+            caches[1].layers[0].advance(capacity)
+    finally:
+        model.to("cpu").set_attention_backend("torch")
+
+
+def test_decode_graphs_are_never_used_off_the_gpu_and_are_checked(model):
+    model.set_decode_graphs(True)
+    try:
+        ids, mask = left_padded((9,), seed=5)
+        cache = PreallocatedCache(16)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, **{CACHE_FIELD: cache})
+            model(input_ids=ids[:, -1:], **{CACHE_FIELD: cache})
+        assert cache.decode_graph is None and cache.get_seq_length() == 10
+        with pytest.raises(ValueError, match="decode graphs are on .True. or off .False., got 'yes'"):
+            model.set_decode_graphs("yes")
+    finally:
+        model.set_decode_graphs(False)
+    assert "decode_graphs" not in model.config.to_dict()
 
 
 @pytest.fixture(scope="module")

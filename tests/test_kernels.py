@@ -167,6 +167,31 @@ def test_prefill_then_decode_equals_one_pass(backend, dtype, kernel_device):
     assert torch.allclose(rem, full_rem, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend,dtype", backends_and_dtypes() + [pytest.param("reference", torch.float64, id="reference")])
+def test_num_keys_reads_only_the_first_keys_of_buffers(backend, dtype, kernel_device):
+    """A decode step against buffers of which only the first keys are filled (the rest garbage),
+    with the count in a tensor, equals the step against the filled part alone, at odd counts and
+    GQA, with and without a key mask."""
+    device = device_for(backend, kernel_device)
+    q, k, v = random_inputs(2, 6, 2, 1, 300, 32, dtype, device, seed=12)
+    key_mask = torch.rand(2, 300, generator=torch.Generator().manual_seed(3)) > 0.2
+    key_mask = key_mask.to(device)
+    for count in (1, 77, 299):
+        for mask in (None, key_mask):
+            expected = stickbreaking_attention(q, k[:, :, :count], v[:, :, :count], backend=backend,
+                                               key_mask=None if mask is None else mask[:, :count])
+            got = stickbreaking_attention(q, k, v, backend=backend, key_mask=mask,
+                                          num_keys=torch.tensor([count], device=device))
+            assert relative_error(got[0], expected[0]) <= TOLERANCE[dtype], count
+            assert torch.allclose(got[1], expected[1], atol=1e-6)
+
+
+def test_triton_num_keys_is_for_few_query_rows(kernel_device):
+    q, k, v = random_inputs(1, 2, 2, 65, 65, 16, torch.float32, kernel_device)
+    with pytest.raises(ValueError, match=r"num_keys is for the split-key kernel, at most 64 query rows x group"):
+        stickbreaking_attention(q, k, v, num_keys=torch.tensor([65], device=kernel_device), backend="triton")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("head_dim", [16, 80, 128])
 def test_head_dims(backend, head_dim, kernel_device):
@@ -242,6 +267,11 @@ BAD_INPUTS = [
     (dict(key_mask=torch.ones(1, 7, dtype=torch.bool)), "key_mask must have shape"),
     (dict(backend="cuda"), "backend must be one of"),
     (dict(scale=float("nan")), "scale must be a finite number"),
+    (dict(num_keys=8), "num_keys must be an integer tensor of one element"),
+    (dict(num_keys=torch.tensor([8.0])), "num_keys must be an integer tensor of one element"),
+    (dict(num_keys=torch.tensor([8, 8])), "num_keys must be an integer tensor of one element"),
+    (dict(num_keys=torch.tensor([9])), r"num_keys must be from Tq=8 .* to Tk=8"),
+    (dict(num_keys=torch.tensor([7])), r"num_keys must be from Tq=8 .* to Tk=8"),
 ]
 
 

@@ -86,3 +86,50 @@ def test_a_left_padded_batch_generates_what_its_rows_generate_alone(model):
         alone = ids[row, mask[row].bool()][None]
         single = model.generate(alone, max_new_tokens=12, do_sample=False, pad_token_id=256)
         assert torch.equal(batched[row, ids.shape[1]:], single[0, alone.shape[1]:])
+
+
+@torch.no_grad()
+def test_decode_graphs_generate_what_launched_kernels_generate(model):
+    """Greedy generation with each decode step replayed as a CUDA graph gives the tokens of the
+    same steps launched kernel by kernel: a left-padded batch (a key mask), a single prompt, and
+    a cache with no room for the first new token (it grows eagerly, and the graph is captured
+    again on the new buffers)."""
+    from sb_eval.model.cache import PreallocatedCache
+    from sb_eval.model.modeling import CACHE_FIELD
+
+    ids, mask = left_padded_batch([1500, 700, 1100], seed=4)
+    cases = [
+        dict(input_ids=ids, attention_mask=mask),
+        dict(input_ids=ids[:1, -333:]),
+        dict(input_ids=ids[1:2, -512:], **{CACHE_FIELD: PreallocatedCache(512)}),
+    ]
+    for case in cases:
+        outputs = {}
+        for graphs in (False, True):
+            model.set_decode_graphs(graphs)
+            arguments = {name: (PreallocatedCache(512) if name == CACHE_FIELD else value) for name, value in case.items()}
+            result = model.generate(**arguments, max_new_tokens=24, do_sample=False, pad_token_id=256,
+                                    return_dict_in_generate=True, output_logits=True)
+            cache = getattr(result, CACHE_FIELD)
+            assert (cache.decode_graph is not None) == graphs
+            outputs[graphs] = result
+        model.set_decode_graphs(False)
+        assert torch.equal(outputs[True].sequences, outputs[False].sequences)
+        for graphed, launched in zip(outputs[True].logits, outputs[False].logits):
+            assert torch.allclose(graphed, launched, atol=1e-3, rtol=1e-3)
+
+
+@torch.no_grad()
+def test_decode_graphs_step_aside_for_attention_statistics(model):
+    """A forward hook on the decoder (how attention statistics reach the layers) must see every
+    step, so such steps are launched kernel by kernel."""
+    from sb_eval.analysis.attention_stats import collecting_attention_statistics
+
+    ids = left_padded_batch([600], seed=5)[0]
+    model.set_decode_graphs(True)
+    try:
+        with collecting_attention_statistics(model) as statistics:
+            model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=256)
+    finally:
+        model.set_decode_graphs(False)
+    assert statistics.forward_passes == 5  # the prefill and four decode steps

@@ -16,8 +16,9 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
 - every model argument is checked: unknown ones are an error that suggests the nearest, and
   booleans are read strictly (true/false, 1/0, yes/no);
 - max_length defaults to 65536: stick-breaking has no position embedding to outgrow;
-- generation writes keys and values into a preallocated cache (sb_eval.model.cache), and
-  batch_size=auto finds the largest batch that fits on the GPU for the requests at hand (their
+- generation writes keys and values into a preallocated cache (sb_eval.model.cache), and on a
+  GPU each decode step runs as a CUDA graph (sb_eval.model.decode_graph; decode_graphs=false
+  launches its kernels one by one instead), and batch_size=auto finds the largest batch that fits on the GPU for the requests at hand (their
   longest prompt and generation budget, or their longest scoring window), from max_batch_size
   down on out-of-memory; off the GPU, auto means 1;
 - with attention_stats=PATH, every forward pass adds its attention statistics (how far back each
@@ -27,7 +28,7 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
   the first attribution_tokens answer tokens (default 1).
 
 Own model args (popped before HFLM sees them, recorded in the results' model info):
-attention_backend (auto | triton | torch | reference), logprob_chunk_size, allow_pickle,
+attention_backend (auto | triton | torch | reference), decode_graphs, logprob_chunk_size, allow_pickle,
 attention_stats, truncate_long_prompts, attribution, attribution_tokens.
 """
 
@@ -70,6 +71,7 @@ class StickBreakingLM(HFLM):
         self,
         pretrained: str | StickBreakingForCausalLM | None = None,
         attention_backend: str = "auto",
+        decode_graphs: bool = True,
         logprob_chunk_size: int = 2048,
         allow_pickle: bool = False,
         max_length: int | None = None,
@@ -83,6 +85,7 @@ class StickBreakingLM(HFLM):
         kwargs = checked_model_arguments(kwargs)
         allow_pickle = parse_bool(allow_pickle, "allow_pickle")
         truncate_long_prompts = parse_bool(truncate_long_prompts, "truncate_long_prompts")
+        decode_graphs = parse_bool(decode_graphs, "decode_graphs")
         if pretrained is None:
             logger.warning(
                 "sb_hf: no pretrained=PATH given; evaluating sb-eval's default checkpoint, a 17M-parameter "
@@ -111,6 +114,7 @@ class StickBreakingLM(HFLM):
             kwargs["use_safetensors"] = False
         kwargs.setdefault("backend", "causal")
         self.attention_backend = attention_backend
+        self.decode_graphs = decode_graphs
         self.logprob_chunk_size = int(logprob_chunk_size)
         self.allow_pickle = allow_pickle
         self.truncate_long_prompts = truncate_long_prompts
@@ -128,6 +132,7 @@ class StickBreakingLM(HFLM):
                 "--model hf for other architectures"
             )
         self.model.set_attention_backend(attention_backend)
+        self.model.set_decode_graphs(decode_graphs)
         self.attention_stats = str(attention_stats) if attention_stats else None
         self.attention_recorder = None
         self.attribution = str(attribution) if attribution else None
@@ -174,6 +179,7 @@ class StickBreakingLM(HFLM):
         info = super().get_model_info()
         info.update(
             sb_attention_backend=self.attention_backend,
+            sb_decode_graphs=self.decode_graphs,
             sb_logprob_chunk_size=self.logprob_chunk_size,
             sb_allow_pickle=self.allow_pickle,
             sb_max_length=self.max_length,

@@ -72,6 +72,22 @@ class PreallocatedLayer(CacheLayerMixin):
         self._refresh_views()
         return self.keys, self.values
 
+    def write_at(self, key_states: torch.Tensor, value_states: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes key_states and value_states [batch, kv_heads, 1, head_dim] into the slot that
+        `position` ([1] int64, on the buffers' device) names, without moving the filled count
+        (advance does that); returns the whole buffers, [batch, kv_heads, capacity, head_dim].
+        The slot is read on the device: one launch serves every position, as a CUDA graph needs."""
+        self._key_buffer.index_copy_(2, position, key_states)
+        self._value_buffer.index_copy_(2, position, value_states)
+        return self._key_buffer, self._value_buffer
+
+    def advance(self, tokens: int) -> None:
+        """Counts `tokens` more slots as filled (after write_at has written them)."""
+        if self.filled + tokens > self.capacity:
+            raise ValueError(f"advancing by {tokens} tokens would pass the capacity ({self.filled} of {self.capacity} filled)")
+        self.filled += tokens
+        self._refresh_views()
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset) of transformers' mask builders: the keys a query block sees."""
         return self.filled + query_length, 0
@@ -128,3 +144,5 @@ class PreallocatedCache(Cache):
         # buffers (24 GB at 64K tokens and the 3B's shapes) alive until the garbage collector
         # runs, not until the last reference goes.
         super().__init__(layer_class_to_replicate=partial(PreallocatedLayer, capacity))
+        # A sb_eval.model.decode_graph.DecodeGraph of this cache's decode step, once one is run.
+        self.decode_graph = None

@@ -30,8 +30,9 @@ class StickBreakingConfig(PretrainedConfig):
         sb_group_norm: a per-head GroupNorm on the attention output (paper App. C).
         sb_attend_current: a query also attends to its own position.
 
-    Not saved with the checkpoint: attention_backend, which sb_eval.kernels backend the layers
-    run ("auto": triton on CUDA, torch elsewhere), a choice of the machine that runs the model.
+    Not saved with the checkpoint, choices of the machine that runs the model: attention_backend,
+    which sb_eval.kernels backend the layers run ("auto": triton on CUDA, torch elsewhere), and
+    decode_graphs, whether decode steps on a GPU run as CUDA graphs (sb_eval.model.decode_graph).
     """
 
     model_type = "stickbreaking"
@@ -75,6 +76,7 @@ class StickBreakingConfig(PretrainedConfig):
         eos_token_id: int | None = 0,
         pad_token_id: int | None = 50256,
         attention_backend: str = "auto",
+        decode_graphs: bool = False,
         **kwargs,
     ) -> None:
         self.vocab_size = vocab_size
@@ -105,6 +107,7 @@ class StickBreakingConfig(PretrainedConfig):
         self.sb_attend_current = sb_attend_current
         self.use_cache = use_cache
         self.attention_backend = attention_backend
+        self.decode_graphs = decode_graphs
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,
@@ -128,9 +131,10 @@ class StickBreakingConfig(PretrainedConfig):
         return float(self.attention_multiplier)
 
     def to_dict(self) -> dict[str, Any]:
-        """As transformers' (what config.json holds), without the runtime attention_backend."""
+        """As transformers' (what config.json holds), without the runtime attention_backend and decode_graphs."""
         output = super().to_dict()
         output.pop("attention_backend", None)
+        output.pop("decode_graphs", None)
         return output
 
     def validate_fields(self) -> None:
@@ -164,6 +168,8 @@ class StickBreakingConfig(PretrainedConfig):
             )
         if self.attention_backend not in BACKENDS:
             problems.append(f"attention_backend is {self.attention_backend!r}; expected one of {BACKENDS}")
+        if not isinstance(self.decode_graphs, bool):
+            problems.append(f"decode_graphs is {self.decode_graphs!r}; expected true or false")
         if self.add_bias and self.add_qkv_bias:
             problems.append("add_bias and add_qkv_bias are both set; dolomite allows one of them")
         if problems:

@@ -13,7 +13,9 @@ backend is the config's (``set_attention_backend``), ``attention_statistics`` (a
 sb_eval.analysis.attention_stats.AttentionStatistics, usually handed in by a forward pre-hook)
 receives every layer's per-query distance and remainder, and ``attention_spans`` (an
 sb_eval.analysis.attribution.AnswerSpanMass, handed in the same way) the span mass of the query
-that produces the next token.
+that produces the next token. With ``set_decode_graphs(True)``, a decode step against a
+PreallocatedCache on a GPU runs as a CUDA graph (sb_eval.model.decode_graph); the captured step
+reaches the layers as ``graph_step``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sb_eval.kernels.attention import BACKENDS, stickbreaking_attention
 from .cache import PreallocatedCache
 from .checks import check_checkpoint_folder
 from .configuration import GATED_ACTIVATIONS, StickBreakingConfig
+from .decode_graph import GraphStep, decode_graph_for
 
 # transformers renamed the cache argument and output field from past_key_values to cache (5.2x).
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -104,14 +107,21 @@ class StickBreakingAttention(nn.Module):
         key_mask: torch.Tensor | None,
         attention_statistics=None,
         attention_spans=None,
+        graph_step: GraphStep | None = None,
     ) -> torch.Tensor:
         """hidden [B, T, n_embd] -> [B, T, n_embd]; key_mask [B, past + T] bool or None;
         attention_statistics: an AttentionStatistics that records this call, or None;
-        attention_spans: an AnswerSpanMass that records the last query's span mass, or None."""
+        attention_spans: an AnswerSpanMass that records the last query's span mass, or None;
+        graph_step: the device-side slot, key count and key mask of a captured decode step (then
+        cache is a PreallocatedCache, T = 1, and key_mask is ignored), or None."""
         B, T, _ = hidden.shape
         q, k, v = self.split_heads(self.c_attn(hidden))
         current_v = v
-        if cache is not None:
+        num_keys = None
+        if graph_step is not None:
+            k, v = cache.layers[self.layer_idx].write_at(k, v, graph_step.position)
+            key_mask, num_keys = graph_step.key_mask, graph_step.num_keys
+        elif cache is not None:
             # Both kinds of cache copy k and v (views into c_attn's output) into their own storage.
             k, v = cache.update(k, v, self.layer_idx)
         # The span mass of the last query (the one that produces the next token): in the same
@@ -125,6 +135,7 @@ class StickBreakingAttention(nn.Module):
             remainder=self.remainder_bias,
             key_mask=key_mask,
             return_stats=attention_statistics is not None,
+            num_keys=num_keys,
             backend=self.config.attention_backend,
             **(spans if T == 1 else {}),
         )
@@ -182,8 +193,8 @@ class StickBreakingBlock(nn.Module):
         self.mlp = StickBreakingMLP(config)
         self.m_residual = config.m_residual
 
-    def forward(self, x, cache, key_mask, attention_statistics=None, attention_spans=None):
-        attn = self.attn(self.ln_1(x), cache, key_mask, attention_statistics, attention_spans)
+    def forward(self, x, cache, key_mask, attention_statistics=None, attention_spans=None, graph_step=None):
+        attn = self.attn(self.ln_1(x), cache, key_mask, attention_statistics, attention_spans, graph_step)
         if self.m_residual is not None:
             attn = attn * self.m_residual
         x = x + attn
@@ -252,12 +263,14 @@ class StickBreakingModel(StickBreakingPreTrainedModel):
         past_key_values: Cache | None = None,
         attention_statistics=None,
         attention_spans=None,
+        graph_step: GraphStep | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids [B, T] (or inputs_embeds [B, T, n_embd]); attention_mask [B, past + T] with 0
         for padding (any side); cache holds the keys and values of earlier calls (any transformers
         Cache; without one, a PreallocatedCache is made, sized to this call); attention_statistics
-        and attention_spans record every layer's attention (see the module's docstring)."""
+        and attention_spans record every layer's attention (see the module's docstring);
+        graph_step: see StickBreakingAttention.forward (it replaces attention_mask)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = cache if cache is not None else past_key_values
@@ -268,14 +281,14 @@ class StickBreakingModel(StickBreakingPreTrainedModel):
         if self.config.m_emb is not None:
             x = x * self.config.m_emb
         key_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if graph_step is None and attention_mask is not None and not bool(attention_mask.all()):
             key_mask = attention_mask.bool()
 
         all_hidden = []
         for block in self.h:
             if output_hidden_states:
                 all_hidden.append(x)
-            x = block(x, cache if use_cache else None, key_mask, attention_statistics, attention_spans)
+            x = block(x, cache if use_cache else None, key_mask, attention_statistics, attention_spans, graph_step)
         x = self.ln_f(x)
         if output_hidden_states:
             all_hidden.append(x)
@@ -317,6 +330,15 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         self.config.attention_backend = backend
 
+    def set_decode_graphs(self, enabled: bool) -> None:
+        """Whether a decode step (one new token per row) against a PreallocatedCache on a GPU runs
+        as a CUDA graph, captured at the cache's first such step (sb_eval.model.decode_graph);
+        in the config, not saved with it. Steps a graph cannot run (forward hooks on the decoder,
+        hidden states asked for, a cache without room) run as they would without."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"decode graphs are on (True) or off (False), got {enabled!r}")
+        self.config.decode_graphs = enabled
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         """As transformers', but where it would make a DynamicCache (which concatenates the whole
         cache for every new token), a PreallocatedCache with room for max_cache_length tokens (the
@@ -346,18 +368,31 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
         attention_statistics=None,
+        graph_step: GraphStep | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits [B, T, vocab] (only the last ``logits_to_keep`` positions when it is > 0, as
         generation asks); with labels [B, T], the mean next-token cross-entropy (-100 ignored)."""
+        cache = cache if cache is not None else past_key_values
+        graph = None
+        if (
+            self.config.decode_graphs and graph_step is None and input_ids is not None and inputs_embeds is None
+            and labels is None and attention_statistics is None and not output_hidden_states
+            and use_cache is not False and not torch.is_grad_enabled()
+            and not (self.transformer._forward_pre_hooks or self.transformer._forward_hooks)
+        ):
+            graph = decode_graph_for(self, cache, input_ids, attention_mask)
+        if graph is not None:
+            return CausalLMOutputWithPast(logits=graph.step(cache, input_ids, attention_mask), **{CACHE_FIELD: cache})
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             attention_statistics=attention_statistics,
+            graph_step=graph_step,
         )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
