@@ -6,9 +6,13 @@ released 3B's shapes (`sb_hf`) beside a same-shaped Llama with SDPA (`hf`), rand
 
 For each model, length and batch size: one `simple_evaluate` of `ruler_niah` (8 tasks x --samples
 prompts), timed end to end, with the wall time spent inside the model's forward passes summed (a
-forward hook synchronizes the GPU at both ends of every call). Reported: prompts per second and the
-share of the time outside the forward passes (the harness: requests, tokenization, generate's
-loop, scoring). The RULER samples are generated and cached before, and that time is reported apart.
+forward hook synchronizes the GPU at both ends of every call) and the time inside lm-eval's
+`evaluate` (building, running and scoring the requests) apart from simple_evaluate's fixed cost
+around it (loading the tasks, collecting the environment for the results). Reported: prompts per
+second and the share of the time outside the forward passes (the harness: requests,
+tokenization, generate's loop, scoring), of the whole run and of `evaluate` alone: the fixed cost
+is paid once per run, however many prompts it has. The RULER samples are generated and cached
+before, and that time is reported apart.
 With several batch sizes (run at --batched-lengths only; the others take the first), the answers of
 each are compared with the first's.
 
@@ -28,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from lm_eval import simple_evaluate
+from lm_eval import evaluator, simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from transformers import AutoTokenizer
@@ -78,17 +82,32 @@ def prepare_samples(tokenizer, lengths: list[int], samples: int) -> float:
     return time.perf_counter() - start
 
 
-def evaluate(lm, length: int, samples: int, max_gen_toks: int) -> tuple[dict, float, list]:
-    """One lm-eval run of ruler_niah at `length`: (its results, seconds, the answers in order)."""
+def evaluate(lm, length: int, samples: int, max_gen_toks: int) -> tuple[dict, float, float, list]:
+    """One lm-eval run of ruler_niah at `length`: (its results, seconds in all, seconds inside
+    lm-eval's evaluate, the answers in order)."""
     metadata = {"max_seq_lengths": [length], "num_samples": samples, "tokenizer": str(DEFAULT_CHECKPOINT)}
     manager = TaskManager(include_path=str(sb_eval_hook.task_folder()), include_defaults=False, metadata=metadata)
-    start = time.perf_counter()
-    results = simple_evaluate(
-        model=lm, tasks=["ruler_niah"], task_manager=manager, gen_kwargs=f"max_gen_toks={max_gen_toks}", log_samples=True,
-    )
-    seconds = time.perf_counter() - start
+    inner = []
+    run_requests = evaluator.evaluate
+
+    def timed_evaluate(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return run_requests(*args, **kwargs)
+        finally:
+            inner.append(time.perf_counter() - began)
+
+    evaluator.evaluate = timed_evaluate  # simple_evaluate looks it up in its module at each call
+    try:
+        start = time.perf_counter()
+        results = simple_evaluate(
+            model=lm, tasks=["ruler_niah"], task_manager=manager, gen_kwargs=f"max_gen_toks={max_gen_toks}", log_samples=True,
+        )
+        seconds = time.perf_counter() - start
+    finally:
+        evaluator.evaluate = run_requests
     answers = [sample["resps"] for task in NIAH_TASKS for sample in results["samples"][task]]
-    return results, seconds, answers
+    return results, seconds, sum(inner), answers
 
 
 def harness_model(name: str, model, tokenizer, max_length: int, batch_size: int):
@@ -129,12 +148,13 @@ def main() -> None:
             for batch_size in batch_sizes if length in batched_lengths else batch_sizes[:1]:
                 lm = harness_model(name, model, tokenizer, max(length, 4096), batch_size)
                 timer.seconds, timer.calls = 0.0, 0
-                results, seconds, answers = evaluate(lm, length, args.samples, args.max_gen_toks)
+                results, seconds, request_seconds, answers = evaluate(lm, length, args.samples, args.max_gen_toks)
                 prompts = len(answers)
                 row = {
                     "model": name, "T": length, "batch_size": batch_size, "prompts": prompts, "seconds": seconds,
                     "prompts_per_s": prompts / seconds, "forward_seconds": timer.seconds, "forward_calls": timer.calls,
                     "outside_forward_share": 1 - timer.seconds / seconds,
+                    "evaluate_seconds": request_seconds, "evaluate_outside_forward_share": 1 - timer.seconds / request_seconds,
                     "score": results["results"]["ruler_niah"].get(f"{length},none"),
                 }
                 if reference is None:
@@ -143,7 +163,9 @@ def main() -> None:
                     row["same_answers_as_first_batch_size"] = answers == reference
                 rows.append(row)
                 print(f"{name:14s} T={length:<6d} batch {batch_size:<3d} {prompts} prompts in {seconds:7.1f} s = "
-                      f"{row['prompts_per_s']:6.2f}/s, outside forward passes {100 * row['outside_forward_share']:5.1f}%"
+                      f"{row['prompts_per_s']:6.2f}/s, outside forward passes {100 * row['outside_forward_share']:5.1f}% "
+                      f"({100 * row['evaluate_outside_forward_share']:.1f}% of lm-eval's evaluate, {request_seconds:.1f} s; "
+                      f"fixed cost around it {seconds - request_seconds:.1f} s)"
                       + (f", same answers: {row['same_answers_as_first_batch_size']}" if "same_answers_as_first_batch_size" in row else ""),
                       flush=True)
                 if args.json:  # after every row: a later out-of-memory loses nothing measured
