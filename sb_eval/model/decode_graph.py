@@ -21,6 +21,7 @@ import torch
 
 from .cache import PreallocatedCache
 
+
 @dataclass
 class GraphStep:
     """What a captured step reads from the device instead of the host: the cache slot it writes
