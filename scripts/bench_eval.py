@@ -110,9 +110,10 @@ def evaluate(lm, length: int, samples: int, max_gen_toks: int) -> tuple[dict, fl
     return results, seconds, sum(inner), answers
 
 
-def harness_model(name: str, model, tokenizer, max_length: int, batch_size: int):
+def harness_model(name: str, model, tokenizer, max_length: int, batch_size: int, decode_graphs: bool):
     if name.startswith("sb"):
-        return StickBreakingLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size)
+        return StickBreakingLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+                               decode_graphs=decode_graphs)
     return HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size)
 
 
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1", help="comma-separated; the first is the reference for answers")
     parser.add_argument("--batched-lengths", default="4096", help="lengths at which the batch sizes after the first run too")
     parser.add_argument("--models", default="sb-random,sb-long-range,llama-sdpa")
+    parser.add_argument("--decode-graphs", action="store_true", help="sb_hf with decode_graphs=true")
     parser.add_argument("--json")
     args = parser.parse_args()
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -146,12 +148,12 @@ def main() -> None:
         for length in lengths:
             reference = None
             for batch_size in batch_sizes if length in batched_lengths else batch_sizes[:1]:
-                lm = harness_model(name, model, tokenizer, max(length, 4096), batch_size)
+                lm = harness_model(name, model, tokenizer, max(length, 4096), batch_size, args.decode_graphs)
                 timer.seconds, timer.calls = 0.0, 0
                 results, seconds, request_seconds, answers = evaluate(lm, length, args.samples, args.max_gen_toks)
                 prompts = len(answers)
                 row = {
-                    "model": name, "T": length, "batch_size": batch_size, "prompts": prompts, "seconds": seconds,
+                    "model": name, "decode_graphs": args.decode_graphs and name.startswith("sb"), "T": length, "batch_size": batch_size, "prompts": prompts, "seconds": seconds,
                     "prompts_per_s": prompts / seconds, "forward_seconds": timer.seconds, "forward_calls": timer.calls,
                     "outside_forward_share": 1 - timer.seconds / seconds,
                     "evaluate_seconds": request_seconds, "evaluate_outside_forward_share": 1 - timer.seconds / request_seconds,
