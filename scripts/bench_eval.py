@@ -2,7 +2,7 @@
 released 3B's shapes (`sb_hf`) beside a same-shaped Llama with SDPA (`hf`), random weights, bf16.
 
     python scripts/bench_eval.py [--lengths 4096,16384,65536] [--samples 1] [--max-gen-toks 16] \\
-        [--batch-sizes 1,8 --batched-lengths 4096] [--json out.json]
+        [--batch-sizes 1,8 --batched-lengths 4096] [--decode-graphs] [--json out.json]
 
 For each model, length and batch size: one `simple_evaluate` of `ruler_niah` (8 tasks x --samples
 prompts), timed end to end, with the wall time spent inside the model's forward passes summed (a
