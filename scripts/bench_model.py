@@ -257,7 +257,9 @@ def main() -> None:
             print(f"{row['model']:14s} decode {row['cache']:12s} {row['ms']:7.2f} ms = {row['ms'] / row['floor_ms']:5.2f}x "
                   f"the floor of reading cache and weights once ({row['floor_ms']:.2f} ms)")
     for kind, t in sorted({(r["kind"], r["T"]) for r in rows}):
-        llama = next(r for r in rows if (r["kind"], r["T"], r["model"]) == (kind, t, "llama-sdpa"))
+        llama = next((r for r in rows if (r["kind"], r["T"], r["model"]) == (kind, t, "llama-sdpa")), None)
+        if llama is None:
+            continue
         for name in [name for name in ("sb-random", "sb-long-range") if name in args.models.split(",")]:
             sb = [r for r in rows if (r["kind"], r["T"], r["model"]) == (kind, t, name)][-1]
             line = f"{name:14s} {kind:8s} T={t:<6d} time {sb['ms'] / llama['ms']:5.2f}x llama's"
