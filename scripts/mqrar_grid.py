@@ -543,8 +543,8 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
 
 def plot(grid_rows: list[dict], others: list[dict], history: list[dict], settings: dict) -> bytes:
     """PNG: left, the best accuracy per cell against the pair count (this grid's MQRAR and MQAR
-    control, and the MQRAR of other grids faintly); middle, the held-out accuracy of each MQRAR cell's
-    best run over training; right, the held-out loss of every run over training (where accuracy
+    control, and the MQRAR of other grids faintly); middle, the held-out accuracy of each cell's best run
+    over training; right, the held-out loss of every run over training (where accuracy
     stays near 0 the loss still shows whether a run learnt anything)."""
     from matplotlib.figure import Figure
 
@@ -575,17 +575,16 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
     by_count.legend(fontsize=7)
     by_count.grid(alpha=0.3)
     for (model, task, count), entry in sorted(best.items()):
-        if task != "mqrar":
-            continue
         run = max(entry["runs"], key=_accuracy)
         name = GridRun.from_row(run).name
         curve = sorted((row["step"], row["eval_accuracy"]) for row in history if row["run"] == name)
         shade = 0.35 + 0.65 * PAIRS.index(count) / (len(PAIRS) - 1) if count in PAIRS else 1.0
-        over_steps.plot(*zip(*curve), color=colours[model], alpha=shade, label=f"{LABELS[model]}, {count}")
+        over_steps.plot(*zip(*curve), "-" if task == "mqrar" else "--", color=colours[model], alpha=shade,
+                        label=f"{LABELS[model]}, {'MQRAR' if task == 'mqrar' else 'MQAR'} {count}")
     over_steps.set_xlabel("training step")
     over_steps.set_ylabel("held-out accuracy")
     over_steps.set_ylim(0, 1.02)
-    over_steps.set_title("best run per cell over training (darker: more pairs)")
+    over_steps.set_title("best run per cell over training (darker: more pairs; dashed: control)")
     over_steps.legend(fontsize=6, ncol=2)
     over_steps.grid(alpha=0.3)
     plot_losses(losses, history, settings["num_values"])
