@@ -90,6 +90,7 @@ def test_truncation_when_asked_warns_once_per_kind(folder, caplog):
 def test_own_arguments_are_recorded(sb_lm):
     info = sb_lm.get_model_info()
     assert info["sb_attention_backend"] == "auto"
+    assert info["sb_decode_graphs"] is True
     assert info["sb_logprob_chunk_size"] == 3
     assert info["sb_max_length"] == 65536
 

@@ -120,16 +120,38 @@ def test_decode_graphs_generate_what_launched_kernels_generate(model):
 
 
 @torch.no_grad()
-def test_decode_graphs_step_aside_for_attention_statistics(model):
-    """A forward hook on the decoder (how attention statistics reach the layers) must see every
-    step, so such steps are launched kernel by kernel."""
+def test_decode_graphs_step_aside_for_hooks_inside_the_model(model):
+    """A forward hook on the decoder (how attention statistics reach the layers) or on a module
+    in it must see every step, so such steps are launched kernel by kernel; a hook on the model
+    itself runs around each replay, even one that synchronises (it would break a capture)."""
     from sb_eval.analysis.attention_stats import collecting_attention_statistics
+    from sb_eval.model.modeling import CACHE_FIELD
 
     ids = left_padded_batch([600], seed=5)[0]
+    calls = {"model": 0, "mlp": 0}
+
+    def count(name):
+        def hook(module, args):
+            torch.cuda.synchronize()
+            calls[name] += 1
+        return hook
+
     model.set_decode_graphs(True)
     try:
         with collecting_attention_statistics(model) as statistics:
             model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=256)
+        assert statistics.forward_passes == 5  # the prefill and four decode steps
+        handle = model.transformer.h[1].mlp.register_forward_pre_hook(count("mlp"))
+        try:
+            model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=256)
+        finally:
+            handle.remove()
+        assert calls["mlp"] == 5
+        handle = model.register_forward_pre_hook(count("model"))
+        try:
+            result = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=256, return_dict_in_generate=True)
+        finally:
+            handle.remove()
+        assert calls["model"] == 5 and getattr(result, CACHE_FIELD).decode_graph is not None
     finally:
         model.set_decode_graphs(False)
-    assert statistics.forward_passes == 5  # the prefill and four decode steps

@@ -16,9 +16,9 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
 - every model argument is checked: unknown ones are an error that suggests the nearest, and
   booleans are read strictly (true/false, 1/0, yes/no);
 - max_length defaults to 65536: stick-breaking has no position embedding to outgrow;
-- generation writes keys and values into a preallocated cache (sb_eval.model.cache); with
-  decode_graphs=true each decode step on a GPU replays a CUDA graph (sb_eval.model.decode_graph)
-  instead of launching its kernels one by one; batch_size=auto finds the largest batch that fits on
+- generation writes keys and values into a preallocated cache (sb_eval.model.cache), and each
+  decode step on a GPU replays a CUDA graph (sb_eval.model.decode_graph) instead of launching
+  its kernels one by one (decode_graphs=false launches them); batch_size=auto finds the largest batch that fits on
   the GPU for the requests at hand (their longest prompt and generation budget, or their longest
   scoring window), from max_batch_size down on out-of-memory; off the GPU, auto means 1;
 - with attention_stats=PATH, every forward pass adds its attention statistics (how far back each
@@ -71,7 +71,7 @@ class StickBreakingLM(HFLM):
         self,
         pretrained: str | StickBreakingForCausalLM | None = None,
         attention_backend: str = "auto",
-        decode_graphs: bool = False,
+        decode_graphs: bool = True,
         logprob_chunk_size: int = 2048,
         allow_pickle: bool = False,
         max_length: int | None = None,

@@ -49,8 +49,10 @@ class DecodeGraph:
             key_mask=torch.ones(batch_size, layers[0].capacity, dtype=torch.bool, device=device) if masked else None,
         )
 
+        # forward, not __call__: the hooks of the model's own call (around this capture) must
+        # not run inside it, where a synchronisation would break the capture.
         def run() -> torch.Tensor:
-            return model(input_ids=self.ids, cache=cache, use_cache=True, logits_to_keep=1, graph_step=self.graph_step).logits
+            return model.forward(input_ids=self.ids, cache=cache, use_cache=True, logits_to_keep=1, graph_step=self.graph_step).logits
 
         # The warm-up compiles the kernels and writes the slot that every replay writes again
         # before reading it; capture wants it on a side stream.

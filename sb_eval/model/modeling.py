@@ -333,8 +333,10 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
     def set_decode_graphs(self, enabled: bool) -> None:
         """Whether a decode step (one new token per row) against a PreallocatedCache on a GPU runs
         as a CUDA graph, captured at the cache's first such step (sb_eval.model.decode_graph);
-        in the config, not saved with it. Steps a graph cannot run (forward hooks on the decoder,
-        hidden states asked for, a cache without room) run as they would without."""
+        in the config, not saved with it. Steps a graph cannot run (a forward hook on the decoder
+        or a module in it, which a replay would skip; hidden states asked for; a cache without
+        room) run as they would without. Hooks on this model itself run as usual, around the
+        replay."""
         if not isinstance(enabled, bool):
             raise ValueError(f"decode graphs are on (True) or off (False), got {enabled!r}")
         self.config.decode_graphs = enabled
@@ -379,7 +381,7 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
             self.config.decode_graphs and graph_step is None and input_ids is not None and inputs_embeds is None
             and labels is None and attention_statistics is None and not output_hidden_states
             and use_cache is not False and not torch.is_grad_enabled()
-            and not (self.transformer._forward_pre_hooks or self.transformer._forward_hooks)
+            and not any(module._forward_pre_hooks or module._forward_hooks for module in self.transformer.modules())
         ):
             graph = decode_graph_for(self, cache, input_ids, attention_mask)
         if graph is not None:
