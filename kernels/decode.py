@@ -59,7 +59,8 @@ def stickbreaking_split_kernel(
     """
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     if HAS_NUM_KEYS:
-        Tk = tl.load(NUM_KEYS)
+        # Clamped so that a wrong count cannot read outside the buffers or put a query before key 0.
+        Tk = tl.minimum(tl.maximum(tl.load(NUM_KEYS), Tq), Tk)
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
@@ -84,7 +85,7 @@ def stickbreaking_split_kernel(
     key_spans_ptr = KEY_SPANS + b * stride_sb
 
     split_start = pid_s * split_len
-    num_blocks = tl.cdiv(tl.maximum(tl.minimum(split_len, Tk - split_start), 0), BLOCK_N)
+    num_blocks = tl.cdiv(tl.minimum(split_len, Tk - split_start), BLOCK_N)
     for step in tl.range(0, num_blocks, num_stages=NUM_STAGES):
         block_start = split_start + (num_blocks - 1 - step) * BLOCK_N
         o, used, distance, weights = _key_block(

@@ -143,10 +143,7 @@ def test_the_graph_step_decodes_as_an_ordinary_step_does(model, backend, kernel_
             for _ in range(5):
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 ordinary = model(input_ids=token, attention_mask=mask, **{CACHE_FIELD: caches[0]}).logits
-                filled = caches[1].get_seq_length()
-                step.position.fill_(filled)
-                step.num_keys.fill_(filled + 1)
-                step.key_mask[:, : filled + 1] = mask.bool()
+                step.prepare(caches[1].get_seq_length(), mask)
                 graphed = model(input_ids=token, cache=caches[1], logits_to_keep=1, graph_step=step).logits
                 for layer in caches[1].layers:
                     layer.advance(1)
@@ -169,11 +166,45 @@ def test_decode_graphs_are_never_used_off_the_gpu_and_are_checked(model):
             model(input_ids=ids, attention_mask=mask, **{CACHE_FIELD: cache})
             model(input_ids=ids[:, -1:], **{CACHE_FIELD: cache})
         assert cache.decode_graph is None and cache.get_seq_length() == 10
-        with pytest.raises(ValueError, match="decode graphs are on .True. or off .False., got 'yes'"):
+        with pytest.raises(ValueError, match=r"set_decode_graphs\(enabled\) takes True or False, got 'yes'"):
             model.set_decode_graphs("yes")
     finally:
         model.set_decode_graphs(False)
     assert "decode_graphs" not in model.config.to_dict()
+
+
+def test_a_graph_step_that_cannot_run_is_named(model):
+    ids, mask = left_padded((9,), seed=6)
+    step = GraphStep(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.int32), None)
+    cache = PreallocatedCache(16)
+    with torch.no_grad():
+        model(input_ids=ids, **{CACHE_FIELD: cache})
+        with pytest.raises(ValueError, match="graph_step needs use_cache and a PreallocatedCache, got use_cache=True and DynamicCache"):
+            model(input_ids=ids[:, -1:], graph_step=step, **{CACHE_FIELD: DynamicCache()})
+        with pytest.raises(ValueError, match="graph_step needs use_cache and a PreallocatedCache, got use_cache=False"):
+            model(input_ids=ids[:, -1:], graph_step=step, use_cache=False)
+        with pytest.raises(ValueError, match=r"graph_step runs one new token per row, got 2"):
+            model(input_ids=ids[:, -2:], graph_step=step, **{CACHE_FIELD: cache})
+        with pytest.raises(ValueError, match="graph_step does not record attention statistics"):
+            model.transformer(input_ids=ids[:, -1:], graph_step=step, attention_spans=object(), cache=cache)
+
+
+def test_a_copied_cache_leaves_its_graph_behind_and_reordered_rows_stay_in_their_buffers():
+    import copy
+    import threading
+
+    cache = PreallocatedCache(16)
+    keys = torch.randn(3, 2, 5, 8)
+    cache.update(keys, -keys, 0)
+    cache.decode_graph = threading.Lock()  # stands in for a DecodeGraph: neither can be copied
+    copied = copy.deepcopy(cache)
+    assert copied.decode_graph is None and torch.equal(copied.layers[0].keys, keys)
+    address = cache.layers[0].keys.data_ptr()
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    assert cache.layers[0].keys.data_ptr() == address
+    assert torch.equal(cache.layers[0].keys, keys[[2, 2, 0]]) and torch.equal(cache.layers[0].values, -keys[[2, 2, 0]])
+    cache.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(cache.layers[0].keys, keys[[2]])
 
 
 @pytest.fixture(scope="module")

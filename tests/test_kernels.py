@@ -186,6 +186,18 @@ def test_num_keys_reads_only_the_first_keys_of_buffers(backend, dtype, kernel_de
             assert torch.allclose(got[1], expected[1], atol=1e-6)
 
 
+def test_triton_clamps_a_key_count_outside_the_buffers(kernel_device):
+    """The triton backend cannot check a count it reads on the device: one past the buffers is
+    read as all of them, one below the queries as the queries' own positions."""
+    q, k, v = random_inputs(1, 2, 2, 3, 40, 16, torch.float32, kernel_device)
+    whole = stickbreaking_attention(q, k, v, backend="triton")
+    past = stickbreaking_attention(q, k, v, num_keys=torch.tensor([90], device=kernel_device), backend="triton")
+    assert torch.equal(past[0], whole[0]) and torch.equal(past[1], whole[1])
+    below = stickbreaking_attention(q, k, v, num_keys=torch.tensor([1], device=kernel_device), backend="triton")
+    first = stickbreaking_attention(q, k[:, :, :3], v[:, :, :3], backend="triton")
+    assert relative_error(below[0], first[0]) <= TOLERANCE[torch.float32]
+
+
 def test_triton_num_keys_is_for_few_query_rows(kernel_device):
     q, k, v = random_inputs(1, 2, 2, 65, 65, 16, torch.float32, kernel_device)
     with pytest.raises(ValueError, match=r"num_keys is for the split-key kernel, at most 64 query rows x group"):

@@ -92,8 +92,8 @@ def test_a_left_padded_batch_generates_what_its_rows_generate_alone(model):
 def test_decode_graphs_generate_what_launched_kernels_generate(model):
     """Greedy generation with each decode step replayed as a CUDA graph gives the tokens of the
     same steps launched kernel by kernel: a left-padded batch (a key mask), a single prompt, and
-    a cache with no room for the first new token (it grows eagerly, and the graph is captured
-    again on the new buffers)."""
+    a cache that runs out of room at the 13th new token (it grows eagerly there, and the graph is
+    captured again on the new buffers)."""
     from sb_eval.model.cache import PreallocatedCache
     from sb_eval.model.modeling import CACHE_FIELD
 
@@ -101,7 +101,7 @@ def test_decode_graphs_generate_what_launched_kernels_generate(model):
     cases = [
         dict(input_ids=ids, attention_mask=mask),
         dict(input_ids=ids[:1, -333:]),
-        dict(input_ids=ids[1:2, -512:], **{CACHE_FIELD: PreallocatedCache(512)}),
+        dict(input_ids=ids[1:2, -500:], **{CACHE_FIELD: PreallocatedCache(512)}),
     ]
     for case in cases:
         outputs = {}
@@ -112,11 +112,41 @@ def test_decode_graphs_generate_what_launched_kernels_generate(model):
                                     return_dict_in_generate=True, output_logits=True)
             cache = getattr(result, CACHE_FIELD)
             assert (cache.decode_graph is not None) == graphs
+            if graphs and CACHE_FIELD in case:
+                assert cache.layers[0].capacity > 512 and cache.decode_graph.fits(model, cache, 1, True)
             outputs[graphs] = result
         model.set_decode_graphs(False)
         assert torch.equal(outputs[True].sequences, outputs[False].sequences)
         for graphed, launched in zip(outputs[True].logits, outputs[False].logits):
             assert torch.allclose(graphed, launched, atol=1e-3, rtol=1e-3)
+
+
+@torch.no_grad()
+def test_decode_graphs_without_a_mask_and_off_the_triton_backend(model):
+    """Steps without an attention mask replay a graph captured without one and give the logits
+    of launched steps; with the torch backend (which reads the key count on the host) no graph
+    is captured."""
+    from sb_eval.model.cache import PreallocatedCache
+    from sb_eval.model.modeling import CACHE_FIELD
+
+    ids = left_padded_batch([700, 700], seed=6)[0]
+    logits, caches = {}, {}
+    for graphs in (False, True):
+        model.set_decode_graphs(graphs)
+        cache = caches[graphs] = PreallocatedCache(720)
+        steps = [model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits]
+        for _ in range(8):
+            steps.append(model(steps[-1].argmax(-1), **{CACHE_FIELD: cache}).logits)
+        logits[graphs] = torch.cat(steps, 1)
+    assert caches[True].decode_graph is not None and not caches[True].decode_graph.masked
+    assert torch.allclose(logits[True], logits[False], atol=1e-3, rtol=1e-3)
+    model.set_attention_backend("torch")
+    try:
+        result = model.generate(ids[:1, :300], max_new_tokens=4, do_sample=False, pad_token_id=256, return_dict_in_generate=True)
+        assert getattr(result, CACHE_FIELD).decode_graph is None
+    finally:
+        model.set_attention_backend("auto")
+        model.set_decode_graphs(False)
 
 
 @torch.no_grad()

@@ -124,10 +124,17 @@ class PreallocatedLayer(CacheLayerMixin):
             self._refresh_views()
 
     def _select_rows(self, rows: torch.Tensor) -> None:
+        """Keeps rows `rows` of the batch, in that order. As many rows as before (beam search
+        reordering its beams every step) stay in the same buffers, so that a decode graph
+        captured on them still fits."""
         if self.is_initialized:
             rows = rows.to(self._key_buffer.device)
-            self._key_buffer = self._key_buffer.index_select(0, rows)
-            self._value_buffer = self._value_buffer.index_select(0, rows)
+            if rows.numel() == self._key_buffer.shape[0]:
+                self._key_buffer.copy_(self._key_buffer.index_select(0, rows))
+                self._value_buffer.copy_(self._value_buffer.index_select(0, rows))
+            else:
+                self._key_buffer = self._key_buffer.index_select(0, rows)
+                self._value_buffer = self._value_buffer.index_select(0, rows)
             self._refresh_views()
 
 
@@ -146,3 +153,8 @@ class PreallocatedCache(Cache):
         super().__init__(layer_class_to_replicate=partial(PreallocatedLayer, capacity))
         # A sb_eval.model.decode_graph.DecodeGraph of this cache's decode step, once one is run.
         self.decode_graph = None
+
+    def __getstate__(self) -> dict:
+        # A copy (copy.deepcopy, to reuse a prompt's cache) captures its own graph: a CUDA graph
+        # cannot be copied, and this one points at the original's buffers.
+        return {**self.__dict__, "decode_graph": None}

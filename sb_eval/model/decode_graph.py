@@ -9,15 +9,18 @@ the count of keys from another one (stickbreaking_attention's num_keys); the hos
 those before each replay.
 
 A graph belongs to one cache and is kept on it (`PreallocatedCache.decode_graph`), so it goes when
-the cache goes; it is captured again when the batch, the buffers (a cache that grew or was
-reordered) or the presence of an attention mask change.
+the cache goes; it is captured again when what its launches point at changes: the model, its
+parameters (moved or cast), its attention backend, the cache's buffers (a cache that grew or got
+another batch), the batch size or the presence of an attention mask.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.nn.modules import module as torch_module
 
 from .cache import PreallocatedCache
 
@@ -32,16 +35,26 @@ class GraphStep:
     num_keys: torch.Tensor
     key_mask: torch.Tensor | None
 
+    def prepare(self, filled: int, attention_mask: torch.Tensor | None) -> None:
+        """Points the step at slot `filled` (the cache holds `filled` tokens) with attention_mask
+        [batch, filled + 1] (0 for padding), or None when the step has no key mask."""
+        self.position.fill_(filled)
+        self.num_keys.fill_(filled + 1)
+        if self.key_mask is not None:
+            self.key_mask[:, : filled + 1].copy_(attention_mask)
+
 
 class DecodeGraph:
     """One decode step (one new token per row) of a StickBreakingForCausalLM against a
-    PreallocatedCache, captured as a CUDA graph. Made by `decode_graph_for`; `step` runs it."""
+    PreallocatedCache, captured as a CUDA graph. Made by `decode_graph_for`; `step` runs it.
+    batch_size: the rows of each step; masked: whether its steps come with an attention mask."""
 
     def __init__(self, model, cache, batch_size: int, masked: bool) -> None:
         layers = cache.layers
         device = layers[0].keys.device
         self.batch_size, self.masked = batch_size, masked
-        self.buffers = buffer_addresses(cache)
+        self.model = weakref.ref(model)  # not the model itself: the cache holds this graph
+        self.target = replay_target(model, cache)
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.graph_step = GraphStep(
             position=torch.full((1,), layers[0].filled, dtype=torch.long, device=device),
@@ -65,36 +78,53 @@ class DecodeGraph:
         with torch.cuda.graph(self.graph):
             self.logits = run()
 
-    def fits(self, cache, batch_size: int, masked: bool) -> bool:
-        """Whether this graph can run the next step of `cache` as captured."""
-        return (batch_size, masked) == (self.batch_size, self.masked) and buffer_addresses(cache) == self.buffers
+    def fits(self, model, cache, batch_size: int, masked: bool) -> bool:
+        """Whether this graph can run the next step of `model` against `cache` as captured."""
+        return ((batch_size, masked) == (self.batch_size, self.masked) and self.model() is model
+                and replay_target(model, cache) == self.target)
 
     def step(self, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """input_ids [batch, 1], attention_mask [batch, filled + 1] (0 for padding) or None ->
         logits [batch, 1, vocab], a tensor of the caller's; the cache counts one more token."""
-        filled = cache.layers[0].filled
         self.ids.copy_(input_ids)
-        self.graph_step.position.fill_(filled)
-        self.graph_step.num_keys.fill_(filled + 1)
-        if self.masked:
-            self.graph_step.key_mask[:, : filled + 1].copy_(attention_mask)
+        self.graph_step.prepare(cache.layers[0].filled, attention_mask)
         self.graph.replay()
         for layer in cache.layers:
             layer.advance(1)
         return self.logits.clone()
 
 
-def buffer_addresses(cache) -> tuple[int, ...]:
-    """The device addresses of every layer's key and value buffers: a graph replays against these."""
-    return tuple(buffer.data_ptr() for layer in cache.layers for buffer in (layer.keys, layer.values))
+def replay_target(model, cache) -> tuple:
+    """What a captured step's launches point at: the attention backend, where the model's weights
+    are (the embedding's and the final norm's addresses: moving or casting a model moves every
+    parameter; reading all of them would cost a tenth of a step), and every layer's key and value
+    buffers, their addresses and capacity."""
+    return (
+        model.config.attention_backend,
+        model.get_input_embeddings().weight.data_ptr(),
+        model.transformer.ln_f.weight.data_ptr(),
+        tuple((layer.keys.data_ptr(), layer.values.data_ptr(), layer.capacity) for layer in cache.layers),
+    )
+
+
+def observed(decoder: torch.nn.Module) -> bool:
+    """Whether something would see the decoder's modules run that a replay would skip: a forward
+    hook on any of them or on every module, or accelerate's device hooks (a model spread over
+    devices or offloaded)."""
+    if torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks:
+        return True
+    return any(module._forward_pre_hooks or module._forward_hooks or "_hf_hook" in module.__dict__ for module in decoder.modules())
 
 
 def decode_graph_for(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> DecodeGraph | None:
     """The cache's decode graph for this step, captured when there is none that fits; None when
     the step cannot run as a graph (then the caller runs it eagerly): not one new token per row
-    on a GPU, not a PreallocatedCache filled to the same length in every layer with room for one
-    more token, or an attention mask that is not [batch, filled + 1]."""
+    on a GPU through the triton backend (the torch backends read the key count on the host), a
+    decoder that is observed (`observed`), not a PreallocatedCache filled to the same length in
+    every layer with room for one more token, or an attention mask that is not [batch, filled + 1]."""
     if not (isinstance(cache, PreallocatedCache) and input_ids.is_cuda and input_ids.dim() == 2 and input_ids.shape[1] == 1):
+        return None
+    if model.config.attention_backend not in ("auto", "triton") or observed(model.transformer):
         return None
     layers = cache.layers
     if not layers or not all(layer.is_initialized for layer in layers):
@@ -106,7 +136,7 @@ def decode_graph_for(model, cache, input_ids: torch.Tensor, attention_mask: torc
     if masked and tuple(attention_mask.shape) != (batch_size, filled + 1):
         return None
     graph = cache.decode_graph
-    if graph is None or not graph.fits(cache, batch_size, masked):
+    if graph is None or not graph.fits(model, cache, batch_size, masked):
         cache.decode_graph = None  # the old graph's memory goes before the new one is captured
         graph = cache.decode_graph = DecodeGraph(model, cache, batch_size, masked)
     return graph

@@ -275,6 +275,9 @@ class StickBreakingModel(StickBreakingPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if graph_step is not None:
+            _check_graph_step(cache, use_cache, input_ids if inputs_embeds is None else inputs_embeds,
+                              attention_statistics, attention_spans)
         if use_cache and cache is None:
             cache = PreallocatedCache()
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
@@ -297,6 +300,17 @@ class StickBreakingModel(StickBreakingPreTrainedModel):
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             **{CACHE_FIELD: cache if use_cache else None},
         )
+
+
+def _check_graph_step(cache, use_cache: bool, inputs: torch.Tensor, attention_statistics, attention_spans) -> None:
+    """A graph_step writes one token per row into a PreallocatedCache's buffers and attends over
+    them whole; nothing that reads the key count on the host can come along."""
+    if not (use_cache and isinstance(cache, PreallocatedCache)):
+        raise ValueError(f"graph_step needs use_cache and a PreallocatedCache, got use_cache={use_cache} and {type(cache).__name__}")
+    if inputs.shape[1] != 1:
+        raise ValueError(f"graph_step runs one new token per row, got {inputs.shape[1]} (inputs {tuple(inputs.shape)})")
+    if attention_statistics is not None or attention_spans is not None:
+        raise ValueError("graph_step does not record attention statistics or span mass; run such steps without it")
 
 
 class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
@@ -333,12 +347,12 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
     def set_decode_graphs(self, enabled: bool) -> None:
         """Whether a decode step (one new token per row) against a PreallocatedCache on a GPU runs
         as a CUDA graph, captured at the cache's first such step (sb_eval.model.decode_graph);
-        in the config, not saved with it. Steps a graph cannot run (a forward hook on the decoder
-        or a module in it, which a replay would skip; hidden states asked for; a cache without
-        room) run as they would without. Hooks on this model itself run as usual, around the
-        replay."""
+        in the config, not saved with it. Steps a graph cannot run run as they would without: a
+        forward hook on the decoder or a module in it (which a replay would skip), a model spread
+        over devices, an attention backend other than triton, hidden states asked for, a cache
+        without room. Hooks on this model itself run as usual, around the replay."""
         if not isinstance(enabled, bool):
-            raise ValueError(f"decode graphs are on (True) or off (False), got {enabled!r}")
+            raise ValueError(f"set_decode_graphs(enabled) takes True or False, got {enabled!r}")
         self.config.decode_graphs = enabled
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
@@ -376,12 +390,12 @@ class StickBreakingForCausalLM(StickBreakingPreTrainedModel, GenerationMixin):
         """Logits [B, T, vocab] (only the last ``logits_to_keep`` positions when it is > 0, as
         generation asks); with labels [B, T], the mean next-token cross-entropy (-100 ignored)."""
         cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
         graph = None
         if (
             self.config.decode_graphs and graph_step is None and input_ids is not None and inputs_embeds is None
             and labels is None and attention_statistics is None and not output_hidden_states
-            and use_cache is not False and not torch.is_grad_enabled()
-            and not any(module._forward_pre_hooks or module._forward_hooks for module in self.transformer.modules())
+            and use_cache and not torch.is_grad_enabled()
         ):
             graph = decode_graph_for(self, cache, input_ids, attention_mask)
         if graph is not None:
