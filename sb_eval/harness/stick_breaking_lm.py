@@ -267,7 +267,8 @@ class StickBreakingLM(HFLM):
 
     def _generation_probe(self, requests) -> Callable[[int], None]:
         """A prefill of the longest prompt (as HFLM truncates it) into a cache with room for the
-        largest generation budget, and one decoding step."""
+        largest generation budget, and one decoding step, launched rather than captured as a
+        CUDA graph: an out-of-memory inside a capture would not reach the batch search as one."""
         budget = max(normalize_gen_kwargs(request.args[1], self.max_gen_toks)["max_gen_toks"] for request in requests)
         prompt = min(max(len(self.tok_encode(request.args[0])) for request in requests), self.max_length - budget)
 
@@ -276,7 +277,8 @@ class StickBreakingLM(HFLM):
             cache = PreallocatedCache(prompt + budget)
             with torch.no_grad():
                 self.model(input_ids=ids, use_cache=True, cache=cache, logits_to_keep=1)
-                self.model(input_ids=ids[:, :1], use_cache=True, cache=cache, logits_to_keep=1)
+                hidden = self.model.transformer(input_ids=ids[:, :1], use_cache=True, cache=cache).last_hidden_state
+                self.model.logits_from_hidden(hidden)
 
         return probe
 
