@@ -60,6 +60,8 @@ LR_SECOND = 10 ** (-8 / 3)
 LR_HIGH = 1e-2
 PAIRS = (32, 64, 128, 192)
 CONTROL_PAIRS = (32, 64)
+# The paper's code trains on 100,000 sequences per cell.
+DEFAULT_POOL_SIZE = 100_000
 # Stick-breaking's initial logit offset where a run asks for one (every head, every layer): a
 # break probability of sigmoid(-5) = 0.7% a token, so that a fresh head reaches ~150 tokens back
 # instead of 1-2 (trainer.offset_attention_logits says why).
@@ -221,7 +223,9 @@ def train_settings(args: argparse.Namespace) -> dict:
     """What makes a grid: rerunning with any of these changed starts another one."""
     names = ("steps", "batch_size", "pool_size", "eval_sequences", "seq_length", "layers", "hidden", "heads",
              "num_keys", "num_values", "warmup_steps", "weight_decay", "grad_clip", "data_seed")
-    return {name: getattr(args, name) for name in names} | {"pairs": list(args.pairs), "control_pairs": list(args.control_pairs)}
+    # dropout only where used, so that grids from before the option keep their settings
+    return ({name: getattr(args, name) for name in names} | ({"dropout": args.dropout} if args.dropout else {})
+            | {"pairs": list(args.pairs), "control_pairs": list(args.control_pairs)})
 
 
 def make_data(cells, vocabulary: mqrar.Vocabulary, args: argparse.Namespace) -> dict:
@@ -322,7 +326,7 @@ def build_stack(attention: str, runs: list[GridRun], pools, size, args: argparse
     from sb_eval.training.trainer import SequencePool
 
     stacked_runs = [StackedRun(run.name, run.lr, run.seed, OFFSETS if run.offsets else None) for run in runs]
-    model = StackedDecoder(attention, size, stacked_runs, args.attention_backend).to(device)
+    model = StackedDecoder(attention, size, stacked_runs, args.attention_backend, args.dropout).to(device)
     settings = StackSettings(steps=args.steps, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
     sources = [SequencePool(*pools[(run.task, run.pairs)][:2], batch_size=args.batch_size, seed=run.seed) for run in runs]
     return StackedTrainer(model, settings), sources, [source.max_scored for source in sources]
@@ -519,9 +523,15 @@ def harness_accuracy(run: GridRun, folder: Path, settings: dict, args: argparse.
 
 
 def grid_name(settings: dict) -> str:
-    """The name of a grid's rows in docs/mqrar-grid.json: the layout and the training budget, so
-    that a report of a grid trained longer, or with larger batches, keeps this one's rows."""
-    return f"power-law, {settings['steps']} steps of {settings['batch_size']}"
+    """The name of a grid's rows in docs/mqrar-grid.json: the layout, the training budget, and a
+    pool or dropout other than the default, so that a report of a grid trained otherwise keeps
+    this one's rows."""
+    name = f"power-law, {settings['steps']} steps of {settings['batch_size']}"
+    if settings["pool_size"] != DEFAULT_POOL_SIZE:
+        name += f", a pool of {settings['pool_size']}"
+    if settings.get("dropout"):
+        name += f", dropout {settings['dropout']}"
+    return name
 
 
 def _grid_row(row: dict, settings: dict, harness) -> dict:
@@ -722,7 +732,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--reserve", type=float, default=20, help="seconds kept back for the last evaluation and saving")
     run.add_argument("--steps", type=int, default=4000)
     run.add_argument("--batch-size", type=int, default=64)
-    run.add_argument("--pool-size", type=int, default=100_000, help="training sequences per cell (the paper's 100,000)")
+    run.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE, help="training sequences per cell (the paper's 100,000)")
+    run.add_argument("--dropout", type=float, default=0.0,
+                     help="in training, on the embeddings and softmax's attention weights (the paper's code: 0.1); softmax runs only")
     run.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences per cell")
     run.add_argument("--eval-every", type=int, default=250)
     run.add_argument("--save-every", type=int, default=2000, help="steps between saves of the resumable state (and at the end)")
@@ -797,6 +809,11 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--seeds {args.seeds} must be distinct and >= 0")
     if not 0 <= args.warmup_steps < args.steps:
         parser.error(f"--warmup-steps must be in 0..--steps - 1, got {args.warmup_steps}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be a probability in [0, 1), got {args.dropout}")
+    if args.dropout and "stickbreaking" in args.attentions:
+        parser.error("--dropout applies to softmax only (the stick-breaking kernels drop no attention weights): "
+                     "give --learning-rates with --attentions softmax")
     if args.time_limit <= args.reserve:
         parser.error(f"--time-limit {args.time_limit} leaves nothing after --reserve {args.reserve}")
 

@@ -99,14 +99,15 @@ def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path
     earlier = {"grid": "dense", "attention": "softmax", "offsets": None, "model": "softmax", "task": "mqrar",
                "layout": "dense", "pairs": 32, "lr": 1e-4, "seed": 0, "steps": 1200, "accuracy": 0.04}
     longer = {**earlier, "grid": "power-law, 99 steps of 4", "layout": "power-law"}
-    (docs / "mqrar-grid.json").write_text(json.dumps([earlier, {**longer, "grid": "power-law, 6 steps of 4"}, longer]))
+    name = "power-law, 6 steps of 4, a pool of 16"  # the tiny grid's pool is not the paper's 100,000
+    (docs / "mqrar-grid.json").write_text(json.dumps([earlier, {**longer, "grid": name}, longer]))
     grid.main(["report", "--runs", *folders, "--docs", str(docs), "--models", str(tmp_path / "models"), "--harness-samples", "0"])
     rows = json.loads((docs / "mqrar-grid.json").read_text())
     assert rows[:2] == [earlier, longer]  # other grids kept (another budget too), this grid's old rows replaced
     ours = rows[2:]
     kept = [json.loads((Path(folder) / "plan.json").read_text())["kept"] for folder in folders]
     assert len(kept[1]) == 2 and {run["lr"] for run in kept[1]} == {0.003}
-    assert len(ours) == len(kept[0]) + len(kept[1]) and all(row["grid"] == "power-law, 6 steps of 4" and row["steps"] == 6 for row in ours)
+    assert len(ours) == len(kept[0]) + len(kept[1]) and all(row["grid"] == name and row["steps"] == 6 for row in ours)
     assert len({(row["model"], row["task"], row["pairs"], row["lr"], row["seed"]) for row in ours}) == len(ours)  # each run once
     assert {row["model"] for row in ours} == {"softmax", "stickbreaking", "stickbreaking+offsets"}
     assert sum(row["model"] == "softmax" and row["lr"] == 0.003 for row in ours) == 2
@@ -167,7 +168,20 @@ def test_a_grid_at_given_rates_makes_the_runs_asked_for(grid, capsys):
     assert args.pairs == [] and args.attentions == list(grid.ATTENTIONS) and args.offsets == "without" and args.seeds == [0]
     for wrong, message in ((["--offsets", "both", "--seeds", "1"], "--offsets and --seeds choose the runs of --learning-rates"),
                            (["--learning-rates", "1e-3", "--seeds", "1", "1"], "must be distinct"),
-                           (["--learning-rates", "1e-3", "--pairs", "--control-pairs"], "both empty")):
+                           (["--learning-rates", "1e-3", "--pairs", "--control-pairs"], "both empty"),
+                           (["--dropout", "0.1"], "--dropout applies to softmax only"),
+                           (["--learning-rates", "1e-3", "--attentions", "softmax", "--dropout", "1"], "--dropout must be a probability")):
         with pytest.raises(SystemExit):
             grid.parse_args(["train", "--output", "out", "--device", "cpu", *wrong])
         assert message in capsys.readouterr().err
+
+
+def test_a_grid_trained_otherwise_keeps_its_own_name(grid):
+    """Rows of a grid with another pool or with dropout must not replace those of the same
+    budget without them in docs/mqrar-grid.json; a grid of the defaults keeps its old name."""
+    args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--steps", "16000"])
+    assert "dropout" not in grid.train_settings(args)
+    assert grid.grid_name(grid.train_settings(args)) == "power-law, 16000 steps of 64"
+    args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--steps", "16000", "--pool-size", "1024000",
+                            "--learning-rates", "1e-3", "--attentions", "softmax", "--dropout", "0.1"])
+    assert grid.grid_name(grid.train_settings(args)) == "power-law, 16000 steps of 64, a pool of 1024000, dropout 0.1"

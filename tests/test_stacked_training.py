@@ -163,6 +163,8 @@ def test_a_saved_stack_resumes_where_it_stopped_and_refuses_other_runs(tokenizer
         (dict(runs=[]), "a stack needs at least one run"),
         (dict(runs=[StackedRun("a", 1e-3), StackedRun("a", 1e-4)]), "run names must be unique"),
         (dict(attention="softmax", runs=[StackedRun("a", 1e-3, logit_offsets=(0.0, -1.0))]), "logit offsets apply to stick-breaking"),
+        (dict(attention="softmax", dropout=1.0), r"dropout must be a probability in \[0, 1\), got 1.0"),
+        (dict(dropout=0.1), "dropout applies to softmax attention only"),
     ],
 )
 def test_bad_stacks_are_named(tokenizer, arguments, message):
@@ -174,6 +176,18 @@ def test_bad_stacks_are_named(tokenizer, arguments, message):
         StackedRun("b", 0.0)
     with pytest.raises(ValueError, match="warmup_steps must be in 0..steps-1"):
         StackSettings(steps=3, warmup_steps=3)
+
+
+def test_dropout_acts_in_training_only(tokenizer):
+    """With dropout the logits change from call to call in training mode; in evaluation mode
+    they are those of the same weights without dropout."""
+    torch.manual_seed(0)
+    plain = StackedDecoder("softmax", size(tokenizer), [StackedRun("a", 1e-3)], "torch")
+    dropping = StackedDecoder("softmax", size(tokenizer), [StackedRun("a", 1e-3)], "torch", dropout=0.5)
+    inputs = torch.randint(0, len(tokenizer), (1, 2, 24))
+    assert not torch.equal(dropping.logits(inputs), dropping.logits(inputs))
+    dropping.eval()
+    torch.testing.assert_close(dropping.logits(inputs), plain.logits(inputs))
 
 
 def test_sequence_pools_keep_their_dtype_and_count_scored_positions():

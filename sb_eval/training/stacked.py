@@ -93,12 +93,21 @@ class StackedDecoder(nn.Module):
     of every head, then keys, then values; head h at columns h*D..(h+1)*D of each), qkv_bias
     [G, 3d] (only where a run has logit offsets), out [G, d, d], mlp_norm [G, d], up_gate [G, d, 2f]
     (SwiGLU: up, then gate), down [G, f, d]; final_norm [G, d]. Matrices are [in, out].
+
+    dropout: in training, the probability of dropping each value of the embeddings' output and
+    each attention weight, as the MQRAR paper's code does (0.1 there); softmax only, since the
+    stick-breaking kernels drop no weights. Evaluation and exported models drop nothing.
     """
 
-    def __init__(self, attention: str, size: ModelSize, runs: Sequence[StackedRun], attention_backend: str = "auto"):
+    def __init__(self, attention: str, size: ModelSize, runs: Sequence[StackedRun], attention_backend: str = "auto",
+                 dropout: float = 0.0):
         super().__init__()
         if attention not in ("softmax", "stickbreaking"):
             raise ValueError(f"attention must be 'softmax' or 'stickbreaking', got {attention!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        if dropout and attention != "softmax":
+            raise ValueError("dropout applies to softmax attention only: the stick-breaking kernels drop no attention weights")
         if not runs:
             raise ValueError("a stack needs at least one run")
         names = [run.name for run in runs]
@@ -108,6 +117,7 @@ class StackedDecoder(nn.Module):
         if attention == "softmax" and any(offset is not None for offset in offsets):
             raise ValueError("logit offsets apply to stick-breaking attention only")
         self.attention, self.size, self.runs, self.attention_backend = attention, size, list(runs), attention_backend
+        self.dropout = dropout
         G, d, f, V = len(runs), size.hidden, size.intermediate_size, size.vocab_size
         self.head_dim = d // size.heads
 
@@ -157,7 +167,7 @@ class StackedDecoder(nn.Module):
         V, d = self.size.vocab_size, self.size.hidden
         # model g's ids index rows g*V .. g*V + V-1 of the stacked tables (one embedding lookup)
         shifted = inputs.reshape(G, B * T) + torch.arange(G, device=inputs.device)[:, None] * V
-        x = F.embedding(shifted, self.embedding.view(G * V, d))
+        x = F.dropout(F.embedding(shifted, self.embedding.view(G * V, d)), self.dropout, self.training)
         rope = _rope_tables(T, self.head_dim, x.device) if self.attention == "softmax" else None
         for layer in self.layers:
             h = _rms_norm(x, layer.attn_norm)
@@ -177,7 +187,7 @@ class StackedDecoder(nn.Module):
         if self.attention == "softmax":
             cos, sin = (table.to(q.dtype) for table in rope)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
             o, _ = stickbreaking_attention(q, k, v, scale=D**-0.5, backend=self.attention_backend)
         return o.reshape(G, B, H, T, D).permute(0, 1, 3, 2, 4).reshape(G, B * T, H * D)
