@@ -173,6 +173,49 @@ def test_decode_graphs_are_never_used_off_the_gpu_and_are_checked(model):
     assert "decode_graphs" not in model.config.to_dict()
 
 
+def test_a_decoder_is_observed_by_any_forward_hook_inside_it_or_on_every_module(model):
+    """Replays skip the decoder's modules, so steps that something watches must not replay."""
+    from sb_eval.model.decode_graph import observed
+
+    decoder = model.transformer
+    assert not observed(decoder)
+    for register in (decoder.h[1].mlp.register_forward_hook, decoder.register_forward_pre_hook,
+                     torch.nn.modules.module.register_module_forward_hook):
+        handle = register(lambda *args: None)
+        try:
+            assert observed(decoder)
+        finally:
+            handle.remove()
+    decoder.h[0].attn._hf_hook = object()  # accelerate's device placement hook
+    try:
+        assert observed(decoder)
+    finally:
+        del decoder.h[0].attn._hf_hook
+    assert not observed(decoder)
+
+
+def test_what_a_graph_replays_against_changes_with_the_backend_the_weights_and_the_buffers(model):
+    from sb_eval.model.decode_graph import replay_target
+
+    ids, mask = left_padded((9,), seed=7)
+    cache = PreallocatedCache(10)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, **{CACHE_FIELD: cache})
+    captured = replay_target(model, cache)
+    assert replay_target(model, cache) == captured
+    model.set_attention_backend("triton")
+    assert replay_target(model, cache) != captured
+    model.set_attention_backend("torch")
+    model.double()
+    try:
+        assert replay_target(model, cache) != captured  # a cast model's weights live elsewhere
+    finally:
+        model.float()
+    grown = replay_target(model, cache)
+    cache.update(*(torch.zeros(1, 2, CAPACITY_STEP, 16),) * 2, 0)  # past the capacity: new buffers for layer 0
+    assert replay_target(model, cache) != grown
+
+
 def test_a_graph_step_that_cannot_run_is_named(model):
     ids, mask = left_padded((9,), seed=6)
     step = GraphStep(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.int32), None)
