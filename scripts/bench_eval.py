@@ -155,7 +155,8 @@ def main() -> None:
                 results, seconds, evaluate_seconds, answers = evaluate(lm, length, args.samples, args.max_gen_toks)
                 prompts = len(answers)
                 row = {
-                    "model": name, "decode_graphs": args.decode_graphs and name.startswith("sb"), "T": length, "batch_size": batch_size, "prompts": prompts, "seconds": seconds,
+                    "model": name, "decode_graphs": args.decode_graphs and name.startswith("sb"), "T": length,
+                    "batch_size": batch_size, "prompts": prompts, "seconds": seconds,
                     "prompts_per_s": prompts / seconds, "forward_seconds": timer.seconds, "forward_calls": timer.calls,
                     "outside_forward_share": 1 - timer.seconds / seconds,
                     "evaluate_seconds": evaluate_seconds, "evaluate_outside_forward_share": 1 - timer.seconds / evaluate_seconds,

@@ -18,9 +18,10 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
 - max_length defaults to 65536: stick-breaking has no position embedding to outgrow;
 - generation writes keys and values into a preallocated cache (sb_eval.model.cache), and each
   decode step on a GPU replays a CUDA graph (sb_eval.model.decode_graph) instead of launching
-  its kernels one by one (decode_graphs=false launches them); batch_size=auto finds the largest batch that fits on
-  the GPU for the requests at hand (their longest prompt and generation budget, or their longest
-  scoring window), from max_batch_size down on out-of-memory; off the GPU, auto means 1;
+  its kernels one by one (decode_graphs=false launches them);
+- batch_size=auto finds the largest batch that fits on the GPU for the requests at hand (their
+  longest prompt and generation budget, or their longest scoring window), from max_batch_size
+  down on out-of-memory; off the GPU, auto means 1;
 - with attention_stats=PATH, every forward pass adds its attention statistics (how far back each
   head looks, sb_eval.analysis.attention_stats) to a JSON file at PATH; `close()` writes it a last time;
 - with attribution=PATH, the answers to RULER's generate_until requests are attributed (where

@@ -46,21 +46,22 @@ class GraphStep:
 
 class DecodeGraph:
     """One decode step (one new token per row) of a StickBreakingForCausalLM against a
-    PreallocatedCache, captured as a CUDA graph. Made by `decode_graph_for`; `step` runs it.
-    batch_size: the rows of each step; masked: whether its steps come with an attention mask."""
+    PreallocatedCache, captured as a CUDA graph from the step of input_ids [batch, 1] and
+    attention_mask [batch, filled + 1] or None; later steps must have the same batch and the
+    same presence of a mask. Made by `decode_graph_for`; `step` runs it."""
 
-    def __init__(self, model, cache, batch_size: int, masked: bool) -> None:
-        layers = cache.layers
-        device = layers[0].keys.device
-        self.batch_size, self.masked = batch_size, masked
+    def __init__(self, model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        device, capacity = input_ids.device, cache.layers[0].capacity
+        self.batch_size, self.masked = input_ids.shape[0], attention_mask is not None
         self.model = weakref.ref(model)  # not the model itself: the cache holds this graph
         self.target = replay_target(model, cache)
-        self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.ids = input_ids.clone()
         self.graph_step = GraphStep(
-            position=torch.full((1,), layers[0].filled, dtype=torch.long, device=device),
-            num_keys=torch.full((1,), layers[0].filled + 1, dtype=torch.int32, device=device),
-            key_mask=torch.ones(batch_size, layers[0].capacity, dtype=torch.bool, device=device) if masked else None,
+            position=torch.empty(1, dtype=torch.long, device=device),
+            num_keys=torch.empty(1, dtype=torch.int32, device=device),
+            key_mask=torch.ones(self.batch_size, capacity, dtype=torch.bool, device=device) if self.masked else None,
         )
+        self.graph_step.prepare(cache.layers[0].filled, attention_mask)
 
         # forward, not __call__: the hooks of the model's own call (around this capture) must
         # not run inside it, where a synchronisation would break the capture.
@@ -138,5 +139,5 @@ def decode_graph_for(model, cache, input_ids: torch.Tensor, attention_mask: torc
     graph = cache.decode_graph
     if graph is None or not graph.fits(model, cache, batch_size, masked):
         cache.decode_graph = None  # the old graph's memory goes before the new one is captured
-        graph = cache.decode_graph = DecodeGraph(model, cache, batch_size, masked)
+        graph = cache.decode_graph = DecodeGraph(model, cache, input_ids, attention_mask)
     return graph
