@@ -19,6 +19,10 @@ Everything HFLM does (batching, generate_until, loglikelihood_rolling, --model_a
 - generation writes keys and values into a preallocated cache (sb_eval.model.cache), and each
   decode step on a GPU replays a CUDA graph (sb_eval.model.decode_graph) instead of launching
   its kernels one by one (decode_graphs=false launches them);
+- each generation prompt is tokenized once per generate_until call, and its batch padded from
+  that encoding where that is provably what HFLM pads (HFLM tokenizes it to sort the requests,
+  batch_size=auto again to size its probe, and again to pad its batch: at 16K tokens, most of the
+  harness's CPU time per prompt);
 - batch_size=auto finds the largest batch that fits on the GPU for the requests at hand (their
   longest prompt and generation budget, or their longest scoring window), from max_batch_size
   down on out-of-memory; off the GPU, auto means 1;
@@ -37,7 +41,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import find_executable_batch_size
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import Collator, normalize_gen_kwargs
+from lm_eval.models.utils import Collator, has_bos_prefix, normalize_gen_kwargs
 from tqdm import tqdm
 
 from sb_eval.analysis.attention_stats import StatisticsRecorder, UnsupportedArchitectureError
@@ -65,6 +70,51 @@ DEFAULT_MAX_LENGTH = 65536
 
 class PromptTooLongError(ValueError):
     """A request longer than the model's max_length, which would be scored on its last tokens."""
+
+
+class PromptEncodings:
+    """The prompts of one generate_until call, each encoded once: the token ids tok_encode gave,
+    kept (int32 [tokens]; as a list of Python ints a 16K-token prompt takes ~0.6 MB) from its first
+    encoding until the last batch that pads it."""
+
+    def __init__(self, prompts: Iterable[str]) -> None:
+        self.batches_left = Counter(prompts)  # prompt -> batches still to pad it (a prompt may repeat)
+        self.ids: dict[str, torch.Tensor] = {}
+
+    def encoded(self, prompt: str, encode: Callable[[str], list[int]]) -> list[int]:
+        """encode(prompt), calling it only the first time."""
+        ids = self.ids.get(prompt)
+        if ids is not None:
+            return ids.tolist()
+        encoding = encode(prompt)
+        self.ids[prompt] = torch.tensor(encoding, dtype=torch.int32)
+        return encoding
+
+    def take(self, prompt: str) -> torch.Tensor | None:
+        """The prompt's ids ([tokens], or None if not encoded yet) for one batch; forgotten after
+        the last batch that pads it."""
+        if prompt not in self.batches_left:
+            return None
+        ids = self.ids.get(prompt)
+        self.batches_left[prompt] -= 1
+        if not self.batches_left[prompt]:
+            del self.batches_left[prompt]
+            self.ids.pop(prompt, None)
+        return ids
+
+
+def padded_batch(sequences: list[torch.Tensor], pad_id: int, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequences (each [length]) padded to the longest as a tokenizer pads them: input_ids (pad_id
+    on padding_side, "left" or "right") and attention_mask (1 on tokens, 0 on padding), both long
+    [len(sequences), longest]."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        columns = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+        input_ids[row, columns] = ids
+        attention_mask[row, columns] = 1
+    return input_ids, attention_mask
 
 
 class StickBreakingLM(HFLM):
@@ -121,6 +171,7 @@ class StickBreakingLM(HFLM):
         self.truncate_long_prompts = truncate_long_prompts
         self._warned_truncation: set[str] = set()
         self._request_names: dict = {}  # request arguments -> "task, document N", for errors
+        self._prompt_encodings: PromptEncodings | None = None  # only while generate_until runs
         super().__init__(
             pretrained=pretrained,
             tokenizer=tokenizer,
@@ -204,7 +255,7 @@ class StickBreakingLM(HFLM):
         self._name_requests(requests)
         if self.attribution_recorder is not None:
             self.attribution_recorder.expect(requests)
-        with self._batch_size_for(lambda: self._generation_probe(requests)):
+        with self._each_prompt_encoded_once(requests), self._batch_size_for(lambda: self._generation_probe(requests)):
             results = super().generate_until(requests, disable_tqdm=disable_tqdm)
         if self.attribution_recorder is not None:
             self.attribution_recorder.answered(requests, results)
@@ -217,6 +268,16 @@ class StickBreakingLM(HFLM):
             request.args[0] if request.request_type == "generate_until" else request.args: f"{request.task_name}, document {request.doc_id}"
             for request in requests
         }
+
+    @contextmanager
+    def _each_prompt_encoded_once(self, requests) -> Iterator[None]:
+        """While the block runs, tok_encode keeps the requests' prompt encodings and
+        tok_batch_encode pads batches from them, letting each go after its last batch."""
+        self._prompt_encodings = PromptEncodings(request.args[0] for request in requests)
+        try:
+            yield
+        finally:
+            self._prompt_encodings = None
 
     def _written_after(self, results):
         if self.attention_recorder is not None:
@@ -319,8 +380,18 @@ class StickBreakingLM(HFLM):
             kind, length, limit, self.max_length, limit,
         )
 
+    def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        # Within generate_until, a prompt in the form HFLM sorts requests by is encoded once.
+        memo = self._prompt_encodings
+        if memo is None or add_special_tokens is not None or left_truncate_len or string not in memo.batches_left:
+            return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+        return memo.encoded(string, super().tok_encode)
+
     def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
-        input_ids, attention_mask = super().tok_batch_encode(strings, padding_side, None, truncation)
+        batch = self._batch_from_prompt_encodings(strings, padding_side, truncation)
+        if batch is None:
+            batch = super().tok_batch_encode(strings, padding_side, None, truncation)
+        input_ids, attention_mask = batch
         if left_truncate_len and input_ids.shape[1] > left_truncate_len:
             lengths = attention_mask.sum(1).tolist()
             longest = max(range(len(strings)), key=lengths.__getitem__)
@@ -330,6 +401,33 @@ class StickBreakingLM(HFLM):
         if self.attribution_recorder is not None:
             self.attribution_recorder.arm(strings, input_ids, attention_mask)
         return input_ids, attention_mask
+
+    def _batch_from_prompt_encodings(
+        self, strings, padding_side: str, truncation: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """HFLM's tok_batch_encode(strings, padding_side, truncation=truncation), input_ids and
+        attention_mask (long [len(strings), longest]), padded from the encodings tok_encode kept;
+        None where it could differ: a string not kept, truncation, a model that is not causal, no
+        pad token or an unknown padding side (HFLM's tokenizer would refuse them), or a string that
+        starts with BOS text, on which HFLM's tok_encode (the prefix token's text, each string) and
+        tok_batch_encode (bos_token, the first string only) may add different special tokens."""
+        if self._prompt_encodings is None:
+            return None
+        # taken even when unused, so that only the prompts of batches still to come stay kept
+        encodings = [self._prompt_encodings.take(string) for string in strings]
+        bos_texts = [
+            text for text in (self.tokenizer.decode(self.prefix_token_id), self.tokenizer.bos_token) if text is not None
+        ]
+        if (
+            truncation
+            or self.backend != "causal"
+            or self.tokenizer.pad_token_id is None
+            or padding_side not in ("left", "right")
+            or any(ids is None for ids in encodings)
+            or any(has_bos_prefix(string, bos_texts) for string in strings)
+        ):
+            return None
+        return padded_batch(encodings, self.tokenizer.pad_token_id, padding_side)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """HFLM's contract: requests are ((context, continuation) or None, context tokens,
