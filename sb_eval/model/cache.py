@@ -68,8 +68,7 @@ class PreallocatedLayer(CacheLayerMixin):
             self._allocate(key_states, value_states, max(self.filled + new, math.ceil(GROWTH * self.capacity)))
         self._key_buffer[:, :, self.filled : self.filled + new] = key_states
         self._value_buffer[:, :, self.filled : self.filled + new] = value_states
-        self.filled += new
-        self._refresh_views()
+        self.advance(new)
         return self.keys, self.values
 
     def write_at(self, key_states: torch.Tensor, value_states: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +81,7 @@ class PreallocatedLayer(CacheLayerMixin):
         return self._key_buffer, self._value_buffer
 
     def advance(self, tokens: int) -> None:
-        """Counts `tokens` more slots as filled (after write_at has written them)."""
+        """Counts `tokens` more slots as filled (after update or write_at has written them)."""
         if self.filled + tokens > self.capacity:
             raise ValueError(f"advancing by {tokens} tokens would pass the capacity ({self.filled} of {self.capacity} filled)")
         self.filled += tokens
