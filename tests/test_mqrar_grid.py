@@ -81,12 +81,30 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(grid
     assert {row["step"] for row in stopped} == {3, 4} and all(row.get("interrupted") for row in stopped if row["step"] == 4)
     assert list((tmp_path / "parts" / "out").glob("models-*.pt"))  # what there is comes back
     monkeypatch.undo()
-    grid.main(train_args(tmp_path / "parts"))  # the same command again: goes on from step 4
+    monkeypatch.setattr(grid, "make_data", lambda *args: pytest.fail("the data were made again"))
+    grid.main(train_args(tmp_path / "parts"))  # the same command again: goes on from step 4, on the stored data
     assert results(tmp_path / "parts") == rows
+    monkeypatch.undo()
 
     # another grid in the same state folder is refused
     with pytest.raises(SystemExit, match="holds a grid of other settings"):
         grid.main([*train_args(tmp_path / "parts"), "--batch-size", "2"])
+
+
+def test_the_data_kept_in_the_state_are_made_again_for_other_data_settings(grid, tmp_path, monkeypatch):
+    args = grid.parse_args(train_args(tmp_path))
+    vocabulary = grid.mqrar.Vocabulary(args.num_keys, args.num_values)
+    cell = ("mqar", 4)
+    first = grid.stored_data([cell], vocabulary, args)[cell]
+    assert (tmp_path / "state" / "data-mqar-4.pt").is_file()
+    with monkeypatch.context() as patched:
+        patched.setattr(grid, "make_data", lambda *arguments: pytest.fail("the data were made again"))
+        kept = grid.stored_data([cell], vocabulary, args)[cell]
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+    args.data_seed += 1
+    other = grid.stored_data([cell], vocabulary, args)[cell]
+    assert not torch.equal(other[0], first[0])
+    assert torch.equal(grid.stored_data([cell], vocabulary, args)[cell][0], other[0])
 
 
 def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path):
