@@ -62,6 +62,8 @@ PAIRS = (32, 64, 128, 192)
 CONTROL_PAIRS = (32, 64)
 # The paper's code trains on 100,000 sequences per cell.
 DEFAULT_POOL_SIZE = 100_000
+# The settings the data are made from: part of a grid's settings; stored data made with others are made again.
+DATA_SETTINGS = ("pool_size", "eval_sequences", "seq_length", "num_keys", "num_values", "data_seed")
 # Stick-breaking's initial logit offset where a run asks for one (every head, every layer): a
 # break probability of sigmoid(-5) = 0.7% a token, so that a fresh head reaches ~150 tokens back
 # instead of 1-2 (trainer.offset_attention_logits says why).
@@ -221,8 +223,7 @@ def train(args: argparse.Namespace) -> None:
 
 def train_settings(args: argparse.Namespace) -> dict:
     """What makes a grid: rerunning with any of these changed starts another one."""
-    names = ("steps", "batch_size", "pool_size", "eval_sequences", "seq_length", "layers", "hidden", "heads",
-             "num_keys", "num_values", "warmup_steps", "weight_decay", "grad_clip", "data_seed")
+    names = ("steps", "batch_size", "layers", "hidden", "heads", "warmup_steps", "weight_decay", "grad_clip", *DATA_SETTINGS)
     # dropout only where used, so that grids from before the option keep their settings
     return ({name: getattr(args, name) for name in names} | ({"dropout": args.dropout} if args.dropout else {})
             | {"pairs": list(args.pairs), "control_pairs": list(args.control_pairs)})
@@ -234,7 +235,7 @@ def stored_data(cells, vocabulary: mqrar.Vocabulary, args: argparse.Namespace) -
     made with other data settings is made again."""
     import torch
 
-    recipe = {name: getattr(args, name) for name in ("pool_size", "eval_sequences", "seq_length", "num_keys", "num_values", "data_seed")}
+    recipe = {name: getattr(args, name) for name in DATA_SETTINGS}
     files = {cell: args.state / f"data-{cell[0]}-{cell[1]}.pt" for cell in cells}
     data = {}
     for cell, path in files.items():
@@ -245,9 +246,7 @@ def stored_data(cells, vocabulary: mqrar.Vocabulary, args: argparse.Namespace) -
     if missing:
         made = make_data(missing, vocabulary, args)
         for cell, tensors in made.items():
-            buffer = io.BytesIO()
-            torch.save({"recipe": recipe, "tensors": list(tensors)}, buffer)
-            write_atomically(files[cell], buffer.getvalue())
+            _save_torch(files[cell], {"recipe": recipe, "tensors": list(tensors)})
         data |= made
     return data
 
@@ -448,9 +447,7 @@ def save_best_models(runs: list[GridRun], trained: dict, output: Path, save_pair
                             for name, parameter in stack.named_parameters()
                             if not (name.endswith("qkv_bias") and not run.offsets)},
             }
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        write_atomically(output / f"models-{number + 1}.pt", buffer.getvalue())
+        _save_torch(output / f"models-{number + 1}.pt", payload)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,10 +702,15 @@ def _number(value: float) -> float | None:
 
 
 def _save_state(path: Path, trainer, train_losses, since: int) -> None:
+    _save_torch(path, {"trainer": trainer.state_dict(), "train_losses": train_losses, "since": since})
+
+
+def _save_torch(path: Path, payload) -> None:
+    """torch.save, written so that a reader never sees half a file."""
     import torch
 
     buffer = io.BytesIO()
-    torch.save({"trainer": trainer.state_dict(), "train_losses": train_losses, "since": since}, buffer)
+    torch.save(payload, buffer)
     write_atomically(path, buffer.getvalue())
 
 
