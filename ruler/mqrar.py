@@ -164,8 +164,21 @@ def targets(inputs: list[int], vocabulary: Vocabulary | None = None) -> list[int
     target is its current value (the value after its most recent occurrence); everywhere else
     (values, a key's first occurrence) IGNORE. A key must be followed by a value (or end the
     sequence); a value that follows no key is filler."""
-    vocabulary = vocabulary or Vocabulary()
-    current: dict[int, int] = {}
+    return [target for target, _ in _answers(inputs, vocabulary or Vocabulary())]
+
+
+def answer_distances(inputs: list[int], vocabulary: Vocabulary | None = None) -> list[int]:
+    """At each query of `inputs` (where `targets` has a target), how many tokens back the answer
+    was assigned: the query's position minus that of the key of the assignment that set the key's
+    current value; IGNORE elsewhere. What a model must look back over to answer."""
+    return [IGNORE if target == IGNORE else position - assigned_at
+            for position, (target, assigned_at) in enumerate(_answers(inputs, vocabulary or Vocabulary()))]
+
+
+def _answers(inputs: list[int], vocabulary: Vocabulary) -> list[tuple[int, int]]:
+    """(target, position of the key of the assignment that set it) at each position of `inputs`;
+    (IGNORE, IGNORE) where there is no target. The rule `targets` states."""
+    current: dict[int, tuple[int, int]] = {}  # key -> (value, position of the key that assigned it)
     result = []
     for position, token_id in enumerate(inputs):
         if not 0 <= token_id < vocabulary.size:
@@ -173,11 +186,11 @@ def targets(inputs: list[int], vocabulary: Vocabulary | None = None) -> list[int
         if token_id < vocabulary.num_keys:
             if position + 1 < len(inputs) and 0 <= inputs[position + 1] < vocabulary.num_keys:
                 raise ValueError(f"inputs[{position + 1}]={inputs[position + 1]} must be a value id: it follows the key inputs[{position}] ({vocabulary})")
-            result.append(current.get(token_id, IGNORE))
+            result.append(current.get(token_id, (IGNORE, IGNORE)))
         else:
             if position > 0 and inputs[position - 1] < vocabulary.num_keys:
-                current[inputs[position - 1]] = token_id
-            result.append(IGNORE)
+                current[inputs[position - 1]] = (token_id, position - 1)
+            result.append((IGNORE, IGNORE))
     return result
 
 

@@ -15,7 +15,8 @@ longest prefix of the plan (in priority order, `plan()`; or, with --learning-rat
 back from a device machine):
 
 - plan.json: settings, the plan, the runs kept, the timings and the projection;
-- results.jsonl: one row per run and evaluation (step, train loss, held-out loss and accuracy);
+- results.jsonl: one row per run and evaluation (step, train loss, held-out loss and accuracy,
+  and accuracy by how far back the answer lies, in power-of-two bins of tokens);
 - models-N.pt: the best softmax and stick-breaking run of each MQRAR pair count in --save-models,
   two a file (bf16 weights).
 
@@ -216,7 +217,7 @@ def train(args: argparse.Namespace) -> None:
     print(f"training {len(kept)} of {len(candidates)} runs for {args.steps} steps "
           f"(projected {saved_plan['projected_s']:.0f} s of {saved_plan['budget_s']:.0f} s)", flush=True)
 
-    trained = train_runs(kept, pools, size, args, started)
+    trained = train_runs(kept, pools, answer_distances(pools, vocabulary), size, args, started)
     save_best_models(kept, trained, args.output, args.save_models)  # also where the time ran out: what there is
     print(summary(_read_rows(args.output / "results.jsonl")), flush=True)
 
@@ -355,9 +356,19 @@ def build_stack(attention: str, runs: list[GridRun], pools, size, args: argparse
     return StackedTrainer(model, settings), sources, [source.max_scored for source in sources]
 
 
-def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, started: float) -> dict:
+def answer_distances(pools, vocabulary: mqrar.Vocabulary) -> dict:
+    """{cell: [N, T] how many tokens back each held-out query's answer lies (IGNORE elsewhere)},
+    for the held-out accuracy by distance."""
+    import torch
+
+    return {cell: torch.tensor([mqrar.answer_distances(row, vocabulary) for row in held_out_inputs.tolist()], device=held_out_inputs.device)
+            for cell, (_, _, held_out_inputs, _) in pools.items()}
+
+
+def train_runs(runs: list[GridRun], pools, distances, size, args: argparse.Namespace, started: float) -> dict:
     """Trains every run to args.steps (resuming from --state), evaluating every eval_every steps
-    and where --time-limit stops it; returns {run name: (stack trainer, index)}."""
+    (loss and accuracy, and accuracy by how far back the answer lies: `distances`, from
+    answer_distances) and where --time-limit stops it; returns {run name: (stack trainer, index)}."""
     import torch
     from tqdm import tqdm
 
@@ -380,8 +391,10 @@ def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, start
             [Batch(inputs[first:first + args.batch_size].long(), targets[first:first + args.batch_size].long()) for inputs, targets in held_out]
             for first in range(0, args.eval_sequences, args.batch_size)
         ]
+        eval_distances = [[distances[(run.task, run.pairs)][first:first + args.batch_size] for run in stack_runs]
+                          for first in range(0, args.eval_sequences, args.batch_size)]
         eval_most = [max_scored(targets) for _, targets in held_out]
-        stacks.append((number, stack_runs, trainer, sources, most, eval_batches, eval_most))
+        stacks.append((number, stack_runs, trainer, sources, most, (eval_batches, eval_most, eval_distances)))
         train_losses.append(losses)
     history = _read_history(args.state / "history.jsonl")
     start = min(trainer.step_count for _, _, trainer, *_ in stacks)
@@ -398,8 +411,8 @@ def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, start
         out_of_time = time.monotonic() > deadline
         regular = done % args.eval_every == 0 or done == args.steps
         if regular or out_of_time:
-            for (_, stack_runs, trainer, _, _, eval_batches, eval_most), losses in zip(stacks, train_losses):
-                metrics = trainer.evaluate(eval_batches, eval_most)
+            for (_, stack_runs, trainer, _, _, evaluation), losses in zip(stacks, train_losses):
+                metrics = trainer.evaluate(*evaluation)
                 for run, mean_loss, row in zip(stack_runs, (losses / since).tolist(), metrics):
                     # an evaluation where the time ran out is marked, and superseded on resuming
                     history.append({"run": run.name, **asdict(run), "step": done, "train_loss": mean_loss, **row,
@@ -573,15 +586,17 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
 
 
 def plot(grid_rows: list[dict], others: list[dict], history: list[dict], settings: dict) -> bytes:
-    """PNG: left, the best accuracy per cell against the pair count (this grid's MQRAR and MQAR
-    control, and the MQRAR of other grids faintly); middle, the held-out accuracy of each cell's best run
-    over training; right, the held-out loss of every run over training (where accuracy
-    stays near 0 the loss still shows whether a run learnt anything)."""
+    """PNG: first, the best accuracy per cell against the pair count (this grid's MQRAR and MQAR
+    control, and the MQRAR of other grids faintly); second, the held-out accuracy of each cell's
+    best run over training; third, that run's accuracy at its last evaluation by how far back the
+    answer lies (where its results have it), to show how far a partly learnt recall reaches;
+    last, the held-out loss of every run over training (where accuracy stays near 0 the loss still
+    shows whether a run learnt anything)."""
     from matplotlib.figure import Figure
 
     colours = {"softmax": "tab:blue", "stickbreaking": "tab:orange", "stickbreaking+offsets": "tab:green"}
-    figure = Figure(figsize=(16, 4.2))
-    by_count, over_steps, losses = figure.subplots(1, 3)
+    figure = Figure(figsize=(21, 4.2))
+    by_count, over_steps, by_distance, losses = figure.subplots(1, 4)
     best = best_per_cell([{**row, "run": "", "eval_accuracy": row["accuracy"], "offsets": row["offsets"] is not None}
                           for row in grid_rows])
     for model, colour in colours.items():
@@ -608,16 +623,30 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
     for (model, task, count), entry in sorted(best.items()):
         run = max(entry["runs"], key=_accuracy)
         name = GridRun.from_row(run).name
-        curve = sorted((row["step"], row["eval_accuracy"]) for row in history if row["run"] == name)
+        evaluations = sorted((row for row in history if row["run"] == name), key=lambda row: row["step"])
         shade = 0.35 + 0.65 * PAIRS.index(count) / (len(PAIRS) - 1) if count in PAIRS else 1.0
-        over_steps.plot(*zip(*curve), "-" if task == "mqrar" else "--", color=colours[model], alpha=shade,
-                        label=f"{LABELS[model]}, {'MQRAR' if task == 'mqrar' else 'MQAR'} {count}")
+        style = {"linestyle": "-" if task == "mqrar" else "--", "color": colours[model], "alpha": shade,
+                 "label": f"{LABELS[model]}, {'MQRAR' if task == 'mqrar' else 'MQAR'} {count}"}
+        over_steps.plot([row["step"] for row in evaluations], [row["eval_accuracy"] for row in evaluations], **style)
+        if "eval_accuracy_by_distance" in evaluations[-1]:
+            by_bin = sorted((int(first), accuracy) for first, accuracy in evaluations[-1]["eval_accuracy_by_distance"].items())
+            by_distance.plot(*zip(*by_bin), marker="o", markersize=3, **style)
     over_steps.set_xlabel("training step")
     over_steps.set_ylabel("held-out accuracy")
     over_steps.set_ylim(0, 1.02)
     over_steps.set_title("best run per cell over training (darker: more pairs; dashed: control)")
     over_steps.legend(fontsize=6, ncol=2)
     over_steps.grid(alpha=0.3)
+    by_distance.set_xscale("log", base=2)
+    by_distance.set_xlabel("tokens back to the answer's assignment (bins from 2^k)")
+    by_distance.set_ylabel("held-out accuracy, last evaluation")
+    by_distance.set_ylim(0, 1.02)
+    by_distance.set_title("best run per cell, by how far back the answer lies")
+    if by_distance.lines:
+        by_distance.legend(fontsize=6, ncol=2)
+    else:
+        by_distance.text(0.5, 0.5, "not in these runs' results", ha="center", transform=by_distance.transAxes)
+    by_distance.grid(alpha=0.3)
     plot_losses(losses, history, settings["num_values"])
     figure.tight_layout()
     png = io.BytesIO()

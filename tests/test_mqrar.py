@@ -41,6 +41,19 @@ def test_the_papers_example_answers_with_the_most_recent_assignment():
     assert mqrar.targets(inputs, PAPER_VOCABULARY) == expected
 
 
+def test_answer_distances_reach_back_to_the_assignment_that_set_the_answer():
+    inputs = paper_ids("B 6 P 4 E 3 X 1 Z 2 E 2 B 1 E 5 B 4")
+    distances = mqrar.answer_distances(inputs, PAPER_VOCABULARY)
+    # E at 10 reaches its assignment at 4; E at 14 the reassignment made by the query at 10
+    assert {t: d for t, d in enumerate(distances) if d != IGNORE} == {10: 6, 12: 12, 14: 4, 16: 4}
+    for sequence in mqrar.sequences(20, 96, 8, PAPER_VOCABULARY, seed=3):
+        distances = mqrar.answer_distances(sequence.inputs, PAPER_VOCABULARY)
+        assert [d != IGNORE for d in distances] == [t != IGNORE for t in sequence.targets]
+        for t in sequence.query_positions:  # the key asked about, followed by its answer
+            assigned_at = t - distances[t]
+            assert sequence.inputs[assigned_at] == sequence.inputs[t] and sequence.inputs[assigned_at + 1] == sequence.targets[t]
+
+
 @pytest.mark.parametrize(
     ("text", "answers"),
     [

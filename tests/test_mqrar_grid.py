@@ -49,6 +49,9 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(grid
     rows = results(tmp_path / "whole")
     assert {row["step"] for row in rows} == {3, 6} and len(rows) == 2 * len(plan["kept"])
     assert all(0 <= row["eval_accuracy"] <= 1 and row["eval_positions"] > 0 for row in rows)
+    # by how far back the answer lies: every held-out query in one bin, none before its assignment
+    assert all(sum(row["eval_positions_by_distance"].values()) == row["eval_positions"] for row in rows)
+    assert all(set(row["eval_accuracy_by_distance"]) == set(row["eval_positions_by_distance"]) <= {"2", "4", "8", "16"} for row in rows)
 
     # the clock passes --time-limit after the 4th training step (the timing's steps not counted)
     clock = {"training": False, "steps": 0, "late": False}

@@ -114,7 +114,7 @@ def test_the_optimiser_is_torchs_adamw_with_clipping(tokenizer):
     for step in range(5):
         for group in optimiser.param_groups:
             group["lr"] = 2e-3 * settings.lr_factor(step)
-        losses, _, _ = scorer.losses([pool.batch(step)], [pool.max_scored])
+        losses, _ = scorer.losses([pool.batch(step)], [pool.max_scored])
         losses.sum().backward()
         torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
         optimiser.step()
@@ -137,6 +137,31 @@ def test_stacked_models_learn_and_evaluate_only_scored_positions(tokenizer, atte
     assert after[0]["eval_loss"] < before[0]["eval_loss"] - 1.0 and after[0]["eval_accuracy"] > 0.5
     assert after[0]["eval_accuracy"] > after[1]["eval_accuracy"]  # the learning rates differ
     assert before[0]["eval_positions"] == 2 * 8 * 16  # two batches of 8 rows, 16 scored positions each
+
+
+def test_accuracy_by_distance_counts_each_scored_position_in_its_power_of_two_bin(tokenizer):
+    runs = [StackedRun("fast", 3e-2, seed=5), StackedRun("slow", 1e-4, seed=6)]
+    trainer = train(StackedDecoder("softmax", size(tokenizer), runs, "torch"), StackSettings(steps=40, warmup_steps=5),
+                    [recall_pool(seed=5), recall_pool(seed=5)], 40)
+    held_out = recall_pool(seed=9, rows=16)
+    batches = [held_out.batch(step) for step in range(2)]
+    generator = torch.Generator().manual_seed(0)
+    distances = [torch.randint(1, 24, batch.targets.shape, generator=generator) for batch in batches]
+    rows = trainer.evaluate([[batch] * 2 for batch in batches], [held_out.max_scored] * 2, [[d] * 2 for d in distances])
+    for index, row in enumerate(rows):
+        hits, counts = {}, {}
+        for batch, distance in zip(batches, distances):
+            predicted = trainer.model.logits(batch.inputs[None].expand(2, -1, -1))[index].argmax(-1)
+            for (b, t) in (batch.targets != IGNORE).nonzero().tolist():
+                first = str(2 ** (int(distance[b, t]).bit_length() - 1))
+                counts[first] = counts.get(first, 0) + 1
+                hits[first] = hits.get(first, 0) + int(predicted[b, t] == batch.targets[b, t])
+        assert row["eval_positions_by_distance"] == counts and sum(counts.values()) == row["eval_positions"]
+        assert row["eval_accuracy_by_distance"] == pytest.approx({first: hits[first] / counts[first] for first in counts})
+        assert row["eval_accuracy"] == pytest.approx(sum(hits.values()) / row["eval_positions"])
+    assert rows[0]["eval_accuracy"] > 0.5 > rows[1]["eval_accuracy"]  # the fast model has learnt: hits are not all alike
+    assert set(rows[0]["eval_positions_by_distance"]) == {"1", "2", "4", "8", "16"}
+    assert "eval_accuracy_by_distance" not in trainer.evaluate([[batches[0]] * 2], [held_out.max_scored] * 2)[0]
 
 
 def test_a_saved_stack_resumes_where_it_stopped_and_refuses_other_runs(tokenizer):

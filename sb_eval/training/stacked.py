@@ -232,14 +232,14 @@ class StackedTrainer:
         self.decays = [p.ndim >= 3 for p in self.weights]
         self.step_count = 0
 
-    def losses(self, batches: Sequence[Batch], max_scored: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per model: mean cross-entropy over its scored positions (nats), correct argmax count,
-        scored count, each [G]. `batches[g]` is model g's (inputs and targets [B, T]), with at
-        most `max_scored[g]` scored positions a row."""
+    def losses(self, batches: Sequence[Batch], max_scored: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per model: mean cross-entropy over its scored positions (nats), [G], and where its argmax
+        is the target, [B, T] bool (False where nothing is scored). `batches[g]` is model g's
+        (inputs and targets [B, T]), with at most `max_scored[g]` scored positions a row."""
         inputs = torch.stack([batch.inputs for batch in batches])
         with bf16_autocast(inputs.device):
             hidden = self.model.hidden(inputs)
-            losses, correct, scored = [], [], []
+            losses, hits = [], []
             for index, (batch, most) in enumerate(zip(batches, max_scored)):
                 is_scored = batch.targets != IGNORE
                 # the scored positions first, in order, then unscored ones (targets IGNORE) as padding
@@ -247,13 +247,13 @@ class StackedTrainer:
                 targets = torch.gather(batch.targets, 1, positions)
                 logits = self.model.scored_logits(hidden[index], index, positions).float()
                 losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE))
-                correct.append(((logits.argmax(-1) == targets) & (targets != IGNORE)).sum())
-                scored.append(is_scored.sum())
-        return torch.stack(losses), torch.stack(correct), torch.stack(scored)
+                hit = (logits.argmax(-1) == targets) & (targets != IGNORE)
+                hits.append(torch.zeros_like(is_scored).scatter_(1, positions, hit))
+        return torch.stack(losses), hits
 
     def step(self, batches: Sequence[Batch], max_scored: Sequence[int]) -> torch.Tensor:
         """One optimiser step of every model; returns the losses [G] (not synchronised)."""
-        losses, _, _ = self.losses(batches, max_scored)
+        losses, _ = self.losses(batches, max_scored)
         losses.sum().backward()  # the models share no weight: each slice gets its own gradient
         self._mask_untrainable_biases()
         if self.settings.grad_clip is not None:
@@ -264,22 +264,46 @@ class StackedTrainer:
         return losses.detach()
 
     @torch.no_grad()
-    def evaluate(self, batches_per_model: Sequence[Sequence[Batch]], max_scored: Sequence[int]) -> list[dict[str, float]]:
+    def evaluate(self, batches_per_model: Sequence[Sequence[Batch]], max_scored: Sequence[int],
+                 distances_per_model: Sequence[Sequence[torch.Tensor]] | None = None) -> list[dict]:
         """Per model: eval_loss (mean over batches of the per-batch mean, nats), eval_accuracy
         (over every scored position) and eval_positions; batches_per_model[i] is one list per
-        step of evaluation, one batch per model in each."""
+        step of evaluation, one batch per model in each.
+
+        With distances_per_model (nested as batches_per_model, [B, T] each: how many tokens back
+        the answer of each scored position lies, as ruler.mqrar.answer_distances gives them), also
+        eval_accuracy_by_distance and eval_positions_by_distance: {the first distance of a bin: its
+        accuracy, its scored positions}, in bins from 1, 2, 4, 8, ... tokens to the next power of 2
+        (bins without positions left out), so that a partly learnt recall shows how far it reaches."""
         was_training = self.model.training
         self.model.eval()
-        total_loss = correct = scored = 0
-        for batches in batches_per_model:
-            loss, batch_correct, batch_scored = self.losses(batches, max_scored)
-            total_loss, correct, scored = total_loss + loss, correct + batch_correct, scored + batch_scored
+        models = len(self.model.runs)
+        total_loss = 0
+        correct, scored, bin_hits, bin_counts = ([0] * models for _ in range(4))
+        for step, batches in enumerate(batches_per_model):
+            loss, hits = self.losses(batches, max_scored)
+            total_loss = total_loss + loss
+            for index, (batch, hit) in enumerate(zip(batches, hits)):
+                is_scored = batch.targets != IGNORE
+                correct[index] = correct[index] + hit.sum()
+                scored[index] = scored[index] + is_scored.sum()
+                if distances_per_model is not None:
+                    bins = torch.frexp(distances_per_model[step][index][is_scored].float()).exponent - 1  # exact floor(log2)
+                    size = batch.targets.shape[1].bit_length()  # distances are below T
+                    bin_hits[index] = bin_hits[index] + torch.bincount(bins, weights=hit[is_scored].float(), minlength=size)
+                    bin_counts[index] = bin_counts[index] + torch.bincount(bins, minlength=size)
         self.model.train(was_training)
         count = len(batches_per_model)
-        return [
-            {"eval_loss": float(loss) / count, "eval_accuracy": float(hits) / max(int(n), 1), "eval_positions": int(n)}
-            for loss, hits, n in zip(total_loss.cpu(), correct.cpu(), scored.cpu())
-        ]
+        rows = []
+        for index, loss in enumerate(total_loss.cpu().tolist()):
+            positions = int(scored[index])
+            row = {"eval_loss": loss / count, "eval_accuracy": float(correct[index]) / max(positions, 1), "eval_positions": positions}
+            if distances_per_model is not None:
+                bins = [(2**k, int(n), float(h)) for k, (n, h) in enumerate(zip(bin_counts[index].tolist(), bin_hits[index].tolist())) if n]
+                row["eval_accuracy_by_distance"] = {str(first): hits / n for first, n, hits in bins}
+                row["eval_positions_by_distance"] = {str(first): n for first, n, _ in bins}
+            rows.append(row)
+        return rows
 
     def _mask_untrainable_biases(self) -> None:
         for layer in self.model.layers:
