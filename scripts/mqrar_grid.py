@@ -217,7 +217,7 @@ def train(args: argparse.Namespace) -> None:
     print(f"training {len(kept)} of {len(candidates)} runs for {args.steps} steps "
           f"(projected {saved_plan['projected_s']:.0f} s of {saved_plan['budget_s']:.0f} s)", flush=True)
 
-    trained = train_runs(kept, pools, answer_distances(pools, vocabulary), size, args, started)
+    trained = train_runs(kept, pools, size, args, started)
     save_best_models(kept, trained, args.output, args.save_models)  # also where the time ran out: what there is
     print(summary(_read_rows(args.output / "results.jsonl")), flush=True)
 
@@ -365,10 +365,10 @@ def answer_distances(pools, vocabulary: mqrar.Vocabulary) -> dict:
             for cell, (_, _, held_out_inputs, _) in pools.items()}
 
 
-def train_runs(runs: list[GridRun], pools, distances, size, args: argparse.Namespace, started: float) -> dict:
+def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, started: float) -> dict:
     """Trains every run to args.steps (resuming from --state), evaluating every eval_every steps
-    (loss and accuracy, and accuracy by how far back the answer lies: `distances`, from
-    answer_distances) and where --time-limit stops it; returns {run name: (stack trainer, index)}."""
+    (loss and accuracy, and accuracy by how far back the answer lies) and where --time-limit
+    stops it; returns {run name: (stack trainer, index)}."""
     import torch
     from tqdm import tqdm
 
@@ -376,6 +376,8 @@ def train_runs(runs: list[GridRun], pools, distances, size, args: argparse.Names
 
     device = torch.device(args.device)
     deadline = started + args.time_limit
+    distances = answer_distances(pools, mqrar.Vocabulary(args.num_keys, args.num_values))
+    evaluation_starts = range(0, args.eval_sequences, args.batch_size)
     stacks, train_losses, since = [], [], 0
     for number, (attention, stack_runs) in enumerate(stacks_of(runs, args.max_stack)):
         trainer, sources, most = build_stack(attention, stack_runs, pools, size, args, device)
@@ -389,10 +391,10 @@ def train_runs(runs: list[GridRun], pools, distances, size, args: argparse.Names
         held_out = [pools[(run.task, run.pairs)][2:] for run in stack_runs]
         eval_batches = [
             [Batch(inputs[first:first + args.batch_size].long(), targets[first:first + args.batch_size].long()) for inputs, targets in held_out]
-            for first in range(0, args.eval_sequences, args.batch_size)
+            for first in evaluation_starts
         ]
         eval_distances = [[distances[(run.task, run.pairs)][first:first + args.batch_size] for run in stack_runs]
-                          for first in range(0, args.eval_sequences, args.batch_size)]
+                          for first in evaluation_starts]
         eval_most = [max_scored(targets) for _, targets in held_out]
         stacks.append((number, stack_runs, trainer, sources, most, (eval_batches, eval_most, eval_distances)))
         train_losses.append(losses)
