@@ -23,7 +23,8 @@ back from a device machine):
 Should the projection be wrong and the time run out, the runs are evaluated where they stand
 (rows marked "interrupted") and their models saved as they are. The resumable state (large:
 the models, their optimisers and the data) goes to --state: rerunning the same command continues
-where the last one stopped (by --time-limit or a kill) and redoes nothing, the data included.
+where the last one stopped (by --time-limit or a kill) and redoes nothing, the data included;
+its --output then holds the whole history, also where it was a fresh folder.
 
 `report` (CPU): from one or more train folders (runs of one grid made by several commands, e.g.
 at other learning rates), writes the saved models as checkpoints (`sb_hf` loads the
@@ -403,6 +404,7 @@ def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, start
     if any(trainer.step_count != start for _, _, trainer, *_ in stacks):
         raise SystemExit(f"the stacks in {args.state} stopped at different steps; delete it to start over")
     history = [row for row in history if row["step"] <= start and not row.get("interrupted")]
+    _write_history(args, history)  # a resumed grid's --output holds its whole history, even where nothing is left to train
     progress = tqdm(total=args.steps, initial=start, desc="MQRAR grid", unit="step")
     for step in range(start, args.steps):
         for (_, _, trainer, sources, most, *_), losses in zip(stacks, train_losses):

@@ -87,6 +87,11 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(grid
     monkeypatch.setattr(grid, "make_data", lambda *args: pytest.fail("the data were made again"))
     grid.main(train_args(tmp_path / "parts"))  # the same command again: goes on from step 4, on the stored data
     assert results(tmp_path / "parts") == rows
+    # the finished grid again, into an empty --output (as a device's fresh output folder): its whole history comes back
+    again = train_args(tmp_path / "parts")
+    again[again.index("--output") + 1] = str(tmp_path / "again" / "out")
+    grid.main(again)
+    assert results(tmp_path / "again") == rows
     monkeypatch.undo()
 
     # another grid in the same state folder is refused
