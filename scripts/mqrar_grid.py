@@ -10,7 +10,7 @@ attention are stacked into one model with a leading model axis (sb_eval.training
 The data (the paper's 100,000 training sequences per cell and held-out ones) are made first, in
 as many processes as there are CPUs. Then it times a few steps of each attention, keeps the
 longest prefix of the plan (in priority order, `plan()`; or, with --learning-rates, the runs that
---attentions, --offsets, --seeds, --pairs and --control-pairs name, `plan_at()`) that fits
+--attentions, --offsets, --positions, --seeds, --pairs and --control-pairs name, `plan_at()`) that fits
 --time-limit, and trains those runs to the end. Into --output (5 files with the defaults, none over 16 MiB, so that they come
 back from a device machine):
 
@@ -71,15 +71,17 @@ DATA_SETTINGS = ("pool_size", "eval_sequences", "seq_length", "num_keys", "num_v
 # instead of 1-2 (trainer.offset_attention_logits says why).
 OFFSETS = (-5.0, -5.0)
 ATTENTIONS = ("softmax", "stickbreaking")
-LABELS = {"softmax": "softmax + RoPE", "stickbreaking": "stick-breaking", "stickbreaking+offsets": "stick-breaking + logit offsets"}
+LABELS = {"softmax": "softmax + RoPE", "softmax+positions": "softmax + learnt positions", "stickbreaking": "stick-breaking",
+          "stickbreaking+offsets": "stick-breaking + logit offsets"}
 MODELS_PER_FILE = 2
 
 
 @dataclass(frozen=True)
 class GridRun:
     """One training run: attention, task ("mqrar" or the "mqar" control), pairs, peak learning
-    rate, seed (initialisation and batch order), and for stick-breaking whether it starts with
-    logit offsets."""
+    rate, seed (initialisation and batch order), for stick-breaking whether it starts with logit
+    offsets, and for softmax whether it has learnt absolute positions (the paper's code) instead of
+    RoPE."""
 
     attention: str
     task: str
@@ -87,15 +89,18 @@ class GridRun:
     lr: float
     seed: int = 0
     offsets: bool = False
+    learnt_positions: bool = False
 
     @classmethod
     def from_row(cls, row: dict) -> GridRun:
-        """The run a results row (its fields among others) was made by."""
-        return cls(**{field: row[field] for field in cls.__dataclass_fields__})
+        """The run a results row (its fields among others) was made by; rows written before
+        learnt_positions existed are RoPE runs."""
+        return cls(**{field: row[field] for field in cls.__dataclass_fields__ if field != "learnt_positions"},
+                   learnt_positions=row.get("learnt_positions", False))
 
     @property
     def model(self) -> str:
-        return self.attention + ("+offsets" if self.offsets else "")
+        return self.attention + ("+offsets" if self.offsets else "") + ("+positions" if self.learnt_positions else "")
 
     @property
     def cell(self) -> tuple[str, str, int]:
@@ -107,19 +112,22 @@ class GridRun:
 
 
 def plan_at(learning_rates: list[float], attentions: list[str], pairs=PAIRS, control_pairs=CONTROL_PAIRS,
-            offsets: str = "without", seeds=(0,)) -> list[GridRun]:
+            offsets: str = "without", seeds=(0,), positions: str = "rope") -> list[GridRun]:
     """A grid at the given learning rates and seeds (in order, each seed of a rate in turn) for the
     given attentions: at each the control, then MQRAR at every pair count. Stick-breaking runs
     without logit offsets (the paper's model), with them, or both (offsets "without", "with",
-    "both"; both: each run without, then with)."""
-    variants = {"softmax": (False,), "stickbreaking": {"without": (False,), "with": (True,), "both": (False, True)}[offsets]}
+    "both"; both: each run without, then with); softmax with RoPE (the paper's text), learnt
+    absolute positions (the paper's code), or both (positions "rope", "learnt", "both")."""
+    choices = {"without": (False,), "with": (True,), "both": (False, True), "rope": (False,), "learnt": (True,)}
+    variants = {"softmax": [(False, learnt) for learnt in choices[positions]],
+                "stickbreaking": [(offset, False) for offset in choices[offsets]]}
     runs = []
     for lr in learning_rates:
         for seed in seeds:
-            runs += [GridRun(attention, "mqar", count, lr, seed, offset)
-                     for attention in attentions for count in control_pairs for offset in variants[attention]]
-            runs += [GridRun(attention, "mqrar", count, lr, seed, offset)
-                     for count in pairs for attention in attentions for offset in variants[attention]]
+            runs += [GridRun(attention, "mqar", count, lr, seed, offset, learnt)
+                     for attention in attentions for count in control_pairs for offset, learnt in variants[attention]]
+            runs += [GridRun(attention, "mqrar", count, lr, seed, offset, learnt)
+                     for count in pairs for attention in attentions for offset, learnt in variants[attention]]
     return runs
 
 
@@ -156,10 +164,11 @@ def projected_seconds(runs: list[GridRun], step_seconds, steps: int, max_stack: 
 
 
 def stacks_of(runs: list[GridRun], max_stack: int) -> list[tuple[str, list[GridRun]]]:
-    """The runs of each attention in stacks of at most max_stack, as even as can be."""
+    """The runs of each attention in stacks of at most max_stack, as even as can be; softmax runs
+    with learnt positions in stacks of their own (a stack has one kind of position encoding)."""
     stacks = []
-    for attention in ATTENTIONS:
-        same = [run for run in runs if run.attention == attention]
+    for attention, learnt in itertools.product(ATTENTIONS, (False, True)):
+        same = [run for run in runs if run.attention == attention and run.learnt_positions == learnt]
         if same:
             count = math.ceil(len(same) / max_stack)
             stacks += [(attention, same[index::count]) for index in range(count)]
@@ -187,7 +196,8 @@ def train(args: argparse.Namespace) -> None:
     size = ModelSize(args.layers, args.hidden, args.heads, len(tokenizer), args.seq_length)
     settings = train_settings(args)
     if args.learning_rates:
-        candidates = plan_at(args.learning_rates, args.attentions, args.pairs, args.control_pairs, args.offsets, args.seeds)
+        candidates = plan_at(args.learning_rates, args.attentions, args.pairs, args.control_pairs, args.offsets, args.seeds,
+                             args.positions)
     else:
         candidates = plan(args.pairs, args.control_pairs)
     saved_plan = _read_json(args.state / "plan.json")
@@ -351,7 +361,7 @@ def build_stack(attention: str, runs: list[GridRun], pools, size, args: argparse
     from sb_eval.training.trainer import SequencePool
 
     stacked_runs = [StackedRun(run.name, run.lr, run.seed, OFFSETS if run.offsets else None) for run in runs]
-    model = StackedDecoder(attention, size, stacked_runs, args.attention_backend, args.dropout).to(device)
+    model = StackedDecoder(attention, size, stacked_runs, args.attention_backend, args.dropout, runs[0].learnt_positions).to(device)
     settings = StackSettings(steps=args.steps, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
     sources = [SequencePool(*pools[(run.task, run.pairs)][:2], batch_size=args.batch_size, seed=run.seed) for run in runs]
     return StackedTrainer(model, settings), sources, [source.max_scored for source in sources]
@@ -442,13 +452,14 @@ def save_best_models(runs: list[GridRun], trained: dict, output: Path, save_pair
     """The best run (final held-out accuracy) of each MQRAR cell of the paper's two models
     (softmax + RoPE, stick-breaking without offsets) with pairs in save_pairs, its weights in
     bf16, MODELS_PER_FILE to a models-N.pt file (7.4 MB a model at the paper's size: six
-    fit what may come back from a device machine)."""
+    fit what may come back from a device machine). Softmax with learnt positions has no
+    checkpoint format lm-eval loads, so none of its runs is saved."""
     import torch
 
     rows = {row["run"]: row for row in _read_rows(output / "results.jsonl")}
     best: dict[tuple, GridRun] = {}
     for run in runs:
-        if run.task == "mqrar" and run.pairs in save_pairs and not run.offsets:
+        if run.task == "mqrar" and run.pairs in save_pairs and not run.offsets and not run.learnt_positions:
             current = best.get(run.cell)
             if current is None or _accuracy(rows[run.name]) > _accuracy(rows[current.name]):
                 best[run.cell] = run
@@ -576,7 +587,8 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
     """A run's final evaluation as a docs/mqrar-grid.json row: what it was, how it was trained."""
     run = GridRun.from_row(row)
     entry = {
-        "grid": grid_name(settings), "attention": run.attention, "offsets": list(OFFSETS) if run.offsets else None, "model": run.model,
+        "grid": grid_name(settings), "attention": run.attention, "offsets": list(OFFSETS) if run.offsets else None,
+        "learnt_positions": run.learnt_positions, "model": run.model,
         "task": run.task, "layout": "power-law", "num_keys": settings["num_keys"], "num_values": settings["num_values"],
         "seq_length": settings["seq_length"], "pairs": run.pairs, "lr": run.lr, "seed": run.seed, "steps": row["step"],
         "batch_size": settings["batch_size"], "accuracy": _number(row["eval_accuracy"]), "eval_loss": _number(row["eval_loss"]),
@@ -598,7 +610,7 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
     shows whether a run learnt anything)."""
     from matplotlib.figure import Figure
 
-    colours = {"softmax": "tab:blue", "stickbreaking": "tab:orange", "stickbreaking+offsets": "tab:green"}
+    colours = {"softmax": "tab:blue", "softmax+positions": "tab:pink", "stickbreaking": "tab:orange", "stickbreaking+offsets": "tab:green"}
     figure = Figure(figsize=(21, 4.2))
     by_count, over_steps, by_distance, losses = figure.subplots(1, 4)
     best = best_per_cell([{**row, "run": "", "eval_accuracy": row["accuracy"], "offsets": row["offsets"] is not None}
@@ -662,7 +674,8 @@ def plot_losses(axes, history: list[dict], num_values: int) -> None:
     """Every run's held-out loss over training on `axes`: a colour per model and learning rate
     (the first rate in the model's colour of the other panels), solid for MQRAR, dashed for the
     control, a marker per pair count; and the loss of a uniform guess among the values."""
-    shades = {"softmax": ("tab:blue", "tab:purple", "tab:cyan"), "stickbreaking": ("tab:orange", "tab:red", "tab:brown"),
+    shades = {"softmax": ("tab:blue", "tab:purple", "tab:cyan"), "softmax+positions": ("tab:pink", "xkcd:plum", "xkcd:salmon"),
+              "stickbreaking": ("tab:orange", "tab:red", "tab:brown"),
               "stickbreaking+offsets": ("tab:green", "tab:olive", "tab:gray")}
     markers = dict(zip(PAIRS, "os^D"))
     curves: dict[GridRun, list[tuple[int, float]]] = {}
@@ -810,6 +823,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--attentions", nargs="+", choices=ATTENTIONS, help="with --learning-rates (default: both)")
     run.add_argument("--offsets", choices=("without", "with", "both"),
                      help="with --learning-rates: stick-breaking without logit offsets (the default, the paper's), with them, or both")
+    run.add_argument("--positions", choices=("rope", "learnt", "both"),
+                     help="with --learning-rates: softmax with RoPE (the default, the paper's text), with learnt absolute "
+                          "positions (the paper's code; not exported for lm-eval), or both")
     run.add_argument("--seeds", type=int, nargs="+", help="with --learning-rates: the runs' seeds (initialisation, batch order; default 0)")
     run.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up (the paper's code has none)")
     run.add_argument("--weight-decay", type=float, default=0.1)
@@ -858,11 +874,15 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if not args.pairs and not args.control_pairs:
         parser.error("--pairs and --control-pairs are both empty: no run to make")
     if args.learning_rates is None:
-        given = [name for name in ("attentions", "offsets", "seeds") if getattr(args, name) is not None]
+        given = [name for name in ("attentions", "offsets", "positions", "seeds") if getattr(args, name) is not None]
         if given:
             parser.error(f"--{' and --'.join(given)} choose the runs of --learning-rates; give the rates too")
     args.attentions = args.attentions or list(ATTENTIONS)
+    for option, attention in (("offsets", "stickbreaking"), ("positions", "softmax")):
+        if getattr(args, option) is not None and attention not in args.attentions:
+            parser.error(f"--{option} chooses {attention} runs, and --attentions {' '.join(args.attentions)} has none")
     args.offsets = args.offsets or "without"
+    args.positions = args.positions or "rope"
     args.seeds = args.seeds or [0]
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         parser.error(f"--seeds {args.seeds} must be distinct and >= 0")

@@ -117,8 +117,8 @@ def test_the_data_kept_in_the_state_are_made_again_for_other_data_settings(grid,
 
 def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path):
     grid.main(train_args(tmp_path))
-    # a second command of the same grid: softmax at another learning rate
-    grid.main([*train_args(tmp_path / "second"), "--learning-rates", "0.003", "--attentions", "softmax"])
+    # a second command of the same grid: softmax at another learning rate, with RoPE and with learnt positions
+    grid.main([*train_args(tmp_path / "second"), "--learning-rates", "0.003", "--attentions", "softmax", "--positions", "both"])
     folders = [str(tmp_path / "out"), str(tmp_path / "second" / "out")]
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -132,14 +132,16 @@ def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path
     assert rows[:2] == [earlier, longer]  # other grids kept (another budget too), this grid's old rows replaced
     ours = rows[2:]
     kept = [json.loads((Path(folder) / "plan.json").read_text())["kept"] for folder in folders]
-    assert len(kept[1]) == 2 and {run["lr"] for run in kept[1]} == {0.003}
+    assert len(kept[1]) == 4 and {run["lr"] for run in kept[1]} == {0.003}
     assert len(ours) == len(kept[0]) + len(kept[1]) and all(row["grid"] == name and row["steps"] == 6 for row in ours)
     assert len({(row["model"], row["task"], row["pairs"], row["lr"], row["seed"]) for row in ours}) == len(ours)  # each run once
-    assert {row["model"] for row in ours} == {"softmax", "stickbreaking", "stickbreaking+offsets"}
+    assert {row["model"] for row in ours} == {"softmax", "softmax+positions", "stickbreaking", "stickbreaking+offsets"}
     assert sum(row["model"] == "softmax" and row["lr"] == 0.003 for row in ours) == 2
+    assert [row["learnt_positions"] for row in ours].count(True) == 2 == sum(row["model"] == "softmax+positions" for row in ours)
     assert (docs / "mqrar.png").read_bytes()[:4] == b"\x89PNG"
 
     # the best softmax and stick-breaking model of each MQRAR cell of each folder, as checkpoints lm-eval loads
+    # (softmax with learnt positions has no such checkpoint)
     names = sorted(path.name for path in (tmp_path / "models").iterdir())
     assert len(names) == 3 and all("-mqrar-kv8-" in name and "offsets" not in name for name in names)
     assert sum(name.startswith("softmax") and "-lr3.00e-03-" in name for name in names) == 1
@@ -192,7 +194,17 @@ def test_a_grid_at_given_rates_makes_the_runs_asked_for(grid, capsys):
     assert all(run.task == "mqar" for run in control)
     args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--learning-rates", "1e-3", "--pairs", "--control-pairs", "32"])
     assert args.pairs == [] and args.attentions == list(grid.ATTENTIONS) and args.offsets == "without" and args.seeds == [0]
+    assert args.positions == "rope"
+    positions = grid.plan_at([1e-3], ["softmax", "stickbreaking"], pairs=[], control_pairs=[32], positions="both")
+    assert positions == [grid.GridRun("softmax", "mqar", 32, 1e-3), grid.GridRun("softmax", "mqar", 32, 1e-3, learnt_positions=True),
+                         grid.GridRun("stickbreaking", "mqar", 32, 1e-3)]
+    assert positions[1].name == "softmax+positions-mqar-kv32-lr1.00e-03-s0"
+    # a stack has one kind of position encoding
+    assert [[run.learnt_positions for run in stack] for _, stack in grid.stacks_of(positions, 8)] == [[False], [True], [False]]
     for wrong, message in ((["--offsets", "both", "--seeds", "1"], "--offsets and --seeds choose the runs of --learning-rates"),
+                           (["--positions", "learnt"], "--positions choose the runs of --learning-rates"),
+                           (["--learning-rates", "1e-3", "--attentions", "stickbreaking", "--positions", "learnt"],
+                            "--positions chooses softmax runs, and --attentions stickbreaking has none"),
                            (["--learning-rates", "1e-3", "--seeds", "1", "1"], "must be distinct"),
                            (["--learning-rates", "1e-3", "--pairs", "--control-pairs"], "both empty"),
                            (["--dropout", "0.1"], "--dropout applies to softmax only"),

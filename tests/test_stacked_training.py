@@ -68,6 +68,60 @@ def test_exported_models_compute_the_stacks_logits(tokenizer, attention, offsets
             torch.testing.assert_close(model(input_ids=inputs[index]).logits, logits[index], atol=1e-5, rtol=1e-5)
 
 
+def reference_logits(stack: StackedDecoder, index: int, inputs: torch.Tensor) -> torch.Tensor:
+    """Model `index` of a softmax stack with learnt positions, written out in float64 as the
+    paper's MQRAR softmax model computes: token plus position embedding, then pre-norm blocks of
+    causal softmax attention (no RoPE) and SwiGLU, a final norm and the tied output: [B, T, V]."""
+    weights = {name: parameter[index].double() for name, parameter in stack.named_parameters()}
+    B, T = inputs.shape
+    H, D = stack.size.heads, stack.head_dim
+
+    def rms_norm(x, weight):
+        return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+    x = weights["embedding"][inputs] + weights["position_embedding"][:T]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for number in range(stack.size.layers):
+        layer = {name.split(".")[-1]: value for name, value in weights.items() if name.startswith(f"layers.{number}.")}
+        q, k, v = (part.view(B, T, H, D).transpose(1, 2) for part in (rms_norm(x, layer["attn_norm"]) @ layer["qkv"]).chunk(3, -1))
+        scores = (q @ k.transpose(-1, -2) / D**0.5).masked_fill(~causal, float("-inf"))
+        x = x + (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D) @ layer["out"]
+        up, gate = (rms_norm(x, layer["mlp_norm"]) @ layer["up_gate"]).chunk(2, -1)
+        x = x + (up * torch.nn.functional.silu(gate)) @ layer["down"]
+    return rms_norm(x, weights["final_norm"]) @ weights["embedding"].T
+
+
+def test_learnt_positions_replace_rope_in_softmax_models(tokenizer):
+    """With learnt_positions a softmax model adds a learnt position embedding to its tokens and
+    rotates nothing (the float64 reference above); its other weights start as the RoPE model of
+    the same seed does; it has no checkpoint to export to, and takes no more tokens than it has
+    positions."""
+    runs = [StackedRun("a", 1e-3, seed=1), StackedRun("b", 1e-3, seed=2)]
+    learnt = StackedDecoder("softmax", size(tokenizer), runs, "torch", learnt_positions=True)
+    rope = StackedDecoder("softmax", size(tokenizer), runs, "torch")
+    rope_weights = dict(rope.named_parameters())
+    for name, parameter in learnt.named_parameters():
+        if name != "position_embedding":
+            assert torch.equal(parameter, rope_weights[name]), name
+    assert learnt.position_embedding.shape == (2, 64, 32) and 0.015 < learnt.position_embedding[0].std() < 0.025
+    assert not torch.equal(learnt.position_embedding[0], learnt.position_embedding[1])
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for parameter in learnt.parameters():  # away from the initialisation: the norms count too
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        inputs = torch.randint(0, len(tokenizer), (2, 3, 20), generator=generator)
+        logits = learnt.logits(inputs)
+        for index in range(2):
+            torch.testing.assert_close(logits[index].double(), reference_logits(learnt, index, inputs[index]), atol=1e-5, rtol=1e-5)
+        # the same tokens one position later give other logits: the model knows where they are
+        later = learnt.logits(torch.cat([inputs[:, :, :1], inputs], dim=2))[:, :, 1:]
+        assert not torch.allclose(later, logits, atol=1e-3)
+        with pytest.raises(ValueError, match="inputs of 65 tokens: the learnt position embedding has 64 positions"):
+            learnt.logits(torch.zeros(2, 1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="export: a softmax model with learnt absolute positions has no checkpoint format"):
+        learnt.export(0, tokenizer)
+
+
 def test_logit_offsets_start_as_build_model_sets_them(tokenizer):
     runs = [StackedRun("offsets", 1e-3, seed=3, logit_offsets=(-1.0, -5.0))]
     stack = StackedDecoder("stickbreaking", size(tokenizer), runs, attention_backend="torch")
@@ -190,6 +244,8 @@ def test_a_saved_stack_resumes_where_it_stopped_and_refuses_other_runs(tokenizer
         (dict(attention="softmax", runs=[StackedRun("a", 1e-3, logit_offsets=(0.0, -1.0))]), "logit offsets apply to stick-breaking"),
         (dict(attention="softmax", dropout=1.0), r"dropout must be a probability in \[0, 1\), got 1.0"),
         (dict(dropout=0.1), "dropout applies to softmax attention only"),
+        (dict(learnt_positions=True), "learnt_positions applies to softmax attention only"),
+        (dict(attention="softmax", learnt_positions="yes"), "learnt_positions must be True or False, got 'yes'"),
     ],
 )
 def test_bad_stacks_are_named(tokenizer, arguments, message):

@@ -13,8 +13,9 @@ the same arithmetic (tests/test_stacked_training.py compares the logits).
 
 Architecture (build_model's): pre-norm RMSNorm blocks, one fused query-key-value product, SwiGLU,
 tied embeddings, no biases (but query-key-value biases where logit offsets are asked for);
-softmax attention with RoPE through SDPA, or stick-breaking attention without position encoding
-(sb_eval.kernels). Initialisation (Zoology's, which the paper's MQRAR code used): every matrix
+softmax attention with RoPE (or, as the MQRAR paper's code has it, learnt absolute positions)
+through SDPA, or stick-breaking attention without position encoding (sb_eval.kernels).
+Initialisation (Zoology's, which the paper's MQRAR code used): every matrix
 normal with std 0.02, the two projections back into the residual stream (attention output, MLP
 down) with 0.02 / sqrt(2 x layers); norms at 1, biases at 0.
 
@@ -97,10 +98,15 @@ class StackedDecoder(nn.Module):
     dropout: in training, the probability of dropping each value of the embeddings' output and
     each attention weight, as the MQRAR paper's code does (0.1 there); softmax only, since the
     stick-breaking kernels drop no weights. Evaluation and exported models drop nothing.
+
+    learnt_positions: softmax only; instead of RoPE, a learnt absolute position embedding
+    position_embedding [G, size.max_length, d] added to the token embeddings, as the MQRAR paper's
+    code gives its softmax model (and Zoology's max_position_embeddings). Such a model has no
+    checkpoint format that lm-eval's `hf` or `sb_hf` loads, so `export` refuses it.
     """
 
     def __init__(self, attention: str, size: ModelSize, runs: Sequence[StackedRun], attention_backend: str = "auto",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, learnt_positions: bool = False):
         super().__init__()
         if attention not in ("softmax", "stickbreaking"):
             raise ValueError(f"attention must be 'softmax' or 'stickbreaking', got {attention!r}")
@@ -108,6 +114,10 @@ class StackedDecoder(nn.Module):
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         if dropout and attention != "softmax":
             raise ValueError("dropout applies to softmax attention only: the stick-breaking kernels drop no attention weights")
+        if not isinstance(learnt_positions, bool):
+            raise ValueError(f"learnt_positions must be True or False, got {learnt_positions!r}")
+        if learnt_positions and attention != "softmax":
+            raise ValueError("learnt_positions applies to softmax attention only: stick-breaking uses no position encoding")
         if not runs:
             raise ValueError("a stack needs at least one run")
         names = [run.name for run in runs]
@@ -117,7 +127,7 @@ class StackedDecoder(nn.Module):
         if attention == "softmax" and any(offset is not None for offset in offsets):
             raise ValueError("logit offsets apply to stick-breaking attention only")
         self.attention, self.size, self.runs, self.attention_backend = attention, size, list(runs), attention_backend
-        self.dropout = dropout
+        self.dropout, self.learnt_positions = dropout, learnt_positions
         G, d, f, V = len(runs), size.hidden, size.intermediate_size, size.vocab_size
         self.head_dim = d // size.heads
 
@@ -125,6 +135,8 @@ class StackedDecoder(nn.Module):
             return nn.Parameter(torch.empty(G, rows, columns))
 
         self.embedding = matrix(V, d)
+        if learnt_positions:
+            self.position_embedding = matrix(size.max_length, d)
         self.layers = nn.ModuleList()
         for _ in range(size.layers):
             layer = nn.Module()
@@ -160,6 +172,8 @@ class StackedDecoder(nn.Module):
                 d = self.size.hidden
                 layer.qkv_bias[index, :d] = q_bias.flatten()
                 layer.qkv_bias[index, d:2 * d] = k_bias.flatten()
+        if self.learnt_positions:  # drawn last, so that the other weights are those of a RoPE model of the same seed
+            self.position_embedding[index].normal_(0.0, INIT_STD, generator=generator)
 
     def hidden(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [G, B, T] token ids (row g for model g) -> final hidden states [G, B, T, d]."""
@@ -167,8 +181,13 @@ class StackedDecoder(nn.Module):
         V, d = self.size.vocab_size, self.size.hidden
         # model g's ids index rows g*V .. g*V + V-1 of the stacked tables (one embedding lookup)
         shifted = inputs.reshape(G, B * T) + torch.arange(G, device=inputs.device)[:, None] * V
-        x = F.dropout(F.embedding(shifted, self.embedding.view(G * V, d)), self.dropout, self.training)
-        rope = _rope_tables(T, self.head_dim, x.device) if self.attention == "softmax" else None
+        x = F.embedding(shifted, self.embedding.view(G * V, d))
+        if self.learnt_positions:
+            if T > self.size.max_length:
+                raise ValueError(f"inputs of {T} tokens: the learnt position embedding has {self.size.max_length} positions")
+            x = (x.view(G, B, T, d) + self.position_embedding[:, None, :T]).view(G, B * T, d)
+        x = F.dropout(x, self.dropout, self.training)
+        rope = _rope_tables(T, self.head_dim, x.device) if self.attention == "softmax" and not self.learnt_positions else None
         for layer in self.layers:
             h = _rms_norm(x, layer.attn_norm)
             qkv = torch.matmul(h, layer.qkv)
@@ -185,8 +204,9 @@ class StackedDecoder(nn.Module):
         # [G, B, T, 3, H, D] -> three of [G*B, H, T, D]
         q, k, v = qkv.view(G, B, T, 3, H, D).permute(3, 0, 1, 4, 2, 5).reshape(3, G * B, H, T, D).unbind(0)
         if self.attention == "softmax":
-            cos, sin = (table.to(q.dtype) for table in rope)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            if rope is not None:
+                cos, sin = (table.to(q.dtype) for table in rope)
+                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
             o, _ = stickbreaking_attention(q, k, v, scale=D**-0.5, backend=self.attention_backend)
@@ -206,6 +226,9 @@ class StackedDecoder(nn.Module):
     @torch.no_grad()
     def export(self, index: int, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
         """Model `index` as the float32 checkpoint build_model makes (same config), on the CPU."""
+        if self.learnt_positions:
+            raise ValueError("export: a softmax model with learnt absolute positions has no checkpoint format that lm-eval's hf "
+                             "or sb_hf loads (build_model's softmax model is a Llama, with RoPE)")
         run = self.runs[index]
         model = build_model(self.attention, self.size, tokenizer, run.logit_offsets)
         weights = _softmax_weights(self, index) if self.attention == "softmax" else _stick_breaking_weights(self, index)
