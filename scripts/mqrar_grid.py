@@ -573,11 +573,13 @@ def harness_accuracy(run: GridRun, folder: Path, settings: dict, args: argparse.
 
 def grid_name(settings: dict) -> str:
     """The name of a grid's rows in docs/mqrar-grid.json: the layout, the training budget, and a
-    pool or dropout other than the default, so that a report of a grid trained otherwise keeps
-    this one's rows."""
+    pool, warm-up or dropout other than the default, so that a report of a grid trained otherwise
+    keeps this one's rows."""
     name = f"power-law, {settings['steps']} steps of {settings['batch_size']}"
     if settings["pool_size"] != DEFAULT_POOL_SIZE:
         name += f", a pool of {settings['pool_size']}"
+    if settings["warmup_steps"]:
+        name += f", {settings['warmup_steps']} steps of warm-up"
     if settings.get("dropout"):
         name += f", dropout {settings['dropout']}"
     return name
