@@ -64,6 +64,8 @@ PAIRS = (32, 64, 128, 192)
 CONTROL_PAIRS = (32, 64)
 # The paper's code trains on 100,000 sequences per cell.
 DEFAULT_POOL_SIZE = 100_000
+# Figure 3's models: layers, hidden size, heads.
+PAPER_LAYERS, PAPER_HIDDEN, PAPER_HEADS = 2, 256, 1
 # The settings the data are made from: part of a grid's settings; stored data made with others are made again.
 DATA_SETTINGS = ("pool_size", "eval_sequences", "seq_length", "num_keys", "num_values", "data_seed")
 # Stick-breaking's initial logit offset where a run asks for one (every head, every layer): a
@@ -573,9 +575,12 @@ def harness_accuracy(run: GridRun, folder: Path, settings: dict, args: argparse.
 
 def grid_name(settings: dict) -> str:
     """The name of a grid's rows in docs/mqrar-grid.json: the layout, the training budget, and a
-    pool, warm-up or dropout other than the default, so that a report of a grid trained otherwise
-    keeps this one's rows."""
+    model size, length, pool, warm-up or dropout other than the paper's, so that a report of a
+    grid trained otherwise keeps this one's rows."""
     name = f"power-law, {settings['steps']} steps of {settings['batch_size']}"
+    shape = (settings["layers"], settings["hidden"], settings["heads"], settings["seq_length"])
+    if shape != (PAPER_LAYERS, PAPER_HIDDEN, PAPER_HEADS, mqrar.PAPER_SEQ_LENGTH):
+        name += f", {shape[0]} layers x {shape[1]} with {shape[2]} heads, {shape[3]} tokens"
     if settings["pool_size"] != DEFAULT_POOL_SIZE:
         name += f", a pool of {settings['pool_size']}"
     if settings["warmup_steps"]:
@@ -813,9 +818,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--eval-every", type=int, default=250)
     run.add_argument("--save-every", type=int, default=2000, help="steps between saves of the resumable state (and at the end)")
     run.add_argument("--seq-length", type=int, default=mqrar.PAPER_SEQ_LENGTH)
-    run.add_argument("--layers", type=int, default=2)
-    run.add_argument("--hidden", type=int, default=256)
-    run.add_argument("--heads", type=int, default=1)
+    run.add_argument("--layers", type=int, default=PAPER_LAYERS)
+    run.add_argument("--hidden", type=int, default=PAPER_HIDDEN)
+    run.add_argument("--heads", type=int, default=PAPER_HEADS)
     run.add_argument("--num-keys", type=int, default=mqrar.DEFAULT_NUM_KEYS)
     run.add_argument("--num-values", type=int, default=mqrar.DEFAULT_NUM_VALUES)
     run.add_argument("--pairs", type=int, nargs="*", default=list(PAIRS), help="MQRAR pair counts, ascending (none: only the control)")

@@ -125,7 +125,7 @@ def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path
     earlier = {"grid": "dense", "attention": "softmax", "offsets": None, "model": "softmax", "task": "mqrar",
                "layout": "dense", "pairs": 32, "lr": 1e-4, "seed": 0, "steps": 1200, "accuracy": 0.04}
     longer = {**earlier, "grid": "power-law, 99 steps of 4", "layout": "power-law"}
-    name = "power-law, 6 steps of 4, a pool of 16"  # the tiny grid's pool is not the paper's 100,000
+    name = "power-law, 6 steps of 4, 2 layers x 32 with 2 heads, 32 tokens, a pool of 16"  # the tiny grid is not the paper's size
     (docs / "mqrar-grid.json").write_text(json.dumps([earlier, {**longer, "grid": name}, longer]))
     grid.main(["report", "--runs", *folders, "--docs", str(docs), "--models", str(tmp_path / "models"), "--harness-samples", "0"])
     rows = json.loads((docs / "mqrar-grid.json").read_text())
