@@ -9,7 +9,8 @@ Each model keeps its own data, initialisation (from its own seed, so that it doe
 which models share its stack), learning rate, gradient clipping and logit offsets; the models
 never mix. `export` writes any one of them as the checkpoint `trainer.build_model` would have
 made: a Llama (softmax with RoPE) for lm-eval's `hf`, or a stick-breaking model for `sb_hf`, with
-the same arithmetic (tests/test_stacked_training.py compares the logits).
+the same arithmetic (tests/test_stacked_training.py compares the logits); softmax models with
+learnt positions have no such checkpoint.
 
 Architecture (build_model's): pre-norm RMSNorm blocks, one fused query-key-value product, SwiGLU,
 tied embeddings, no biases (but query-key-value biases where logit offsets are asked for);
