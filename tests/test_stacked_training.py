@@ -132,17 +132,23 @@ def test_logit_offsets_start_as_build_model_sets_them(tokenizer):
         torch.testing.assert_close(exported[key], built[key])
 
 
-@pytest.mark.parametrize("attention", ["softmax", "stickbreaking"])
-def test_each_model_trains_as_it_would_alone(tokenizer, attention):
+@pytest.mark.parametrize(("attention", "learnt_positions"), [("softmax", False), ("softmax", True), ("stickbreaking", False)])
+def test_each_model_trains_as_it_would_alone(tokenizer, attention, learnt_positions):
     """Two models with their own data, learning rate and offsets, stacked, end where each ends in a
     stack of its own: the stack's models do not mix."""
     offsets = (0.0, -3.0) if attention == "stickbreaking" else None
     runs = [StackedRun("a", 3e-3, seed=1), StackedRun("b", 1e-3, seed=2, logit_offsets=offsets)]
     pools = [recall_pool(seed=1), recall_pool(seed=2)]
     settings = StackSettings(steps=4, warmup_steps=1, grad_clip=0.5)
-    together = train(StackedDecoder(attention, size(tokenizer), runs, "torch"), settings, pools, 4).model
+
+    def stack(stack_runs):
+        return StackedDecoder(attention, size(tokenizer), stack_runs, "torch", learnt_positions=learnt_positions)
+
+    together = train(stack(runs), settings, pools, 4).model
+    if learnt_positions:  # the position embedding trains with the rest
+        assert not torch.equal(together.position_embedding, stack(runs).position_embedding)
     for index, run in enumerate(runs):
-        alone = dict(train(StackedDecoder(attention, size(tokenizer), [run], "torch"), settings, [pools[index]], 4).model.named_parameters())
+        alone = dict(train(stack([run]), settings, [pools[index]], 4).model.named_parameters())
         for name, stacked in together.named_parameters():
             if name in alone:  # a stack of a run without offsets alone has no biases
                 torch.testing.assert_close(stacked[index], alone[name][0], atol=1e-6, rtol=1e-5, msg=name)
