@@ -595,8 +595,9 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
     run = GridRun.from_row(row)
     entry = {
         "grid": grid_name(settings), "attention": run.attention, "offsets": list(OFFSETS) if run.offsets else None,
-        "learnt_positions": run.learnt_positions, "model": run.model,
-        "task": run.task, "layout": "power-law", "num_keys": settings["num_keys"], "num_values": settings["num_values"],
+        "learnt_positions": run.learnt_positions, "model": run.model, "task": run.task, "layout": "power-law",
+        "layers": settings["layers"], "hidden": settings["hidden"], "heads": settings["heads"],
+        "num_keys": settings["num_keys"], "num_values": settings["num_values"],
         "seq_length": settings["seq_length"], "pairs": run.pairs, "lr": run.lr, "seed": run.seed, "steps": row["step"],
         "batch_size": settings["batch_size"], "accuracy": _number(row["eval_accuracy"]), "eval_loss": _number(row["eval_loss"]),
         "eval_positions": row["eval_positions"], "train_loss": _number(row["train_loss"]),
@@ -610,7 +611,7 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
 
 def plot(grid_rows: list[dict], others: list[dict], history: list[dict], settings: dict) -> bytes:
     """PNG: first, the best accuracy per cell against the pair count (this grid's MQRAR and MQAR
-    control, and the MQRAR of other grids faintly); second, the held-out accuracy of each cell's
+    control, and faintly the MQRAR of other grids of the same model size and length); second, the held-out accuracy of each cell's
     best run over training; third, that run's accuracy at its last evaluation by how far back the
     answer lies (where its results have it), to show how far a partly learnt recall reaches;
     last, the held-out loss of every run over training (where accuracy stays near 0 the loss still
@@ -622,15 +623,16 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
     by_count, over_steps, by_distance, losses = figure.subplots(1, 4)
     best = best_per_cell([{**row, "run": "", "eval_accuracy": row["accuracy"], "offsets": row["offsets"] is not None}
                           for row in grid_rows])
+    comparable = of_the_same_shape(others, settings)
     for model, colour in colours.items():
         for task, style in (("mqrar", "-"), ("mqar", "--")):
             points = sorted((count, entry["accuracy"]) for (m, t, count), entry in best.items() if m == model and t == task)
             if points:
                 label = f"{LABELS[model]}, {'MQRAR' if task == 'mqrar' else 'MQAR (control)'}"
                 by_count.plot(*zip(*points), style, marker="o", color=colour, label=label)
-        for grid, style in zip(dict.fromkeys(row["grid"] for row in others), itertools.cycle((":", "-.", (0, (1, 4))))):
+        for grid, style in zip(dict.fromkeys(row["grid"] for row in comparable), itertools.cycle((":", "-.", (0, (1, 4))))):
             best_other: dict[int, float] = {}
-            for row in others:
+            for row in comparable:
                 if row["grid"] == grid and row["model"] == model and row["task"] == "mqrar":
                     best_other[row["pairs"]] = max(row["accuracy"] or 0.0, best_other.get(row["pairs"], 0.0))  # null: diverged
             if best_other:
@@ -675,6 +677,14 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=130)
     return png.getvalue()
+
+
+def of_the_same_shape(grid_rows: list[dict], settings: dict) -> list[dict]:
+    """The docs/mqrar-grid.json rows of models of the size and sequence length `settings` give;
+    rows written before the size was recorded are all of the paper's size."""
+    paper = {"layers": PAPER_LAYERS, "hidden": PAPER_HIDDEN, "heads": PAPER_HEADS, "seq_length": mqrar.PAPER_SEQ_LENGTH}
+    shape = {key: settings[key] for key in paper}
+    return [row for row in grid_rows if {key: row.get(key, paper[key]) for key in paper} == shape]
 
 
 def plot_losses(axes, history: list[dict], num_values: int) -> None:

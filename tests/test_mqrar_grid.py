@@ -139,6 +139,11 @@ def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path
     assert sum(row["model"] == "softmax" and row["lr"] == 0.003 for row in ours) == 2
     assert [row["learnt_positions"] for row in ours].count(True) == 2 == sum(row["model"] == "softmax+positions" for row in ours)
     assert (docs / "mqrar.png").read_bytes()[:4] == b"\x89PNG"
+    # the plot sets this grid beside other grids of its size only (rows without a size are the paper's)
+    tiny = {"layers": 2, "hidden": 32, "heads": 2, "seq_length": 32}
+    assert all({key: row[key] for key in tiny} == tiny for row in ours)
+    assert grid.of_the_same_shape(rows, tiny) == ours
+    assert grid.of_the_same_shape(rows, {"layers": 2, "hidden": 256, "heads": 1, "seq_length": 768}) == [earlier, longer]
 
     # the best softmax and stick-breaking model of each MQRAR cell of each folder, as checkpoints lm-eval loads
     # (softmax with learnt positions has no such checkpoint)
