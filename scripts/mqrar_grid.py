@@ -580,7 +580,7 @@ def grid_name(settings: dict) -> str:
     name = f"power-law, {settings['steps']} steps of {settings['batch_size']}"
     shape = (settings["layers"], settings["hidden"], settings["heads"], settings["seq_length"])
     if shape != (PAPER_LAYERS, PAPER_HIDDEN, PAPER_HEADS, mqrar.PAPER_SEQ_LENGTH):
-        name += f", {shape[0]} layers x {shape[1]} with {shape[2]} heads, {shape[3]} tokens"
+        name += f", {shape[0]} layers x {shape[1]} with {shape[2]} head{'s' * (shape[2] != 1)}, {shape[3]} tokens"
     if settings["pool_size"] != DEFAULT_POOL_SIZE:
         name += f", a pool of {settings['pool_size']}"
     if settings["warmup_steps"]:
