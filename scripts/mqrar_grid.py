@@ -64,8 +64,8 @@ PAIRS = (32, 64, 128, 192)
 CONTROL_PAIRS = (32, 64)
 # The paper's code trains on 100,000 sequences per cell.
 DEFAULT_POOL_SIZE = 100_000
-# Figure 3's models: layers, hidden size, heads.
-PAPER_LAYERS, PAPER_HIDDEN, PAPER_HEADS = 2, 256, 1
+# Figure 3's models and sequences: the settings a grid of another shape names.
+PAPER_SHAPE = {"layers": 2, "hidden": 256, "heads": 1, "seq_length": mqrar.PAPER_SEQ_LENGTH}
 # The settings the data are made from: part of a grid's settings; stored data made with others are made again.
 DATA_SETTINGS = ("pool_size", "eval_sequences", "seq_length", "num_keys", "num_values", "data_seed")
 # Stick-breaking's initial logit offset where a run asks for one (every head, every layer): a
@@ -578,9 +578,9 @@ def grid_name(settings: dict) -> str:
     model size, length, pool, warm-up or dropout other than the paper's, so that a report of a
     grid trained otherwise keeps this one's rows."""
     name = f"power-law, {settings['steps']} steps of {settings['batch_size']}"
-    shape = (settings["layers"], settings["hidden"], settings["heads"], settings["seq_length"])
-    if shape != (PAPER_LAYERS, PAPER_HIDDEN, PAPER_HEADS, mqrar.PAPER_SEQ_LENGTH):
-        name += f", {shape[0]} layers x {shape[1]} with {shape[2]} head{'s' * (shape[2] != 1)}, {shape[3]} tokens"
+    layers, hidden, heads, seq_length = (settings[key] for key in PAPER_SHAPE)
+    if (layers, hidden, heads, seq_length) != tuple(PAPER_SHAPE.values()):
+        name += f", {layers} layers x {hidden} with {heads} head{'s' * (heads != 1)}, {seq_length} tokens"
     if settings["pool_size"] != DEFAULT_POOL_SIZE:
         name += f", a pool of {settings['pool_size']}"
     if settings["warmup_steps"]:
@@ -611,9 +611,10 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
 
 def plot(grid_rows: list[dict], others: list[dict], history: list[dict], settings: dict) -> bytes:
     """PNG: first, the best accuracy per cell against the pair count (this grid's MQRAR and MQAR
-    control, and faintly the MQRAR of other grids of the same model size and length); second, the held-out accuracy of each cell's
-    best run over training; third, that run's accuracy at its last evaluation by how far back the
-    answer lies (where its results have it), to show how far a partly learnt recall reaches;
+    control, and faintly the MQRAR of other grids of the same model size and length); second,
+    the held-out accuracy of each cell's best run over training; third, that run's accuracy at
+    its last evaluation by how far back the answer lies (where its results have it), to show how
+    far a partly learnt recall reaches;
     last, the held-out loss of every run over training (where accuracy stays near 0 the loss still
     shows whether a run learnt anything)."""
     from matplotlib.figure import Figure
@@ -682,9 +683,8 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
 def of_the_same_shape(grid_rows: list[dict], settings: dict) -> list[dict]:
     """The docs/mqrar-grid.json rows of models of the size and sequence length `settings` give;
     rows written before the size was recorded are all of the paper's size."""
-    paper = {"layers": PAPER_LAYERS, "hidden": PAPER_HIDDEN, "heads": PAPER_HEADS, "seq_length": mqrar.PAPER_SEQ_LENGTH}
-    shape = {key: settings[key] for key in paper}
-    return [row for row in grid_rows if {key: row.get(key, paper[key]) for key in paper} == shape]
+    shape = {key: settings[key] for key in PAPER_SHAPE}
+    return [row for row in grid_rows if {key: row.get(key, paper) for key, paper in PAPER_SHAPE.items()} == shape]
 
 
 def plot_losses(axes, history: list[dict], num_values: int) -> None:
@@ -827,10 +827,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences per cell")
     run.add_argument("--eval-every", type=int, default=250)
     run.add_argument("--save-every", type=int, default=2000, help="steps between saves of the resumable state (and at the end)")
-    run.add_argument("--seq-length", type=int, default=mqrar.PAPER_SEQ_LENGTH)
-    run.add_argument("--layers", type=int, default=PAPER_LAYERS)
-    run.add_argument("--hidden", type=int, default=PAPER_HIDDEN)
-    run.add_argument("--heads", type=int, default=PAPER_HEADS)
+    run.add_argument("--seq-length", type=int, default=PAPER_SHAPE["seq_length"])
+    run.add_argument("--layers", type=int, default=PAPER_SHAPE["layers"])
+    run.add_argument("--hidden", type=int, default=PAPER_SHAPE["hidden"])
+    run.add_argument("--heads", type=int, default=PAPER_SHAPE["heads"])
     run.add_argument("--num-keys", type=int, default=mqrar.DEFAULT_NUM_KEYS)
     run.add_argument("--num-values", type=int, default=mqrar.DEFAULT_NUM_VALUES)
     run.add_argument("--pairs", type=int, nargs="*", default=list(PAIRS), help="MQRAR pair counts, ascending (none: only the control)")
