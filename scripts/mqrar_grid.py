@@ -11,7 +11,8 @@ The data (the paper's 100,000 training sequences per cell and held-out ones) are
 as many processes as there are CPUs. Then it times a few steps of each attention, keeps the
 longest prefix of the plan (in priority order, `plan()`; or, with --learning-rates, the runs that
 --attentions, --offsets, --positions, --seeds, --pairs and --control-pairs name, `plan_at()`) that fits
---time-limit, and trains those runs to the end. Into --output (5 files with the defaults, none over 16 MiB, so that they come
+--time-limit (or --plan-seconds of training, for a grid that takes several calls of the same
+command), and trains those runs to the end. Into --output (5 files with the defaults, none over 16 MiB, so that they come
 back from a device machine):
 
 - plan.json: settings, the plan, the runs kept, the timings and the projection;
@@ -213,10 +214,13 @@ def train(args: argparse.Namespace) -> None:
 
     if saved_plan is None:
         step_seconds, timings = time_stacks(candidates, pools, size, args)
-        budget = deadline - time.monotonic() - args.reserve
+        if args.plan_seconds is None:
+            budget, source = deadline - time.monotonic() - args.reserve, "left of --time-limit"
+        else:
+            budget, source = args.plan_seconds, "of --plan-seconds"
         kept = fit_prefix(candidates, step_seconds, args.steps, budget, args.max_stack)
         if not kept:
-            raise SystemExit(f"not one run of {args.steps} steps fits the {budget:.0f} s left of --time-limit; timings: {timings}")
+            raise SystemExit(f"not one run of {args.steps} steps fits the {budget:.0f} s {source}; timings: {timings}")
         saved_plan = {
             "settings": settings, "device": _device_name(device), "timings": timings,
             "projected_s": projected_seconds(kept, step_seconds, args.steps, args.max_stack), "budget_s": budget,
@@ -819,6 +823,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--state", type=Path, default=Path("runs/mqrar-state"), help="resumable state (large)")
     run.add_argument("--time-limit", type=float, default=510, help="seconds for the whole command, data and timing included")
     run.add_argument("--reserve", type=float, default=20, help="seconds kept back for the last evaluation and saving")
+    run.add_argument("--plan-seconds", type=float, default=None,
+                     help="projected seconds of training the runs kept may take, over as many calls of the same command as "
+                          "that needs (each stops at its --time-limit and the next resumes; default: what the first call's "
+                          "--time-limit leaves after the data and the timing)")
     run.add_argument("--steps", type=int, default=4000)
     run.add_argument("--batch-size", type=int, default=64)
     run.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE, help="training sequences per cell (the paper's 100,000)")
@@ -910,6 +918,8 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if args.dropout and "stickbreaking" in args.attentions:
         parser.error("--dropout applies to softmax only (the stick-breaking kernels drop no attention weights): "
                      "give --learning-rates with --attentions softmax")
+    if args.plan_seconds is not None and args.plan_seconds <= 0:
+        parser.error(f"--plan-seconds must be > 0, got {args.plan_seconds}")
     if args.time_limit <= args.reserve:
         parser.error(f"--time-limit {args.time_limit} leaves nothing after --reserve {args.reserve}")
 

@@ -189,6 +189,26 @@ def test_the_runs_kept_are_the_longest_prefix_that_fits(grid):
     assert sorted(len(stack) for attention, stack in stacks if attention == "softmax") == [6, 6, 6]
 
 
+def test_plan_seconds_keep_runs_for_more_calls_than_one(grid, tmp_path, monkeypatch):
+    """A plan longer than one call's --time-limit is refused without --plan-seconds and kept in
+    full with it (each call then stops at its --time-limit, as the resume test shows)."""
+    def slow_timing(runs, *args):
+        return (lambda attention, models: 100.0), {"softmax": "100 s a step"}
+
+    monkeypatch.setattr(grid, "time_stacks", slow_timing)
+    args = train_args(tmp_path)
+    args[args.index("--time-limit") + 1] = "300"
+    with pytest.raises(SystemExit, match=r"fits the \d+ s left of --time-limit"):
+        grid.main(args)
+    assert not (tmp_path / "state" / "plan.json").exists()
+    everything = len(grid.stacks_of(grid.plan([8], [4]), 4)) * 6 * 100.0
+    with pytest.raises(SystemExit, match="fits the 500 s of --plan-seconds"):
+        grid.main([*args, "--plan-seconds", "500"])
+    grid.main([*args, "--plan-seconds", str(everything)])
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert len(plan["kept"]) == len(grid.plan([8], [4])) and plan["budget_s"] == everything
+
+
 def test_a_grid_at_given_rates_makes_the_runs_asked_for(grid, capsys):
     both = grid.plan_at([1e-3], ["softmax", "stickbreaking"], pairs=[64], control_pairs=[], offsets="both")
     assert both == [grid.GridRun("softmax", "mqrar", 64, 1e-3), grid.GridRun("stickbreaking", "mqrar", 64, 1e-3),
@@ -213,7 +233,8 @@ def test_a_grid_at_given_rates_makes_the_runs_asked_for(grid, capsys):
                            (["--learning-rates", "1e-3", "--seeds", "1", "1"], "must be distinct"),
                            (["--learning-rates", "1e-3", "--pairs", "--control-pairs"], "both empty"),
                            (["--dropout", "0.1"], "--dropout applies to softmax only"),
-                           (["--learning-rates", "1e-3", "--attentions", "softmax", "--dropout", "1"], "--dropout must be a probability")):
+                           (["--learning-rates", "1e-3", "--attentions", "softmax", "--dropout", "1"], "--dropout must be a probability"),
+                           (["--plan-seconds", "0"], "--plan-seconds must be > 0")):
         with pytest.raises(SystemExit):
             grid.parse_args(["train", "--output", "out", "--device", "cpu", *wrong])
         assert message in capsys.readouterr().err
