@@ -242,8 +242,9 @@ def train(args: argparse.Namespace) -> None:
 def train_settings(args: argparse.Namespace) -> dict:
     """What makes a grid: rerunning with any of these changed starts another one."""
     names = ("steps", "batch_size", "layers", "hidden", "heads", "warmup_steps", "weight_decay", "grad_clip", *DATA_SETTINGS)
-    # dropout only where used, so that grids from before the option keep their settings
+    # dropout and precision only where not the default, so that grids from before these options keep their settings
     return ({name: getattr(args, name) for name in names} | ({"dropout": args.dropout} if args.dropout else {})
+            | ({"precision": args.precision} if args.precision != "auto" else {})
             | {"pairs": list(args.pairs), "control_pairs": list(args.control_pairs)})
 
 
@@ -368,7 +369,8 @@ def build_stack(attention: str, runs: list[GridRun], pools, size, args: argparse
 
     stacked_runs = [StackedRun(run.name, run.lr, run.seed, OFFSETS if run.offsets else None) for run in runs]
     model = StackedDecoder(attention, size, stacked_runs, args.attention_backend, args.dropout, runs[0].learnt_positions).to(device)
-    settings = StackSettings(steps=args.steps, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+    settings = StackSettings(steps=args.steps, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                             bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     sources = [SequencePool(*pools[(run.task, run.pairs)][:2], batch_size=args.batch_size, seed=run.seed) for run in runs]
     return StackedTrainer(model, settings), sources, [source.max_scored for source in sources]
 
@@ -578,9 +580,9 @@ def harness_accuracy(run: GridRun, folder: Path, settings: dict, args: argparse.
 
 
 def grid_name(settings: dict) -> str:
-    """The name of a grid's rows in docs/mqrar-grid.json: the layout, the training budget, and a
-    model size, length, pool, warm-up or dropout other than the paper's, so that a report of a
-    grid trained otherwise keeps this one's rows."""
+    """The name of a grid's rows in docs/mqrar-grid.json: the layout, the training budget, a model
+    size or length other than the paper's, and a pool, warm-up, dropout or precision other than
+    the defaults, so that a report of a grid trained otherwise keeps this one's rows."""
     name = f"power-law, {settings['steps']} steps of {settings['batch_size']}"
     layers, hidden, heads, seq_length = (settings[key] for key in PAPER_SHAPE)
     if (layers, hidden, heads, seq_length) != tuple(PAPER_SHAPE.values()):
@@ -591,6 +593,8 @@ def grid_name(settings: dict) -> str:
         name += f", {settings['warmup_steps']} steps of warm-up"
     if settings.get("dropout"):
         name += f", dropout {settings['dropout']}"
+    if settings.get("precision"):
+        name += f", {settings['precision']} forward"
     return name
 
 
@@ -855,6 +859,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up (the paper's code has none)")
     run.add_argument("--weight-decay", type=float, default=0.1)
     run.add_argument("--grad-clip", type=float, default=None, help="per-model gradient norm clipping (the paper's code has none)")
+    run.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                     help="of the forward pass: auto, bf16 autocast on CUDA and float32 on the CPU; fp32 throughout, as the "
+                          "paper's code; bf16 autocast on any device")
     run.add_argument("--data-seed", type=int, default=0)
     run.add_argument("--save-models", type=int, nargs="*", default=[32, 128, 192],
                      help="MQRAR pair counts whose best model per attention is saved for `report`")

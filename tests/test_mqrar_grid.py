@@ -241,7 +241,7 @@ def test_a_grid_at_given_rates_makes_the_runs_asked_for(grid, capsys):
 
 
 def test_a_grid_trained_otherwise_keeps_its_own_name(grid):
-    """Rows of a grid with another pool, warm-up or dropout must not replace those of the same
+    """Rows of a grid with another pool, warm-up, dropout or precision must not replace those of the same
     budget without them in docs/mqrar-grid.json; a grid of the defaults keeps its old name."""
     args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--steps", "16000"])
     assert "dropout" not in grid.train_settings(args)
@@ -251,3 +251,6 @@ def test_a_grid_trained_otherwise_keeps_its_own_name(grid):
     assert grid.grid_name(grid.train_settings(args)) == "power-law, 16000 steps of 64, a pool of 1024000, dropout 0.1"
     args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--steps", "16000", "--warmup-steps", "1000"])
     assert grid.grid_name(grid.train_settings(args)) == "power-law, 16000 steps of 64, 1000 steps of warm-up"
+    assert "precision" not in grid.train_settings(args)
+    args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--steps", "8000", "--precision", "fp32"])
+    assert grid.grid_name(grid.train_settings(args)) == "power-law, 8000 steps of 64, fp32 forward"

@@ -265,6 +265,20 @@ def test_bad_stacks_are_named(tokenizer, arguments, message):
         StackSettings(steps=3, warmup_steps=3)
 
 
+def test_bf16_autocast_is_on_where_the_settings_say(tokenizer):
+    """None keeps the CPU in float32 (as False does); True runs the forward pass in bf16 there
+    too, which changes the losses a little; anything else is refused."""
+    torch.manual_seed(0)
+    stack = StackedDecoder("softmax", size(tokenizer), [StackedRun("a", 1e-3)], "torch")
+    batches, most = [recall_pool(0).batch(0)], [recall_pool(0).max_scored]
+    losses = {bf16: StackedTrainer(stack, StackSettings(steps=2, bf16=bf16)).losses(batches, most)[0] for bf16 in (None, False, True)}
+    assert torch.equal(losses[None], losses[False])
+    assert not torch.equal(losses[True], losses[False])
+    torch.testing.assert_close(losses[True], losses[False], atol=0.05, rtol=0.02)
+    with pytest.raises(ValueError, match="bf16 must be None"):
+        StackSettings(steps=2, bf16=1)
+
+
 def test_dropout_acts_in_training_only(tokenizer):
     """With dropout the logits change from call to call in training mode; in evaluation mode
     they are those of the same weights without dropout."""

@@ -66,7 +66,9 @@ class StackedRun:
 class StackSettings:
     """What every model of a stack shares: the step count and schedule (linear warm-up over
     `warmup_steps`, then cosine decay to `final_lr_fraction` x lr), AdamW's betas, epsilon and
-    weight decay (matrices only), and gradient clipping (per model, at `grad_clip`; None: none)."""
+    weight decay (matrices only), gradient clipping (per model, at `grad_clip`; None: none), and
+    the precision of the forward pass: `bf16` None for bf16 autocast on CUDA only, True or False
+    for it on or off on any device (False: float32 throughout, as the MQRAR paper's code)."""
 
     steps: int
     warmup_steps: int = 0
@@ -75,6 +77,7 @@ class StackSettings:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float | None = None
+    bf16: bool | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -83,6 +86,8 @@ class StackSettings:
             raise ValueError(f"warmup_steps must be in 0..steps-1 ({self.steps - 1}), got {self.warmup_steps}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16 must be None (on CUDA only), True or False, got {self.bf16!r}")
 
     def lr_factor(self, step: int) -> float:
         return lr_factor(step, self.steps, self.warmup_steps, self.final_lr_fraction)
@@ -245,7 +250,7 @@ class StackedTrainer:
 
     AdamW as torch.optim.AdamW computes it (bias-corrected moments, weight decay lr * wd * p
     applied first), with each model's own learning rate; gradient clipping per model as
-    torch.nn.utils.clip_grad_norm_ does for one model. bf16 autocast on CUDA."""
+    torch.nn.utils.clip_grad_norm_ does for one model. bf16 autocast as settings.bf16 says."""
 
     def __init__(self, model: StackedDecoder, settings: StackSettings):
         self.model, self.settings = model, settings
@@ -261,7 +266,7 @@ class StackedTrainer:
         is the target, [B, T] bool (False where nothing is scored). `batches[g]` is model g's
         (inputs and targets [B, T]), with at most `max_scored[g]` scored positions a row."""
         inputs = torch.stack([batch.inputs for batch in batches])
-        with bf16_autocast(inputs.device):
+        with bf16_autocast(inputs.device, self.settings.bf16):
             hidden = self.model.hidden(inputs)
             losses, hits = [], []
             for index, (batch, most) in enumerate(zip(batches, max_scored)):

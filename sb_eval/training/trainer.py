@@ -442,5 +442,7 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return Batch(batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True))
 
 
-def bf16_autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def bf16_autocast(device: torch.device, enabled: bool | None = None):
+    """bf16 autocast: by default on CUDA only (CPU bf16 matrix products are slow); True or False
+    turns it on or off on any device."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if enabled is None else enabled)
