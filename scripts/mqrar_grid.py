@@ -32,7 +32,8 @@ at other learning rates), writes the saved models as checkpoints (`sb_hf` loads 
 stick-breaking ones, lm-eval's `hf` the softmax ones) into --models, scores them with lm-eval's
 `mqrar` task (--harness-samples sequences each; 0 skips it), and writes docs/mqrar-grid.json
 (every run of this grid beside the rows of other grids, which it keeps: the first, dense grid and
-power-law grids of other budgets) and docs/mqrar.png.
+power-law grids of other budgets; a run not scored now keeps the score the file has for it) and
+docs/mqrar.png.
 """
 
 from __future__ import annotations
@@ -495,9 +496,17 @@ def report(args: argparse.Namespace) -> None:
     harness = {}
     for folder in args.runs:
         harness |= export_and_score(folder, args, settings)
-    grid_rows = [_grid_row(row, settings, harness.get(row["run"])) for row in last_rows(rows)]
     grid_file = args.docs / "mqrar-grid.json"
-    others = [row for row in (_read_json(grid_file) or []) if row.get("grid") != grid_name(settings)]
+    recorded = _read_json(grid_file) or []
+    # a run whose model is not scored now keeps the score the grid file has for it: the models do
+    # not outlive the machine that reported them, and a later report of the grid adds runs to it
+    scored_before = {(row["model"], row["task"], row["pairs"], row["lr"], row["seed"]): row["harness_accuracy"]
+                     for row in recorded if row.get("grid") == grid_name(settings) and "harness_accuracy" in row}
+    grid_rows = []
+    for row in last_rows(rows):
+        run = GridRun.from_row(row)
+        grid_rows.append(_grid_row(row, settings, harness.get(run.name, scored_before.get((*run.cell, run.lr, run.seed)))))
+    others = [row for row in recorded if row.get("grid") != grid_name(settings)]
     every = others + sorted(grid_rows, key=lambda row: (row["task"], row["model"], row["pairs"], row["lr"], row["seed"]))
     write_atomically(grid_file, json.dumps(every, indent=1, allow_nan=False).encode())
     write_atomically(args.docs / "mqrar.png", plot(grid_rows, others, rows, settings))

@@ -144,6 +144,12 @@ def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path
     assert all({key: row[key] for key in tiny} == tiny for row in ours)
     assert grid.of_the_same_shape(rows, tiny) == ours
     assert grid.of_the_same_shape(rows, {"layers": 2, "hidden": 256, "heads": 1, "seq_length": 768}) == [earlier, longer]
+    # a report without scoring keeps the lm-eval scores the grid file has for this grid's runs
+    scored = {**ours[0], "harness_accuracy": 0.75}
+    (docs / "mqrar-grid.json").write_text(json.dumps([{**longer, "harness_accuracy": 0.5}, scored, *ours[1:]]))
+    grid.main(["report", "--runs", *folders, "--docs", str(docs), "--models", str(tmp_path / "models"), "--harness-samples", "0"])
+    again = json.loads((docs / "mqrar-grid.json").read_text())
+    assert again[1:] == [scored, *ours[1:]] and again[0]["harness_accuracy"] == 0.5
 
     # the best softmax and stick-breaking model of each MQRAR cell of each folder, as checkpoints lm-eval loads
     # (softmax with learnt positions has no such checkpoint)
