@@ -603,7 +603,7 @@ def grid_name(settings: dict) -> str:
     if settings.get("dropout"):
         name += f", dropout {settings['dropout']}"
     if settings.get("precision"):
-        name += f", {settings['precision']} forward"
+        name += f", {settings['precision']}"
     return name
 
 
@@ -869,8 +869,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--weight-decay", type=float, default=0.1)
     run.add_argument("--grad-clip", type=float, default=None, help="per-model gradient norm clipping (the paper's code has none)")
     run.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                     help="of the forward pass: auto, bf16 autocast on CUDA and float32 on the CPU; fp32 throughout, as the "
-                          "paper's code; bf16 autocast on any device")
+                     help="auto: bf16 autocast on CUDA, float32 on the CPU; fp32: float32 throughout, as the "
+                          "paper's code; bf16: bf16 autocast on any device")
     run.add_argument("--data-seed", type=int, default=0)
     run.add_argument("--save-models", type=int, nargs="*", default=[32, 128, 192],
                      help="MQRAR pair counts whose best model per attention is saved for `report`")

@@ -259,4 +259,4 @@ def test_a_grid_trained_otherwise_keeps_its_own_name(grid):
     assert grid.grid_name(grid.train_settings(args)) == "power-law, 16000 steps of 64, 1000 steps of warm-up"
     assert "precision" not in grid.train_settings(args)
     args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--steps", "8000", "--precision", "fp32"])
-    assert grid.grid_name(grid.train_settings(args)) == "power-law, 8000 steps of 64, fp32 forward"
+    assert grid.grid_name(grid.train_settings(args)) == "power-law, 8000 steps of 64, fp32"
