@@ -46,6 +46,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from array import array
 from concurrent.futures import ProcessPoolExecutor
@@ -655,7 +656,9 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
                     best_other[row["pairs"]] = max(row["accuracy"] or 0.0, best_other.get(row["pairs"], 0.0))  # null: diverged
             if best_other:
                 points = sorted(best_other.items())
-                by_count.plot(*zip(*points), linestyle=style, color=colour, alpha=0.5, label=f"{LABELS[model]}, MQRAR, {grid} grid")
+                # wrapped: grid names run long, and an unwrapped legend squeezes the other panels
+                by_count.plot(*zip(*points), linestyle=style, color=colour, alpha=0.5,
+                              label=textwrap.fill(f"{LABELS[model]}, MQRAR, {grid} grid", 48))
     by_count.set_xlabel("key-value pairs")
     by_count.set_ylabel("held-out accuracy (best learning rate)")
     by_count.set_ylim(0, 1.02)
