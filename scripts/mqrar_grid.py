@@ -498,16 +498,16 @@ def report(args: argparse.Namespace) -> None:
     for folder in args.runs:
         harness |= export_and_score(folder, args, settings)
     grid_file = args.docs / "mqrar-grid.json"
-    recorded = _read_json(grid_file) or []
+    recorded, name = _read_json(grid_file) or [], grid_name(settings)
     # a run whose model is not scored now keeps the score the grid file has for it: the models do
     # not outlive the machine that reported them, and a later report of the grid adds runs to it
     scored_before = {(row["model"], row["task"], row["pairs"], row["lr"], row["seed"]): row["harness_accuracy"]
-                     for row in recorded if row.get("grid") == grid_name(settings) and "harness_accuracy" in row}
+                     for row in recorded if row.get("grid") == name and "harness_accuracy" in row}
     grid_rows = []
     for row in last_rows(rows):
         run = GridRun.from_row(row)
         grid_rows.append(_grid_row(row, settings, harness.get(run.name, scored_before.get((*run.cell, run.lr, run.seed)))))
-    others = [row for row in recorded if row.get("grid") != grid_name(settings)]
+    others = [row for row in recorded if row.get("grid") != name]
     every = others + sorted(grid_rows, key=lambda row: (row["task"], row["model"], row["pairs"], row["lr"], row["seed"]))
     write_atomically(grid_file, json.dumps(every, indent=1, allow_nan=False).encode())
     write_atomically(args.docs / "mqrar.png", plot(grid_rows, others, rows, settings))
