@@ -498,7 +498,8 @@ def report(args: argparse.Namespace) -> None:
     for folder in args.runs:
         harness |= export_and_score(folder, args, settings)
     grid_file = args.docs / "mqrar-grid.json"
-    recorded, name = _read_json(grid_file) or [], grid_name(settings)
+    recorded = _read_json(grid_file) or []
+    name = grid_name(settings)
     # a run whose model is not scored now keeps the score the grid file has for it: the models do
     # not outlive the machine that reported them, and a later report of the grid adds runs to it
     scored_before = {(row["model"], row["task"], row["pairs"], row["lr"], row["seed"]): row["harness_accuracy"]
