@@ -155,7 +155,7 @@ def plan(pairs=PAIRS, control_pairs=CONTROL_PAIRS) -> list[GridRun]:
 
 def fit_prefix(runs: list[GridRun], step_seconds, steps: int, budget_s: float, max_stack: int) -> list[GridRun]:
     """The longest prefix of `runs` whose projected training time, steps x the sum over its stacks
-    of step_seconds(attention, models in the stack), is within budget_s (possibly empty)."""
+    of step_seconds(model kind, models in the stack), is within budget_s (possibly empty)."""
     kept: list[GridRun] = []
     for run in runs:
         if projected_seconds(kept + [run], step_seconds, steps, max_stack) > budget_s:
@@ -165,18 +165,19 @@ def fit_prefix(runs: list[GridRun], step_seconds, steps: int, budget_s: float, m
 
 
 def projected_seconds(runs: list[GridRun], step_seconds, steps: int, max_stack: int) -> float:
-    return steps * sum(step_seconds(attention, len(stack)) for attention, stack in stacks_of(runs, max_stack))
+    return steps * sum(step_seconds(model, len(stack)) for model, stack in stacks_of(runs, max_stack))
 
 
 def stacks_of(runs: list[GridRun], max_stack: int) -> list[tuple[str, list[GridRun]]]:
-    """The runs of each attention in stacks of at most max_stack, as even as can be; softmax runs
-    with learnt positions in stacks of their own (a stack has one kind of position encoding)."""
+    """(model kind, runs) for the runs of each model kind (`GridRun.model`: the attention, and
+    whether with logit offsets or learnt positions) in stacks of at most max_stack, as even as can
+    be. A stack holds one kind: one position encoding, and one step time to time and project
+    (stick-breaking with offsets takes several times as long a step: its heads skip fewer blocks)."""
     stacks = []
-    for attention, learnt in itertools.product(ATTENTIONS, (False, True)):
-        same = [run for run in runs if run.attention == attention and run.learnt_positions == learnt]
-        if same:
-            count = math.ceil(len(same) / max_stack)
-            stacks += [(attention, same[index::count]) for index in range(count)]
+    for model in sorted({run.model for run in runs}):  # softmax, its variant, stick-breaking, its variant
+        same = [run for run in runs if run.model == model]
+        count = math.ceil(len(same) / max_stack)
+        stacks += [(model, same[index::count]) for index in range(count)]
     return stacks
 
 
@@ -312,34 +313,32 @@ def _int16(raw: bytes, seq_length: int):
 
 def time_stacks(runs: list[GridRun], pools, size, args: argparse.Namespace):
     """Seconds per training step of a stack as a function of its models, t(G) = a + b G per
-    attention, fitted to stacks of max_stack and half as many models (or what the plan has) on
-    the pair count with the most queries. A stack the GPU cannot hold halves args.max_stack.
-    Returns the function and the measurements."""
+    model kind (`GridRun.model`), fitted to stacks of max_stack and half as many models (or what
+    the plan has) on the pair count with the most queries. A stack the GPU cannot hold halves
+    args.max_stack. Returns the function and the measurements."""
     import torch
 
     timings = {}
-    for attention in ATTENTIONS:
-        same = [run for run in runs if run.attention == attention]
-        if not same:
-            continue
+    for model in sorted({run.model for run in runs}):
+        same = [run for run in runs if run.model == model]
         largest = max(same, key=lambda run: run.pairs)
         while True:
             sizes = sorted({min(args.max_stack, len(same)), max(1, min(args.max_stack, len(same)) // 2)})
             try:
-                timings[attention] = [(count, _time_stack(attention, largest, count, pools, size, args)) for count in sizes]
+                timings[model] = [(count, _time_stack(largest, count, pools, size, args)) for count in sizes]
                 break
             except torch.OutOfMemoryError:
                 if args.max_stack == 1:
                     raise
                 args.max_stack //= 2
-                print(f"{attention}: out of GPU memory; at most {args.max_stack} models a stack from here", flush=True)
+                print(f"{model}: out of GPU memory; at most {args.max_stack} models a stack from here", flush=True)
             finally:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-        print(f"{attention}: seconds per step by models stacked: {timings[attention]}", flush=True)
+        print(f"{model}: seconds per step by models stacked: {timings[model]}", flush=True)
 
-    def step_seconds(attention: str, count: int) -> float:
-        (g1, t1), (g2, t2) = timings[attention][0], timings[attention][-1]
+    def step_seconds(model: str, count: int) -> float:
+        (g1, t1), (g2, t2) = timings[model][0], timings[model][-1]
         per_model = (t2 - t1) / (g2 - g1) if g2 != g1 else t2 / g2
         overhead = max(0.0, t1 - per_model * g1)
         # evaluations: eval_sequences forward passes (a third of a step each) every eval_every steps
@@ -349,13 +348,13 @@ def time_stacks(runs: list[GridRun], pools, size, args: argparse.Namespace):
     return step_seconds, timings
 
 
-def _time_stack(attention: str, run: GridRun, count: int, pools, size, args: argparse.Namespace) -> float:
+def _time_stack(run: GridRun, count: int, pools, size, args: argparse.Namespace) -> float:
     """Seconds per step of a stack of `count` copies of `run` (other seeds), after two untimed
     steps (compilation, autotuning)."""
     import torch
 
     device = torch.device(args.device)
-    trainer, sources, most = build_stack(attention, [replace(run, seed=seed) for seed in range(count)], pools, size, args, device)
+    trainer, sources, most = build_stack([replace(run, seed=seed) for seed in range(count)], pools, size, args, device)
     for step in range(args.timing_steps + 2):
         if step == 2:
             _synchronize(device)
@@ -365,12 +364,14 @@ def _time_stack(attention: str, run: GridRun, count: int, pools, size, args: arg
     return (time.perf_counter() - began) / args.timing_steps
 
 
-def build_stack(attention: str, runs: list[GridRun], pools, size, args: argparse.Namespace, device):
+def build_stack(runs: list[GridRun], pools, size, args: argparse.Namespace, device):
+    """The trainer of one stack of runs of one model kind, their batch sources, and the most
+    scored positions of a batch in each."""
     from sb_eval.training.stacked import StackedDecoder, StackedRun, StackedTrainer, StackSettings
     from sb_eval.training.trainer import SequencePool
 
     stacked_runs = [StackedRun(run.name, run.lr, run.seed, OFFSETS if run.offsets else None) for run in runs]
-    model = StackedDecoder(attention, size, stacked_runs, args.attention_backend, args.dropout, runs[0].learnt_positions).to(device)
+    model = StackedDecoder(runs[0].attention, size, stacked_runs, args.attention_backend, args.dropout, runs[0].learnt_positions).to(device)
     settings = StackSettings(steps=args.steps, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                              bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     sources = [SequencePool(*pools[(run.task, run.pairs)][:2], batch_size=args.batch_size, seed=run.seed) for run in runs]
@@ -400,8 +401,8 @@ def train_runs(runs: list[GridRun], pools, size, args: argparse.Namespace, start
     distances = answer_distances(pools, mqrar.Vocabulary(args.num_keys, args.num_values))
     evaluation_starts = range(0, args.eval_sequences, args.batch_size)
     stacks, train_losses, since = [], [], 0
-    for number, (attention, stack_runs) in enumerate(stacks_of(runs, args.max_stack)):
-        trainer, sources, most = build_stack(attention, stack_runs, pools, size, args, device)
+    for number, (_, stack_runs) in enumerate(stacks_of(runs, args.max_stack)):
+        trainer, sources, most = build_stack(stack_runs, pools, size, args, device)
         state_file = args.state / f"stack{number}.pt"
         state = torch.load(state_file, map_location=device, weights_only=True) if state_file.is_file() else None
         if state is not None:

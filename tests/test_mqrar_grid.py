@@ -46,6 +46,7 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(grid
     grid.main(train_args(tmp_path / "whole"))
     plan = json.loads((tmp_path / "whole" / "out" / "plan.json").read_text())
     assert len(plan["kept"]) == len(grid.plan([8], [4])) and plan["left_out"] == []
+    assert set(plan["timings"]) == {"softmax", "stickbreaking", "stickbreaking+offsets"}  # each kind timed as itself
     rows = results(tmp_path / "whole")
     assert {row["step"] for row in rows} == {3, 6} and len(rows) == 2 * len(plan["kept"])
     assert all(0 <= row["eval_accuracy"] <= 1 and row["eval_positions"] > 0 for row in rows)
@@ -179,20 +180,24 @@ def test_the_runs_kept_are_the_longest_prefix_that_fits(grid):
     assert runs[0] == grid.GridRun("softmax", "mqar", 32, grid.LR_MAIN)  # the control first
     assert {run.cell for run in runs[2:10]} == {(a, "mqrar", p) for a in grid.ATTENTIONS for p in grid.PAIRS}
 
-    def step_seconds(attention, models):
-        return 0.01 + (0.002 if attention == "softmax" else 0.003) * models
+    def step_seconds(model, models):
+        return 0.01 + {"softmax": 0.002, "stickbreaking": 0.003, "stickbreaking+offsets": 0.018}[model] * models
 
     def cost(kept):
-        return 1000 * sum(step_seconds(attention, len(stack)) for attention, stack in grid.stacks_of(kept, 8))
+        return 1000 * sum(step_seconds(model, len(stack)) for model, stack in grid.stacks_of(kept, 8))
 
     costs = [cost(runs[:count]) for count in range(1, len(runs) + 1)]
     assert costs == sorted(costs)  # a longer prefix never costs less
     assert grid.fit_prefix(runs, step_seconds, 1000, budget_s=costs[9] + 0.1, max_stack=8) == runs[:10]
     assert grid.fit_prefix(runs, step_seconds, 1000, budget_s=costs[-1], max_stack=8) == runs
     assert grid.fit_prefix(runs, step_seconds, 1000, budget_s=5.0, max_stack=8) == []
+    # a stack holds one kind of model, and is projected at that kind's step time
     stacks = grid.stacks_of(runs, 8)
-    assert sorted(len(stack) for attention, stack in stacks if attention == "stickbreaking") == [6, 7, 7]
-    assert sorted(len(stack) for attention, stack in stacks if attention == "softmax") == [6, 6, 6]
+    assert [(model, len(stack)) for model, stack in stacks] == [
+        ("softmax", 6), ("softmax", 6), ("softmax", 6), ("stickbreaking", 8), ("stickbreaking", 8), ("stickbreaking+offsets", 4)]
+    assert all(run.model == model for model, stack in stacks for run in stack)
+    assert grid.projected_seconds(runs, step_seconds, 1000, 8) == pytest.approx(1000 * (
+        3 * (0.01 + 6 * 0.002) + 2 * (0.01 + 8 * 0.003) + 0.01 + 4 * 0.018))
 
 
 def test_plan_seconds_keep_runs_for_more_calls_than_one(grid, tmp_path, monkeypatch):
