@@ -32,6 +32,12 @@ Two layouts of the queries (`layout`):
   current one. At 32 pairs in 768 tokens every key is asked about 11 times, so most answers are
   reassigned values: a harder test of recency than the paper's, and hardest with few pairs.
 
+What fills the tokens between the queries (`filler`):
+
+- "values" (the default; the paper's generator): random values, as above.
+- "constant" (MQAR only; Zoology's paper, whose MQAR fills them with token 0): every such token,
+  and the token after each query key, is one fixed value (value 0), which is never an answer.
+
 Token form: `sequences(...)` returns inputs and targets (IGNORE where there is no target) with key
 and value ids from disjoint ranges of one vocabulary (`Vocabulary`; by default 4096 keys and 4096
 values, Zoology's and the paper's vocabulary of 8192). Text form: the same ids as space-separated
@@ -62,6 +68,8 @@ PAPER_SEQ_LENGTH = 768
 PAPER_NUM_PAIRS = (32, 64, 96, 128, 160, 192)
 
 TASKS = ("mqrar", "mqar")
+FILLERS = ("values", "constant")
+CONSTANT_FILLER_VALUE = 0  # the value a "constant" filler repeats; the answers are drawn from the others
 LAYOUTS = ("power-law", "dense")
 # Zoology's power law of the query slots: the i-th slot after the assignments (from 1) is drawn
 # with probability proportional to i^(POWER_LAW_A - 1).
@@ -142,20 +150,22 @@ def sequences(
     task: str = "mqrar",
     layout: str = "power-law",
     first: int = 0,
+    filler: str = "values",
 ) -> list[Sequence]:
     """Sequences first .. first + num_sequences - 1 of a set, each of `seq_length` tokens with
     `num_pairs` initial assignments (2 * num_pairs tokens) followed by queries laid out as `layout`
     says (see the module's docstring); `task` "mqrar" reassigns and asks keys again, "mqar" asks
-    each key once.
+    each key once; `filler` says what lies between the queries.
 
-    Deterministic in (seq_length, num_pairs, vocabulary, seed, task, layout); sequence i is the
+    Deterministic in (seq_length, num_pairs, vocabulary, seed, task, layout, filler); sequence i is the
     same whatever num_sequences and first are, so a larger set extends a smaller one and a set
     can be made in parts.
     """
     if not isinstance(first, int) or isinstance(first, bool) or first < 0:
         raise ValueError(f"first={first!r} must be a non-negative integer")
-    seeds = _sequence_seeds(first + num_sequences, seq_length, num_pairs, vocabulary, seed, task, layout)[first:]
-    return [_sequence(random.Random(sequence_seed), seq_length, num_pairs, vocabulary or Vocabulary(), task, layout) for sequence_seed in seeds]
+    seeds = _sequence_seeds(first + num_sequences, seq_length, num_pairs, vocabulary, seed, task, layout, filler)[first:]
+    return [_sequence(random.Random(sequence_seed), seq_length, num_pairs, vocabulary or Vocabulary(), task, layout, filler)
+            for sequence_seed in seeds]
 
 
 def targets(inputs: list[int], vocabulary: Vocabulary | None = None) -> list[int]:
@@ -194,7 +204,8 @@ def _answers(inputs: list[int], vocabulary: Vocabulary) -> list[tuple[int, int]]
     return result
 
 
-def check_settings(seq_length: int, num_pairs: int, vocabulary: Vocabulary | None = None, task: str = "mqrar", layout: str = "power-law") -> None:
+def check_settings(seq_length: int, num_pairs: int, vocabulary: Vocabulary | None = None, task: str = "mqrar", layout: str = "power-law",
+                   filler: str = "values") -> None:
     """Raises ValueError, naming the setting, where these settings make no sequence."""
     _check_positive("num_pairs", num_pairs)
     _check_positive("seq_length", seq_length)
@@ -203,6 +214,11 @@ def check_settings(seq_length: int, num_pairs: int, vocabulary: Vocabulary | Non
         raise ValueError(f"task={task!r} must be one of {TASKS}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+    if filler not in FILLERS:
+        raise ValueError(f"filler={filler!r} must be one of {FILLERS}")
+    if filler == "constant" and (task, layout) != ("mqar", "power-law"):
+        raise ValueError(f"filler='constant' is MQAR's (task='mqar', layout='power-law'); task={task!r} and layout={layout!r} "
+                         f"reassign a key with the value after each query, which a constant filler would make always the same")
     if layout == "dense":
         if task != "mqrar":
             raise ValueError(f"task={task!r} asks each key once; layout='dense' asks keys to the end of the sequence: use layout='power-law'")
@@ -216,10 +232,11 @@ def check_settings(seq_length: int, num_pairs: int, vocabulary: Vocabulary | Non
                 f"layout='dense' takes at most {(seq_length - 1) // 2} pairs at this length"
             )
         return
-    if task == "mqar" and num_pairs > min(vocabulary.num_keys, vocabulary.num_values):
+    answer_values = vocabulary.num_values - (filler == "constant")  # a constant filler takes one value
+    if task == "mqar" and num_pairs > min(vocabulary.num_keys, answer_values):
         raise ValueError(
             f"num_pairs={num_pairs} needs as many distinct keys and values, but num_keys={vocabulary.num_keys} "
-            f"and num_values={vocabulary.num_values}"
+            f"and num_values={vocabulary.num_values}" + (" (one of them the filler)" if filler == "constant" else "")
         )
     if 4 * num_pairs > seq_length:
         raise ValueError(
@@ -237,9 +254,10 @@ def instances(
     queries_per_sequence: int = 4,
     task: str = "mqrar",
     layout: str = "power-law",
+    filler: str = "values",
 ) -> list[dict]:
     """The text form of `sequences(num_sequences, seq_length, num_pairs, vocabulary, seed, task,
-    layout)`: from
+    layout, filler=filler)`: from
     each sequence, `queries_per_sequence` of its query positions drawn uniformly without
     replacement (all of them where it has fewer), each an instance
 
@@ -253,10 +271,10 @@ def instances(
     _check_positive("queries_per_sequence", queries_per_sequence)
     vocabulary = vocabulary or Vocabulary()
     result = []
-    seeds = _sequence_seeds(num_sequences, seq_length, num_pairs, vocabulary, seed, task, layout)
+    seeds = _sequence_seeds(num_sequences, seq_length, num_pairs, vocabulary, seed, task, layout, filler)
     for index, sequence_seed in enumerate(seeds):
         rng = random.Random(sequence_seed)
-        sequence = _sequence(rng, seq_length, num_pairs, vocabulary, task, layout)
+        sequence = _sequence(rng, seq_length, num_pairs, vocabulary, task, layout, filler)
         queries = sequence.query_positions
         # drawn after the sequence from the same generator: the sequence does not depend on how
         # many queries are asked
@@ -277,31 +295,35 @@ def instances(
 
 
 def _sequence_seeds(
-    num_sequences: int, seq_length: int, num_pairs: int, vocabulary: Vocabulary | None, seed: int, task: str, layout: str
+    num_sequences: int, seq_length: int, num_pairs: int, vocabulary: Vocabulary | None, seed: int, task: str, layout: str, filler: str
 ) -> list[int]:
     _check_positive("num_sequences", num_sequences)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed={seed!r} must be an integer")
     vocabulary = vocabulary or Vocabulary()
-    check_settings(seq_length, num_pairs, vocabulary, task, layout)
-    # One generator per set, then one per sequence, seeded by everything that defines the set
-    # (the dense layout's identity is the one it had as the only layout, so its sets stay as
-    # they were).
+    check_settings(seq_length, num_pairs, vocabulary, task, layout, filler)
+    # One generator per set, then one per sequence, seeded by everything that defines the set but
+    # the filler (the dense layout's identity is the one it had as the only layout, and the
+    # filler's came later, so that the sets made before stay as they were).
     kind = ["mqrar"] if layout == "dense" else [task, layout]
     identity = json.dumps([*kind, seq_length, num_pairs, vocabulary.num_keys, vocabulary.num_values, seed])
     set_rng = random.Random(identity)
     return [set_rng.getrandbits(64) for _ in range(num_sequences)]
 
 
-def _sequence(rng: random.Random, seq_length: int, num_pairs: int, vocabulary: Vocabulary, task: str, layout: str) -> Sequence:
-    inputs = (_dense if layout == "dense" else _power_law)(rng, seq_length, num_pairs, vocabulary, task)
+def _sequence(rng: random.Random, seq_length: int, num_pairs: int, vocabulary: Vocabulary, task: str, layout: str, filler: str) -> Sequence:
+    if layout == "dense":
+        inputs = _dense(rng, seq_length, num_pairs, vocabulary, task)
+    else:
+        inputs = _power_law(rng, seq_length, num_pairs, vocabulary, task, filler)
     return Sequence(inputs, targets(inputs, vocabulary), num_pairs)
 
 
-def _power_law(rng: random.Random, seq_length: int, num_pairs: int, vocabulary: Vocabulary, task: str) -> list[int]:
+def _power_law(rng: random.Random, seq_length: int, num_pairs: int, vocabulary: Vocabulary, task: str, filler: str) -> list[int]:
     if task == "mqar":  # Zoology: distinct keys and values, each key asked once, in the order assigned
         keys = rng.sample(range(vocabulary.num_keys), num_pairs)
-        values = rng.sample(range(vocabulary.num_values), num_pairs)
+        values = rng.sample(range(CONSTANT_FILLER_VALUE + 1, vocabulary.num_values) if filler == "constant" else range(vocabulary.num_values),
+                            num_pairs)
         asked = keys
     else:  # the paper's generator draws every key and value with replacement
         keys = [rng.randrange(vocabulary.num_keys) for _ in range(num_pairs)]
@@ -310,7 +332,10 @@ def _power_law(rng: random.Random, seq_length: int, num_pairs: int, vocabulary: 
     inputs: list[int] = []
     for key, value in zip(keys, values):
         inputs += [vocabulary.key_id(key), vocabulary.value_id(value)]
-    rest = [vocabulary.value_id(rng.randrange(vocabulary.num_values)) for _ in range(seq_length - len(inputs))]
+    if filler == "constant":
+        rest = [vocabulary.value_id(CONSTANT_FILLER_VALUE)] * (seq_length - len(inputs))
+    else:
+        rest = [vocabulary.value_id(rng.randrange(vocabulary.num_values)) for _ in range(seq_length - len(inputs))]
     for slot, key in zip(_power_law_slots(rng, (seq_length - len(inputs)) // 2, num_pairs), asked):
         rest[2 * slot] = vocabulary.key_id(key)
     return inputs + rest

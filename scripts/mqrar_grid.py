@@ -197,7 +197,7 @@ def train(args: argparse.Namespace) -> None:
     args.state.mkdir(parents=True, exist_ok=True)
     vocabulary = mqrar.Vocabulary(args.num_keys, args.num_values)
     for count in set(args.pairs) | set(args.control_pairs):
-        mqrar.check_settings(args.seq_length, count, vocabulary, "mqar")  # the stricter of the two tasks
+        mqrar.check_settings(args.seq_length, count, vocabulary, "mqar", filler=args.control_filler)  # the stricter of the two tasks
     tokenizer = word_level_tokenizer(vocabulary.symbols)
     size = ModelSize(args.layers, args.hidden, args.heads, len(tokenizer), args.seq_length)
     settings = train_settings(args)
@@ -245,10 +245,15 @@ def train(args: argparse.Namespace) -> None:
 def train_settings(args: argparse.Namespace) -> dict:
     """What makes a grid: rerunning with any of these changed starts another one."""
     names = ("steps", "batch_size", "layers", "hidden", "heads", "warmup_steps", "weight_decay", "grad_clip", *DATA_SETTINGS)
-    # dropout and precision only where not the default, so that grids from before these options keep their settings
+    # dropout, precision and the control's filler only where not the default, so that grids from
+    # before these options keep their settings
     return ({name: getattr(args, name) for name in names} | ({"dropout": args.dropout} if args.dropout else {})
-            | ({"precision": args.precision} if args.precision != "auto" else {})
+            | ({"precision": args.precision} if args.precision != "auto" else {}) | _filler_setting(args)
             | {"pairs": list(args.pairs), "control_pairs": list(args.control_pairs)})
+
+
+def _filler_setting(args: argparse.Namespace) -> dict:
+    return {"control_filler": args.control_filler} if args.control_filler != "values" else {}
 
 
 def stored_data(cells, vocabulary: mqrar.Vocabulary, args: argparse.Namespace) -> dict:
@@ -257,7 +262,7 @@ def stored_data(cells, vocabulary: mqrar.Vocabulary, args: argparse.Namespace) -
     made with other data settings is made again."""
     import torch
 
-    recipe = {name: getattr(args, name) for name in DATA_SETTINGS}
+    recipe = {name: getattr(args, name) for name in DATA_SETTINGS} | _filler_setting(args)
     files = {cell: args.state / f"data-{cell[0]}-{cell[1]}.pt" for cell in cells}
     data = {}
     for cell, path in files.items():
@@ -284,7 +289,8 @@ def make_data(cells, vocabulary: mqrar.Vocabulary, args: argparse.Namespace) -> 
             parts += [(task, count, which, seed, first, min(args.part_size, total - first)) for first in range(0, total, args.part_size)]
     made: dict[tuple, list] = {}
     with ProcessPoolExecutor(args.workers) as workers:
-        futures = [workers.submit(_make_part, task, count, seed, first, number, args.seq_length, vocabulary)
+        futures = [workers.submit(_make_part, task, count, seed, first, number, args.seq_length, vocabulary,
+                                  args.control_filler if task == "mqar" else "values")
                    for task, count, _, seed, first, number in parts]
         for part, future in zip(parts, tqdm(futures, desc="MQRAR data", unit="part")):
             made.setdefault(part[:3], []).append(future.result())
@@ -298,9 +304,9 @@ def make_data(cells, vocabulary: mqrar.Vocabulary, args: argparse.Namespace) -> 
     return data
 
 
-def _make_part(task, count, seed, first, number, seq_length, vocabulary) -> tuple[bytes, bytes]:
+def _make_part(task, count, seed, first, number, seq_length, vocabulary, filler) -> tuple[bytes, bytes]:
     """Sequences first .. first + number - 1 of a set, inputs and targets as int16 bytes."""
-    sequences = mqrar.sequences(number, seq_length, count, vocabulary, seed, task, first=first)
+    sequences = mqrar.sequences(number, seq_length, count, vocabulary, seed, task, first=first, filler=filler)
     return (array("h", [t for s in sequences for t in s.inputs]).tobytes(),
             array("h", [t for s in sequences for t in s.targets]).tobytes())
 
@@ -593,8 +599,9 @@ def harness_accuracy(run: GridRun, folder: Path, settings: dict, args: argparse.
 
 def grid_name(settings: dict) -> str:
     """The name of a grid's rows in docs/mqrar-grid.json: the layout, the training budget, a model
-    size or length other than the paper's, and a pool, warm-up, dropout or precision other than
-    the defaults, so that a report of a grid trained otherwise keeps this one's rows."""
+    size or length other than the paper's, and a pool, warm-up, dropout, precision or control
+    filler other than the defaults, so that a report of a grid trained otherwise keeps this one's
+    rows."""
     name = f"power-law, {settings['steps']} steps of {settings['batch_size']}"
     layers, hidden, heads, seq_length = (settings[key] for key in PAPER_SHAPE)
     if (layers, hidden, heads, seq_length) != tuple(PAPER_SHAPE.values()):
@@ -607,6 +614,8 @@ def grid_name(settings: dict) -> str:
         name += f", dropout {settings['dropout']}"
     if settings.get("precision"):
         name += f", {settings['precision']}"
+    if settings.get("control_filler"):
+        name += f", the control's filler {settings['control_filler']}"
     return name
 
 
@@ -861,6 +870,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--num-values", type=int, default=mqrar.DEFAULT_NUM_VALUES)
     run.add_argument("--pairs", type=int, nargs="*", default=list(PAIRS), help="MQRAR pair counts, ascending (none: only the control)")
     run.add_argument("--control-pairs", type=int, nargs="*", default=list(CONTROL_PAIRS), help="MQAR pair counts (none: no control)")
+    run.add_argument("--control-filler", choices=mqrar.FILLERS, default="values",
+                     help="what lies between the control's queries: random values (the default, as in MQRAR) or one constant "
+                          "value (Zoology's paper)")
     run.add_argument("--learning-rates", type=float, nargs="+",
                      help="instead of the default plan: these rates in order, each with the control and every MQRAR pair count")
     run.add_argument("--attentions", nargs="+", choices=ATTENTIONS, help="with --learning-rates (default: both)")

@@ -6,7 +6,7 @@ num_pairs (a list of pair counts, or one; default the paper's 32..192), seq_leng
 passes; it must agree with seq_length when both are given), num_samples sequences per pair count
 (default 100), queries_per_sequence (default 4), seed (default 42), task ("mqrar", the default,
 or "mqar", the control without reassignments), layout ("power-law", the paper's and the default,
-or "dense"), num_keys and num_values (default 4096 each, the paper's vocabulary). Instances are
+or "dense"), filler ("values", the default, or "constant", Zoology's, for "mqar" only), num_keys and num_values (default 4096 each, the paper's vocabulary). Instances are
 cut right after a query key; the answer is the key's current value (sb_eval.ruler.mqrar). No
 tokenizer is involved: lengths count symbols, which are tokens for a model trained on the token
 form with a word-level tokenizer over its symbols.
@@ -25,7 +25,7 @@ from .ruler_tasks import TOKENIZER_KEYS, check_metadata, positive_int
 
 # mqrar's --metadata settings.
 SETTINGS = ("num_pairs", "seq_length", "max_seq_lengths", "num_samples", "queries_per_sequence", "seed", "num_keys",
-            "num_values", "task", "layout", *TOKENIZER_KEYS)
+            "num_values", "task", "layout", "filler", *TOKENIZER_KEYS)
 
 DEFAULT_NUM_SAMPLES = 100
 DEFAULT_QUERIES_PER_SEQUENCE = 4
@@ -45,17 +45,18 @@ def custom_dataset(**kwargs: Any) -> dict[str, datasets.Dataset]:
     seed = kwargs.get("seed", DEFAULT_SEED)
     task = _choice(kwargs.get("task", "mqrar"), mqrar.TASKS, "task")
     layout = _choice(kwargs.get("layout", "power-law"), mqrar.LAYOUTS, "layout")
+    filler = _choice(kwargs.get("filler", "values"), mqrar.FILLERS, "filler")
     vocabulary = mqrar.Vocabulary(
         positive_int(kwargs.get("num_keys", mqrar.DEFAULT_NUM_KEYS), "metadata num_keys"),
         positive_int(kwargs.get("num_values", mqrar.DEFAULT_NUM_VALUES), "metadata num_values"),
     )
     for num_pairs in pair_counts:  # every count checked before any count's sequences are made
         try:
-            mqrar.check_settings(seq_length, num_pairs, vocabulary, task, layout)
+            mqrar.check_settings(seq_length, num_pairs, vocabulary, task, layout, filler)
         except ValueError as error:
             raise ValueError(f"metadata num_pairs={pair_counts!r}, seq_length={seq_length}: {error}") from None
     per_count = [
-        mqrar.instances(num_samples, seq_length, num_pairs, vocabulary, seed, queries, task, layout)
+        mqrar.instances(num_samples, seq_length, num_pairs, vocabulary, seed, queries, task, layout, filler)
         for num_pairs in tqdm(pair_counts, desc=f"{task} sequences of {seq_length} symbols", leave=False)
     ]
     longest = max(len(instances) for instances in per_count)

@@ -235,6 +235,8 @@ TASK_FAULTS = {
     "mqrar: too many pairs": (mqrar_task.custom_dataset, dict(num_pairs=[400], seq_length=768),
                               r"num_pairs=\[400\], seq_length=768: .* takes at most 192 pairs at this length"),
     "mqrar: task": (mqrar_task.custom_dataset, dict(task="recall"), r"task='recall' must be one of \['mqrar', 'mqar'\]"),
+    "mqrar: filler": (mqrar_task.custom_dataset, dict(task="mqar", filler="zeros"), r"filler='zeros' must be one of \['values', 'constant'\]"),
+    "mqrar: constant filler in MQRAR": (mqrar_task.custom_dataset, dict(filler="constant"), r"filler='constant' is MQAR's"),
     "sb_ppl: target_token": (perplexity.sb_ppl_dataset, dict(target_token=64, metric_lengths=[1024]),
                              r"sb_ppl's --metadata has no setting 'target_token'\. Did you mean 'target_tokens'\?"),
     "sb_ppl: an undeclared length": (perplexity.sb_ppl_dataset, dict(max_seq_lengths=[3000], metric_lengths=[1024, 2048]),

@@ -116,6 +116,23 @@ def test_query_slots_follow_zoologys_power_law():
     assert second[(0, 1)] / 20000 == pytest.approx(p[0] * p[1] / (1 - p[0]), abs=0.015)
 
 
+def test_a_constant_filler_leaves_only_the_assignments_and_the_queries():
+    vocabulary = Vocabulary(num_keys=40, num_values=20)
+    filler = vocabulary.value_id(mqrar.CONSTANT_FILLER_VALUE)
+    sequences = mqrar.sequences(30, seq_length=96, num_pairs=12, vocabulary=vocabulary, seed=2, task="mqar", filler="constant")
+    for sequence in sequences:
+        inputs, targets = sequence.inputs, sequence.targets
+        assert targets == mqrar.targets(inputs, vocabulary)
+        assert filler not in inputs[:24] and filler not in targets  # the filler is never assigned, so never an answer
+        queries = sequence.query_positions
+        assert len(queries) == 12 and sorted(inputs[q] for q in queries) == sorted(inputs[0:24:2])  # each key asked once
+        assert all(token == filler for position, token in enumerate(inputs[24:], 24) if position not in queries)
+    # the same sequence seeds as the random filler's: the same keys, assigned in the same order
+    random_filler = mqrar.sequences(30, seq_length=96, num_pairs=12, vocabulary=vocabulary, seed=2, task="mqar")
+    assert [s.inputs[0:24:2] for s in sequences] == [s.inputs[0:24:2] for s in random_filler]
+    assert [s.inputs[24:] for s in sequences] != [s.inputs[24:] for s in random_filler]
+
+
 def test_dense_sequences_ask_a_key_in_every_slot():
     vocabulary = Vocabulary(num_keys=12, num_values=5)
     sequences = mqrar.sequences(20, seq_length=41, num_pairs=6, vocabulary=vocabulary, seed=3, layout="dense")
@@ -162,6 +179,10 @@ def test_the_papers_largest_setting_fills_every_slot():
         (dict(num_sequences=1, seq_length=64, num_pairs=4, task="mqar", layout="dense"), "task='mqar' asks each key once"),
         (dict(num_sequences=1, seq_length=64, num_pairs=4, task="recall"), "task='recall' must be one of"),
         (dict(num_sequences=1, seq_length=64, num_pairs=4, layout="sparse"), "layout='sparse' must be one of"),
+        (dict(num_sequences=1, seq_length=64, num_pairs=4, task="mqar", filler="zeros"), "filler='zeros' must be one of"),
+        (dict(num_sequences=1, seq_length=64, num_pairs=4, filler="constant"), "filler='constant' is MQAR's .* task='mqrar'"),
+        (dict(num_sequences=1, seq_length=64, num_pairs=8, vocabulary=Vocabulary(8, 8), task="mqar", filler="constant"),
+         r"num_pairs=8 needs as many distinct keys and values, but num_keys=8 and num_values=8 \(one of them the filler\)"),
         (dict(num_sequences=1, seq_length=64, num_pairs=4, first=-1), "first=-1 must be a non-negative integer"),
         (dict(num_sequences=0, seq_length=64, num_pairs=4), "num_sequences=0 must be a positive integer"),
         (dict(num_sequences=1, seq_length=64, num_pairs=4, seed="x"), "seed='x' must be an integer"),
@@ -232,6 +253,11 @@ def test_custom_dataset_reads_the_metadata():
     assert [d["context"] for d in docs if d["num_pairs"] == 8] == [i["context"] for i in expected]
     assert mqrar_task.process_results(docs[1], [(-0.5, True)]) == {"acc": 1.0, "acc_8": 1.0}
     assert len(mqrar_task.custom_dataset(num_pairs=32, num_samples=1)["test"]) == 4  # paper length 768
+    constant = mqrar_task.custom_dataset(num_pairs=4, seq_length=40, num_samples=3, task="mqar", filler="constant",
+                                         num_keys=10, num_values=6)["test"]
+    filler = Vocabulary(10, 6).symbol(Vocabulary(10, 6).value_id(mqrar.CONSTANT_FILLER_VALUE))
+    assert constant["context"] == [i["context"] for i in mqrar.instances(3, 40, 4, Vocabulary(10, 6), 42, 4, "mqar", filler="constant")]
+    assert filler not in constant["answer"] and any(filler in context.split() for context in constant["context"])
 
 
 @pytest.mark.parametrize("pair_counts", [[32, 190], [190, 32]])

@@ -2,6 +2,7 @@
 grid resumed to the same results, the report (checkpoints, docs/mqrar-grid.json with the earlier
 grids' rows kept, the plot), and the choice of runs that fit the time."""
 
+import array
 import importlib.util
 import json
 import sys
@@ -265,3 +266,20 @@ def test_a_grid_trained_otherwise_keeps_its_own_name(grid):
     assert "precision" not in grid.train_settings(args)
     args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--steps", "8000", "--precision", "fp32"])
     assert grid.grid_name(grid.train_settings(args)) == "power-law, 8000 steps of 64, fp32"
+    assert "control_filler" not in grid.train_settings(args)
+    args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--steps", "8000", "--control-filler", "constant"])
+    assert grid.grid_name(grid.train_settings(args)) == "power-law, 8000 steps of 64, the control's filler constant"
+
+
+def test_the_controls_filler_reaches_its_data_and_only_its_data(grid):
+    vocabulary = grid.mqrar.Vocabulary(16, 16)
+    filler = vocabulary.value_id(grid.mqrar.CONSTANT_FILLER_VALUE)
+    inputs, _ = grid._make_part("mqar", 4, 0, 0, 3, 32, vocabulary, "constant")
+    rows = array.array("h", inputs).tolist()
+    assert len(rows) == 3 * 32 and sum(token == filler for token in rows) == 3 * (32 - 8 - 4)  # all but assignments and queries
+    args = grid.parse_args(["train", "--output", "out", "--device", "cpu", "--control-filler", "constant", "--pairs", "8",
+                            "--control-pairs", "4", "--seq-length", "32", "--num-keys", "16", "--num-values", "16",
+                            "--pool-size", "8", "--eval-sequences", "8", "--batch-size", "4", "--workers", "1", "--part-size", "8"])
+    data = grid.make_data([("mqar", 4), ("mqrar", 8)], vocabulary, args)
+    assert (data[("mqar", 4)][0] == filler).sum() == 8 * (32 - 8 - 4)
+    assert (data[("mqrar", 8)][0] == filler).sum() < 8 * (32 - 16 - 8)  # MQRAR keeps its random values
