@@ -157,9 +157,9 @@ def sequences(
     says (see the module's docstring); `task` "mqrar" reassigns and asks keys again, "mqar" asks
     each key once; `filler` says what lies between the queries.
 
-    Deterministic in (seq_length, num_pairs, vocabulary, seed, task, layout, filler); sequence i is the
-    same whatever num_sequences and first are, so a larger set extends a smaller one and a set
-    can be made in parts.
+    Deterministic in (seq_length, num_pairs, vocabulary, seed, task, layout, filler); sequence i
+    is the same whatever num_sequences and first are, so a larger set extends a smaller one and a
+    set can be made in parts.
     """
     if not isinstance(first, int) or isinstance(first, bool) or first < 0:
         raise ValueError(f"first={first!r} must be a non-negative integer")
