@@ -174,11 +174,16 @@ def stacks_of(runs: list[GridRun], max_stack: int) -> list[tuple[str, list[GridR
     be. A stack holds one kind: one position encoding, and one step time to time and project
     (stick-breaking with offsets takes several times as long a step: its heads skip fewer blocks)."""
     stacks = []
-    for model in sorted({run.model for run in runs}):  # softmax, its variant, stick-breaking, its variant
-        same = [run for run in runs if run.model == model]
+    for model, same in runs_by_model(runs).items():
         count = math.ceil(len(same) / max_stack)
         stacks += [(model, same[index::count]) for index in range(count)]
     return stacks
+
+
+def runs_by_model(runs: list[GridRun]) -> dict[str, list[GridRun]]:
+    """The runs of each model kind, in plan order, the kinds sorted: softmax, its variant,
+    stick-breaking, its variant."""
+    return {model: [run for run in runs if run.model == model] for model in sorted({run.model for run in runs})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,8 +330,7 @@ def time_stacks(runs: list[GridRun], pools, size, args: argparse.Namespace):
     import torch
 
     timings = {}
-    for model in sorted({run.model for run in runs}):
-        same = [run for run in runs if run.model == model]
+    for model, same in runs_by_model(runs).items():
         largest = max(same, key=lambda run: run.pairs)
         while True:
             sizes = sorted({min(args.max_stack, len(same)), max(1, min(args.max_stack, len(same)) // 2)})
