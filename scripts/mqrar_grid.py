@@ -512,27 +512,38 @@ def report(args: argparse.Namespace) -> None:
     recorded = _read_json(grid_file) or []
     name = grid_name(settings)
     # a run whose model is not scored now keeps the score the grid file has for it: the models do
-    # not outlive the machine that reported them, and a later report of the grid adds runs to it
-    scored_before = {(row["model"], row["task"], row["pairs"], row["lr"], row["seed"]): row["harness_accuracy"]
+    # not outlive the machine that reported them, and a later report of the grid adds runs to it;
+    # a row without a card is from before the card was recorded, and the same card's
+    scored_before = {(row["model"], row["task"], row["pairs"], row["lr"], row["seed"], row.get("device")): row["harness_accuracy"]
                      for row in recorded if row.get("grid") == name and "harness_accuracy" in row}
     grid_rows = []
     for row in last_rows(rows):
         run = GridRun.from_row(row)
-        grid_rows.append(_grid_row(row, settings, harness.get(run.name, scored_before.get((*run.cell, run.lr, run.seed)))))
+        key = (*run.cell, run.lr, run.seed)
+        before = scored_before.get((*key, row["device"]), scored_before.get((*key, None)))
+        grid_rows.append(_grid_row(row, settings, harness.get(run.name, before)))
     others = [row for row in recorded if row.get("grid") != name]
-    every = others + sorted(grid_rows, key=lambda row: (row["task"], row["model"], row["pairs"], row["lr"], row["seed"]))
+    # this grid's rows from other cards stay beside the new ones: a run that sits on a plateau
+    # leaves it at a step that rounding decides, so a rerun elsewhere is a second sample, not a fix
+    # (rows from before the card was recorded are replaced, as all of a grid's rows once were)
+    cards = {row["device"] for row in grid_rows}
+    other_cards = [row for row in recorded if row.get("grid") == name and row.get("device") not in cards | {None}]
+    every = others + sorted(grid_rows + other_cards,
+                            key=lambda row: (row["task"], row["model"], row["pairs"], row["lr"], row["seed"], row["device"]))
     write_atomically(grid_file, json.dumps(every, indent=1, allow_nan=False).encode())
     write_atomically(args.docs / "mqrar.png", plot(grid_rows, others, rows, settings))
     print(summary(rows))
     for name, accuracy in harness.items():
         print(f"lm-eval mqrar, {name}: {accuracy}")
-    print(f"wrote {grid_file} ({len(grid_rows)} runs of this grid, {len(others)} of others) and {args.docs / 'mqrar.png'}")
+    print(f"wrote {grid_file} ({len(grid_rows)} runs of this grid, {len(other_cards)} of it from other cards kept, "
+          f"{len(others)} of other grids) and {args.docs / 'mqrar.png'}")
 
 
 def read_grids(folders: list[Path]) -> tuple[dict, list[dict]]:
     """The training settings and the results.jsonl rows of one or more `train --output` folders,
     as one grid: the folders must share every setting but the pair counts, and each run may come
-    from only one of them (runs of other learning rates, attentions or seeds are other runs)."""
+    from only one of them (runs of other learning rates, attentions or seeds are other runs).
+    Each row gains "device", the card its folder's plan names."""
     settings, rows, source = None, [], {}
     for folder in folders:
         saved_plan = _read_json(folder / "plan.json")
@@ -545,7 +556,8 @@ def read_grids(folders: list[Path]) -> tuple[dict, list[dict]]:
         if differing:
             raise SystemExit(f"--runs {folders[0]} and {folder} were trained with other settings ({', '.join(differing)}); "
                              "report them separately")
-        folder_rows = _read_rows(folder / "results.jsonl")
+        # the card goes with each row: the same run on another card is another run (see report)
+        folder_rows = [{**row, "device": saved_plan["device"]} for row in _read_rows(folder / "results.jsonl")]
         for name in dict.fromkeys(row["run"] for row in folder_rows):
             if name in source:
                 raise SystemExit(f"--runs: run {name} is in both {source[name]} and {folder}; give each run's folder once")
@@ -633,7 +645,7 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
         "num_keys": settings["num_keys"], "num_values": settings["num_values"],
         "seq_length": settings["seq_length"], "pairs": run.pairs, "lr": run.lr, "seed": run.seed, "steps": row["step"],
         "batch_size": settings["batch_size"], "accuracy": _number(row["eval_accuracy"]), "eval_loss": _number(row["eval_loss"]),
-        "eval_positions": row["eval_positions"], "train_loss": _number(row["train_loss"]),
+        "eval_positions": row["eval_positions"], "train_loss": _number(row["train_loss"]), "device": row["device"],
     }
     if row.get("interrupted"):
         entry["interrupted"] = True

@@ -152,6 +152,12 @@ def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path
     grid.main(["report", "--runs", *folders, "--docs", str(docs), "--models", str(tmp_path / "models"), "--harness-samples", "0"])
     again = json.loads((docs / "mqrar-grid.json").read_text())
     assert again[1:] == [scored, *ours[1:]] and again[0]["harness_accuracy"] == 0.5
+    # this grid's runs from another card stay beside this card's, and their scores stay theirs
+    assert {row["device"] for row in ours} == {"cpu"}
+    elsewhere = {**ours[0], "device": "NVIDIA H200", "accuracy": 0.5, "harness_accuracy": 0.25}
+    (docs / "mqrar-grid.json").write_text(json.dumps([*ours, elsewhere]))
+    grid.main(["report", "--runs", *folders, "--docs", str(docs), "--models", str(tmp_path / "models"), "--harness-samples", "0"])
+    assert json.loads((docs / "mqrar-grid.json").read_text()) == [elsewhere, *ours]
 
     # the best softmax and stick-breaking model of each MQRAR cell of each folder, as checkpoints lm-eval loads
     # (softmax with learnt positions has no such checkpoint)
