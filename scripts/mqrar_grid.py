@@ -511,31 +511,29 @@ def report(args: argparse.Namespace) -> None:
     grid_file = args.docs / "mqrar-grid.json"
     recorded = _read_json(grid_file) or []
     name = grid_name(settings)
-    # a run whose model is not scored now keeps the score the grid file has for it: the models do
-    # not outlive the machine that reported them, and a later report of the grid adds runs to it;
-    # a row without a card is from before the card was recorded, and the same card's
-    scored_before = {(row["model"], row["task"], row["pairs"], row["lr"], row["seed"], row.get("device")): row["harness_accuracy"]
-                     for row in recorded if row.get("grid") == name and "harness_accuracy" in row}
-    grid_rows = []
+    ours = [row for row in recorded if row.get("grid") == name]
+    others = [row for row in recorded if row.get("grid") != name]
+    # A report replaces the rows of the runs it reports and keeps the grid's other rows: folders do
+    # not outlive the machine that trained them, so later reports add runs to a grid, and a model
+    # not scored now keeps the score its row had. The same run on another card is another row: a
+    # run that waits on a plateau leaves it at a step that rounding decides, so a rerun elsewhere
+    # is a second sample. Rows from before the card was recorded count as the reporting card's.
+    grid_rows, replaced = [], []
     for row in last_rows(rows):
         run = GridRun.from_row(row)
-        key = (*run.cell, run.lr, run.seed)
-        before = scored_before.get((*key, row["device"]), scored_before.get((*key, None)))
-        grid_rows.append(_grid_row(row, settings, harness.get(run.name, before)))
-    others = [row for row in recorded if row.get("grid") != name]
-    # this grid's rows from other cards stay beside the new ones: a run that sits on a plateau
-    # leaves it at a step that rounding decides, so a rerun elsewhere is a second sample, not a fix
-    # (rows from before the card was recorded are replaced, as all of a grid's rows once were)
-    cards = {row["device"] for row in grid_rows}
-    other_cards = [row for row in recorded if row.get("grid") == name and row.get("device") not in cards | {None}]
-    every = others + sorted(grid_rows + other_cards,
-                            key=lambda row: (row["task"], row["model"], row["pairs"], row["lr"], row["seed"], row["device"]))
+        earlier = [old for old in ours
+                   if _run_of(old) == (run.task, run.model, run.pairs, run.lr, run.seed) and old.get("device", row["device"]) == row["device"]]
+        scored = [old["harness_accuracy"] for old in earlier if "harness_accuracy" in old]
+        grid_rows.append(_grid_row(row, settings, harness.get(run.name, scored[0] if scored else None)))
+        replaced += earlier
+    kept = [old for old in ours if old not in replaced]
+    every = others + sorted(grid_rows + kept, key=lambda row: (*_run_of(row), row.get("device", "")))
     write_atomically(grid_file, json.dumps(every, indent=1, allow_nan=False).encode())
     write_atomically(args.docs / "mqrar.png", plot(grid_rows, others, rows, settings))
     print(summary(rows))
     for name, accuracy in harness.items():
         print(f"lm-eval mqrar, {name}: {accuracy}")
-    print(f"wrote {grid_file} ({len(grid_rows)} runs of this grid, {len(other_cards)} of it from other cards kept, "
+    print(f"wrote {grid_file} ({len(grid_rows)} runs reported, {len(kept)} more of this grid kept, "
           f"{len(others)} of other grids) and {args.docs / 'mqrar.png'}")
 
 
@@ -633,6 +631,11 @@ def grid_name(settings: dict) -> str:
     if settings.get("control_filler"):
         name += f", the control's filler {settings['control_filler']}"
     return name
+
+
+def _run_of(grid_row: dict) -> tuple:
+    """What names a run among its grid's rows in docs/mqrar-grid.json (the card aside)."""
+    return grid_row["task"], grid_row["model"], grid_row["pairs"], grid_row["lr"], grid_row["seed"]
 
 
 def _grid_row(row: dict, settings: dict, harness) -> dict:

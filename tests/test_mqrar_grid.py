@@ -131,8 +131,10 @@ def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path
     (docs / "mqrar-grid.json").write_text(json.dumps([earlier, {**longer, "grid": name}, longer]))
     grid.main(["report", "--runs", *folders, "--docs", str(docs), "--models", str(tmp_path / "models"), "--harness-samples", "0"])
     rows = json.loads((docs / "mqrar-grid.json").read_text())
-    assert rows[:2] == [earlier, longer]  # other grids kept (another budget too), this grid's old rows replaced
-    ours = rows[2:]
+    assert rows[:2] == [earlier, longer]  # other grids kept (another budget too)
+    stale = {**longer, "grid": name}  # a run of this grid that this report does not make again stays
+    assert stale in rows[2:]
+    ours = [row for row in rows[2:] if row != stale]
     kept = [json.loads((Path(folder) / "plan.json").read_text())["kept"] for folder in folders]
     assert len(kept[1]) == 4 and {run["lr"] for run in kept[1]} == {0.003}
     assert len(ours) == len(kept[0]) + len(kept[1]) and all(row["grid"] == name and row["steps"] == 6 for row in ours)
@@ -145,10 +147,12 @@ def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path
     tiny = {"layers": 2, "hidden": 32, "heads": 2, "seq_length": 32}
     assert all({key: row[key] for key in tiny} == tiny for row in ours)
     assert grid.of_the_same_shape(rows, tiny) == ours
-    assert grid.of_the_same_shape(rows, {"layers": 2, "hidden": 256, "heads": 1, "seq_length": 768}) == [earlier, longer]
-    # a report without scoring keeps the lm-eval scores the grid file has for this grid's runs
+    assert grid.of_the_same_shape(rows, {"layers": 2, "hidden": 256, "heads": 1, "seq_length": 768}) == [earlier, longer, stale]
+    # a report without scoring keeps the lm-eval scores the grid file has for this grid's runs, and
+    # replaces the rows of the runs it reports (rows from before the card was recorded with them)
     scored = {**ours[0], "harness_accuracy": 0.75}
-    (docs / "mqrar-grid.json").write_text(json.dumps([{**longer, "harness_accuracy": 0.5}, scored, *ours[1:]]))
+    uncarded = {key: value for key, value in ours[1].items() if key != "device"} | {"accuracy": 0.125}
+    (docs / "mqrar-grid.json").write_text(json.dumps([{**longer, "harness_accuracy": 0.5}, scored, uncarded, *ours[2:]]))
     grid.main(["report", "--runs", *folders, "--docs", str(docs), "--models", str(tmp_path / "models"), "--harness-samples", "0"])
     again = json.loads((docs / "mqrar-grid.json").read_text())
     assert again[1:] == [scored, *ours[1:]] and again[0]["harness_accuracy"] == 0.5
