@@ -521,8 +521,8 @@ def report(args: argparse.Namespace) -> None:
     grid_rows, replaced = [], []
     for row in last_rows(rows):
         run = GridRun.from_row(row)
-        earlier = [old for old in ours
-                   if _run_of(old) == (run.task, run.model, run.pairs, run.lr, run.seed) and old.get("device", row["device"]) == row["device"]]
+        this_run = (run.task, run.model, run.pairs, run.lr, run.seed)
+        earlier = [old for old in ours if _run_of(old) == this_run and old.get("device", row["device"]) == row["device"]]
         scored = [old["harness_accuracy"] for old in earlier if "harness_accuracy" in old]
         grid_rows.append(_grid_row(row, settings, harness.get(run.name, scored[0] if scored else None)))
         replaced += earlier
@@ -541,7 +541,8 @@ def read_grids(folders: list[Path]) -> tuple[dict, list[dict]]:
     """The training settings and the results.jsonl rows of one or more `train --output` folders,
     as one grid: the folders must share every setting but the pair counts, and each run may come
     from only one of them (runs of other learning rates, attentions or seeds are other runs).
-    Each row gains "device", the card its folder's plan names."""
+    Each row gains "device", the card its folder's plan names (the same run on another card is
+    another run: see report)."""
     settings, rows, source = None, [], {}
     for folder in folders:
         saved_plan = _read_json(folder / "plan.json")
@@ -554,7 +555,6 @@ def read_grids(folders: list[Path]) -> tuple[dict, list[dict]]:
         if differing:
             raise SystemExit(f"--runs {folders[0]} and {folder} were trained with other settings ({', '.join(differing)}); "
                              "report them separately")
-        # the card goes with each row: the same run on another card is another run (see report)
         folder_rows = [{**row, "device": saved_plan["device"]} for row in _read_rows(folder / "results.jsonl")]
         for name in dict.fromkeys(row["run"] for row in folder_rows):
             if name in source:
