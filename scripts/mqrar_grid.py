@@ -520,11 +520,13 @@ def report(args: argparse.Namespace) -> None:
     # is a second sample. Rows from before the card was recorded count as the reporting card's.
     grid_rows, replaced = [], []
     for row in last_rows(rows):
-        run = GridRun.from_row(row)
-        this_run = (run.task, run.model, run.pairs, run.lr, run.seed)
-        earlier = [old for old in ours if _run_of(old) == this_run and old.get("device", row["device"]) == row["device"]]
+        entry = _grid_row(row, settings, harness.get(row["run"]))
+        earlier = [old for old in ours
+                   if _run_of(old) == _run_of(entry) and old.get("device", entry["device"]) == entry["device"]]
         scored = [old["harness_accuracy"] for old in earlier if "harness_accuracy" in old]
-        grid_rows.append(_grid_row(row, settings, harness.get(run.name, scored[0] if scored else None)))
+        if scored and "harness_accuracy" not in entry:
+            entry["harness_accuracy"] = scored[0]
+        grid_rows.append(entry)
         replaced += earlier
     kept = [old for old in ours if old not in replaced]
     every = others + sorted(grid_rows + kept, key=lambda row: (*_run_of(row), row.get("device", "")))
