@@ -698,11 +698,13 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
                       f"{settings['steps']} steps of {settings['batch_size']}")
     by_count.legend(fontsize=7)
     by_count.grid(alpha=0.3)
+    # Shade by rank among the counts plotted, so that grids off the paper's counts read the same way.
+    counts = sorted({count for _, _, count in best})
     for (model, task, count), entry in sorted(best.items()):
         run = max(entry["runs"], key=_accuracy)
         name = GridRun.from_row(run).name
         evaluations = sorted((row for row in history if row["run"] == name), key=lambda row: row["step"])
-        shade = 0.35 + 0.65 * PAIRS.index(count) / (len(PAIRS) - 1) if count in PAIRS else 1.0
+        shade = 0.35 + 0.65 * counts.index(count) / (len(counts) - 1) if len(counts) > 1 else 1.0
         style = {"linestyle": "-" if task == "mqrar" else "--", "color": colours[model], "alpha": shade,
                  "label": f"{LABELS[model]}, {'MQRAR' if task == 'mqrar' else 'MQAR'} {count}"}
         over_steps.plot([row["step"] for row in evaluations], [row["eval_accuracy"] for row in evaluations], **style)
