@@ -744,15 +744,16 @@ def of_the_same_shape(grid_rows: list[dict], settings: dict) -> list[dict]:
 def plot_losses(axes, history: list[dict], num_values: int) -> None:
     """Every run's held-out loss over training on `axes`: a colour per model and learning rate
     (the first rate in the model's colour of the other panels), solid for MQRAR, dashed for the
-    control, a marker per pair count; and the loss of a uniform guess among the values."""
+    control, a marker per pair count (by rank among the counts plotted, as the other panels shade
+    them); and the loss of a uniform guess among the values."""
     shades = {"softmax": ("tab:blue", "tab:purple", "tab:cyan"), "softmax+positions": ("tab:pink", "xkcd:plum", "xkcd:salmon"),
               "stickbreaking": ("tab:orange", "tab:red", "tab:brown"),
               "stickbreaking+offsets": ("tab:green", "tab:olive", "tab:gray")}
-    markers = dict(zip(PAIRS, "os^D"))
     curves: dict[GridRun, list[tuple[int, float]]] = {}
     for row in history:
         if row["eval_loss"] is not None and not math.isnan(row["eval_loss"]):
             curves.setdefault(GridRun.from_row(row), []).append((row["step"], row["eval_loss"]))
+    markers = dict(zip(sorted({run.pairs for run in curves}), "os^Dv<>p"))
     rates = {model: sorted({run.lr for run in curves if run.model == model}) for model in shades}
     for run, curve in sorted(curves.items(), key=lambda item: (list(shades).index(item[0].model), item[0].lr, item[0].task, item[0].pairs)):
         colour = shades[run.model][rates[run.model].index(run.lr) % len(shades[run.model])]
