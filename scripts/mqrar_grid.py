@@ -696,7 +696,10 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
     by_count.set_ylim(0, 1.02)
     by_count.set_title(f"{settings['layers']} layers x {settings['hidden']}, {settings['seq_length']} tokens, "
                       f"{settings['steps']} steps of {settings['batch_size']}")
-    by_count.legend(fontsize=7)
+    # Below the panel: with other grids drawn faintly the legend runs to a dozen entries and would
+    # cover the curves and the title.
+    legend = by_count.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)
+    legend.set_in_layout(False)  # tight_layout would shrink the panels to make room for it
     by_count.grid(alpha=0.3)
     # Shade by rank among the counts plotted, so that grids off the paper's counts read the same way.
     counts = sorted({count for _, _, count in best})
@@ -730,7 +733,7 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
     plot_losses(losses, history, settings["num_values"])
     figure.tight_layout()
     png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=130)
+    figure.savefig(png, format="png", dpi=130, bbox_inches="tight", bbox_extra_artists=[legend])
     return png.getvalue()
 
 
