@@ -531,7 +531,7 @@ def report(args: argparse.Namespace) -> None:
     kept = [old for old in ours if old not in replaced]
     every = others + sorted(grid_rows + kept, key=lambda row: (*_run_of(row), row.get("device", "")))
     write_atomically(grid_file, json.dumps(every, indent=1, allow_nan=False).encode())
-    write_atomically(args.docs / "mqrar.png", plot(grid_rows, others, rows, settings))
+    write_atomically(args.docs / "mqrar.png", plot(grid_rows, kept, others, rows, settings))
     print(summary(rows))
     for name, accuracy in harness.items():
         print(f"lm-eval mqrar, {name}: {accuracy}")
@@ -659,12 +659,13 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
     return entry
 
 
-def plot(grid_rows: list[dict], others: list[dict], history: list[dict], settings: dict) -> bytes:
+def plot(reported: list[dict], kept: list[dict], others: list[dict], history: list[dict], settings: dict) -> bytes:
     """PNG: first, the best accuracy per cell against the pair count (this grid's MQRAR and MQAR
-    control, and faintly the MQRAR of other grids of the same model size and length); second,
-    the held-out accuracy of each cell's best run over training; third, that run's accuracy at
-    its last evaluation by how far back the answer lies (where its results have it), to show how
-    far a partly learnt recall reaches;
+    control, over the runs `reported` now and the rows of earlier reports `kept`, and faintly
+    the MQRAR of other grids of the same model size and length); second, the held-out accuracy
+    over training of each cell's best reported run (only those have their evaluations in
+    `history`); third, that run's accuracy at its last evaluation by how far back the answer lies
+    (where its results have it), to show how far a partly learnt recall reaches;
     last, the held-out loss of every run over training (where accuracy stays near 0 the loss still
     shows whether a run learnt anything)."""
     from matplotlib.figure import Figure
@@ -672,8 +673,11 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
     colours = {"softmax": "tab:blue", "softmax+positions": "tab:pink", "stickbreaking": "tab:orange", "stickbreaking+offsets": "tab:green"}
     figure = Figure(figsize=(21, 4.2))
     by_count, over_steps, by_distance, losses = figure.subplots(1, 4)
-    best = best_per_cell([{**row, "run": "", "eval_accuracy": row["accuracy"], "offsets": row["offsets"] is not None}
-                          for row in grid_rows])
+    def best_of(rows: list[dict]) -> dict[tuple, dict]:
+        return best_per_cell([{**row, "run": "", "eval_accuracy": row["accuracy"], "offsets": row["offsets"] is not None}
+                              for row in rows])
+
+    best = best_of(reported + kept)
     comparable = of_the_same_shape(others, settings)
     for model, colour in colours.items():
         for task, style in (("mqrar", "-"), ("mqar", "--")):
@@ -702,8 +706,9 @@ def plot(grid_rows: list[dict], others: list[dict], history: list[dict], setting
     legend.set_in_layout(False)  # tight_layout would shrink the panels to make room for it
     by_count.grid(alpha=0.3)
     # Shade by rank among the counts plotted, so that grids off the paper's counts read the same way.
-    counts = sorted({count for _, _, count in best})
-    for (model, task, count), entry in sorted(best.items()):
+    traced = best_of(reported)
+    counts = sorted({count for _, _, count in traced})
+    for (model, task, count), entry in sorted(traced.items()):
         run = max(entry["runs"], key=_accuracy)
         name = GridRun.from_row(run).name
         evaluations = sorted((row for row in history if row["run"] == name), key=lambda row: row["step"])
