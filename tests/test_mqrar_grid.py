@@ -138,6 +138,7 @@ def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path
     kept = [json.loads((Path(folder) / "plan.json").read_text())["kept"] for folder in folders]
     assert len(kept[1]) == 4 and {run["lr"] for run in kept[1]} == {0.003}
     assert len(ours) == len(kept[0]) + len(kept[1]) and all(row["grid"] == name and row["steps"] == 6 for row in ours)
+    assert not any(row.get("interrupted") for row in ours)
     assert len({(row["model"], row["task"], row["pairs"], row["lr"], row["seed"]) for row in ours}) == len(ours)  # each run once
     assert {row["model"] for row in ours} == {"softmax", "softmax+positions", "stickbreaking", "stickbreaking+offsets"}
     assert sum(row["model"] == "softmax" and row["lr"] == 0.003 for row in ours) == 2
@@ -184,6 +185,16 @@ def test_the_report_writes_checkpoints_the_grid_file_and_the_plot(grid, tmp_path
     (Path(folders[1]) / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(SystemExit, match=r"other settings \(steps\)"):
         grid.main(["report", "--runs", *folders, *report])
+
+    # a command killed after its step-3 evaluation: its runs' rows say so, though no evaluation was cut short
+    history = Path(folders[0]) / "results.jsonl"
+    history.write_text("".join(line + "\n" for line in history.read_text().splitlines() if json.loads(line)["step"] == 3))
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "mqrar-grid.json").write_text("[]")
+    grid.main(["report", "--runs", folders[0], "--docs", str(killed), "--models", str(tmp_path / "models"), "--harness-samples", "0"])
+    rows = json.loads((killed / "mqrar-grid.json").read_text())
+    assert len(rows) == len(kept[0]) and all(row["steps"] == 3 and row["interrupted"] for row in rows)
 
 
 def test_the_runs_kept_are_the_longest_prefix_that_fits(grid):
