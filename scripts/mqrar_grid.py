@@ -22,8 +22,8 @@ back from a device machine):
   two a file (bf16 weights).
 
 Should the projection be wrong and the time run out, the runs are evaluated where they stand
-(rows marked "interrupted", as in the report are runs whose last evaluation comes before their
-last step, a killed command's) and their models saved as they are. The resumable state (large:
+(rows marked "interrupted") and their models saved as they are; the report marks every run whose
+last evaluation comes before its last step so, a killed command's too. The resumable state (large:
 the models, their optimisers and the data) goes to --state: rerunning the same command continues
 where the last one stopped (by --time-limit or a kill) and redoes nothing, the data included;
 its --output then holds the whole history, also where it was a fresh folder.
@@ -653,7 +653,7 @@ def _grid_row(row: dict, settings: dict, harness) -> dict:
         "batch_size": settings["batch_size"], "accuracy": _number(row["eval_accuracy"]), "eval_loss": _number(row["eval_loss"]),
         "eval_positions": row["eval_positions"], "train_loss": _number(row["train_loss"]), "device": row["device"],
     }
-    if row.get("interrupted") or row["step"] < settings["steps"]:  # its time ran out, or its process was killed
+    if row["step"] < settings["steps"]:  # its time ran out (the history marks that row too), or its command was killed
         entry["interrupted"] = True
     if harness is not None:
         entry["harness_accuracy"] = harness
