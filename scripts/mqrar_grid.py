@@ -22,11 +22,12 @@ back from a device machine):
   two a file (bf16 weights).
 
 Should the projection be wrong and the time run out, the runs are evaluated where they stand
-(rows marked "interrupted") and their models saved as they are; the report marks every run whose
-last evaluation comes before its last step so, a killed command's too. The resumable state (large:
-the models, their optimisers and the data) goes to --state: rerunning the same command continues
-where the last one stopped (by --time-limit or a kill) and redoes nothing, the data included;
-its --output then holds the whole history, also where it was a fresh folder.
+(rows marked "interrupted") and their models saved as they are; the report marks as interrupted
+every run whose last evaluation comes before its last step, a killed command's too. The
+resumable state (large: the models, their optimisers and the data) goes to --state: rerunning the
+same command continues where the last one stopped (by --time-limit or a kill) and redoes
+nothing, the data included; its --output then holds the whole history, also where it was a
+fresh folder.
 
 `report` (CPU): from one or more train folders (runs of one grid made by several commands, e.g.
 at other learning rates), writes the saved models as checkpoints (`sb_hf` loads the
